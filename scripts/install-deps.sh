@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Installs the host packages kuasar needs, from Debian only. Idempotent.
+# containerd 2.x comes from sid, that package alone (pinned low, never -t sid).
+set -euo pipefail
+[ "$(id -u)" = 0 ] || { echo "install-deps.sh: must run as root" >&2; exit 1; }
+
+want=(qemu-system-x86 linux-image-amd64 busybox-static runc crun
+      containernetworking-plugins iproute2 kmod cpio gzip xz-utils zstd
+      build-essential pkg-config jq util-linux procps psmisc)
+missing=()
+for p in "${want[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+need_containerd=1
+if command -v containerd >/dev/null && containerd --version | grep -Eq ' v?2\.'; then
+  need_containerd=0
+fi
+
+if [ ${#missing[@]} -gt 0 ] || [ $need_containerd = 1 ]; then
+  src=/etc/apt/sources.list.d/debian.sources
+  if [ ! -f /etc/apt/sources.list.d/kuasar-sid.sources ]; then
+    uris=$(awk '/^URIs:/ {print $2; exit}' "$src" 2>/dev/null || true)
+    [ -n "$uris" ] || uris=http://deb.debian.org/debian
+    cat > /etc/apt/sources.list.d/kuasar-sid.sources <<SRC
+Types: deb
+URIs: $uris
+Suites: sid
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    cat > /etc/apt/preferences.d/kuasar-sid <<PIN
+Package: *
+Pin: release n=sid
+Pin-Priority: 50
+PIN
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing: ${missing[*]}"
+    apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  fi
+  if [ $need_containerd = 1 ]; then
+    echo "installing containerd from sid"
+    apt-get install -y -qq --no-install-recommends containerd/sid
+  fi
+fi
+# The packaged service must not run: tests and the demo start private instances.
+if command -v systemctl >/dev/null && systemctl is-active -q containerd 2>/dev/null; then
+  systemctl disable --now containerd >/dev/null 2>&1 || true
+fi
+echo "install-deps: ok ($(containerd --version | awk '{print $3}'), $(qemu-system-x86_64 --version | head -1))"

@@ -1,0 +1,1 @@
+//! End-to-end test harness (see tests/e2e.rs).
