@@ -1,0 +1,299 @@
+//! Containers: bundles, spec rewriting, exec bookkeeping and cgroup reading.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::process::Process;
+
+/// Longest accepted container/exec id.
+const MAX_ID_LEN: usize = 256;
+
+/// Checks a container or exec id: non-empty, no '/', not '.' or '..'.
+pub fn validate_id(kind: &str, id: &str) -> Result<()> {
+    let bad = |why: &str| {
+        Err(Error::InvalidArgument(format!(
+            "invalid {kind} id {id:?}: {why}"
+        )))
+    };
+    if id.is_empty() {
+        return bad("empty");
+    }
+    if id.len() > MAX_ID_LEN {
+        return bad("too long");
+    }
+    if id == "." || id == ".." {
+        return bad("reserved name");
+    }
+    if id.contains('/') || id.contains('\0') {
+        return bad("contains '/' or NUL");
+    }
+    Ok(())
+}
+
+fn parse_object(what: &str, json: &[u8]) -> Result<serde_json::Map<String, Value>> {
+    match serde_json::from_slice::<Value>(json) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(Error::InvalidArgument(format!(
+            "{what} is not a JSON object"
+        ))),
+        Err(e) => Err(Error::InvalidArgument(format!(
+            "{what} is not valid JSON: {e}"
+        ))),
+    }
+}
+
+/// Rewrites a container's OCI spec: `root.path` = `rootfs` (keeping
+/// `root.readonly`), `process.terminal` = `terminal`.
+pub fn rewrite_spec(spec_json: &[u8], rootfs: &str, terminal: bool) -> Result<Vec<u8>> {
+    if !rootfs.starts_with('/') || rootfs.split('/').any(|c| c == "..") {
+        return Err(Error::InvalidArgument(format!(
+            "rootfs path {rootfs:?} must be absolute, without '..'"
+        )));
+    }
+    let mut spec = parse_object("spec", spec_json)?;
+    let readonly = spec
+        .get("root")
+        .and_then(|r| r.get("readonly"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    spec.insert(
+        "root".into(),
+        json!({ "path": rootfs, "readonly": readonly }),
+    );
+    match spec.get_mut("process") {
+        Some(Value::Object(process)) => {
+            process.insert("terminal".into(), Value::Bool(terminal));
+        }
+        _ => return Err(Error::InvalidArgument("spec has no process object".into())),
+    }
+    serde_json::to_vec_pretty(&Value::Object(spec))
+        .map_err(|e| Error::Internal(format!("serialize spec: {e}")))
+}
+
+/// Rewrites an exec's OCI process: `terminal` = `terminal`; `args` required.
+pub fn rewrite_process(process_json: &[u8], terminal: bool) -> Result<Vec<u8>> {
+    let mut process = parse_object("process", process_json)?;
+    match process.get("args") {
+        Some(Value::Array(a)) if !a.is_empty() => {}
+        _ => return Err(Error::InvalidArgument("process has no args".into())),
+    }
+    process.insert("terminal".into(), Value::Bool(terminal));
+    serde_json::to_vec(&Value::Object(process))
+        .map_err(|e| Error::Internal(format!("serialize process: {e}")))
+}
+
+/// The cgroup v2 directory named by a `/proc/<pid>/cgroup` text.
+pub fn parse_cgroup_path(proc_cgroup: &str) -> Option<PathBuf> {
+    proc_cgroup.lines().find_map(|l| {
+        let rel = l.strip_prefix("0::")?;
+        let rel = rel.trim().trim_start_matches('/');
+        Some(Path::new("/sys/fs/cgroup").join(rel))
+    })
+}
+
+/// `usage_usec` of a cgroup's cpu.stat, in nanoseconds.
+pub fn parse_cpu_usage_ns(cpu_stat: &str) -> u64 {
+    cpu_stat
+        .lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|us| us.saturating_mul(1000))
+        .unwrap_or(0)
+}
+
+/// A single number from a cgroup file; "max" (no limit) and junk give 0.
+pub fn parse_u64(text: &str) -> u64 {
+    text.trim().parse().unwrap_or(0)
+}
+
+/// The pids listed in a cgroup.procs text.
+pub fn parse_pids(procs: &str) -> Vec<u32> {
+    procs
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// Resource usage of a container, from its cgroup (zeros where missing).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub memory_usage_bytes: u64,
+    pub memory_limit_bytes: u64,
+    pub cpu_usage_ns: u64,
+    pub pids_current: u64,
+}
+
+pub fn read_stats(cgroup: &Path) -> Stats {
+    let read = |f: &str| std::fs::read_to_string(cgroup.join(f)).unwrap_or_default();
+    Stats {
+        memory_usage_bytes: parse_u64(&read("memory.current")),
+        memory_limit_bytes: parse_u64(&read("memory.max")),
+        cpu_usage_ns: parse_cpu_usage_ns(&read("cpu.stat")),
+        pids_current: parse_u64(&read("pids.current")),
+    }
+}
+
+/// An exec slot: reserved while `runc exec` runs, then the process.
+type ExecSlot = Option<Arc<Process>>;
+
+pub struct Container {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub init: Arc<Process>,
+    /// The init process's cgroup v2 directory, read at creation.
+    pub cgroup: Option<PathBuf>,
+    execs: Mutex<HashMap<String, ExecSlot>>,
+}
+
+impl Container {
+    pub fn new(id: &str, bundle: PathBuf, init: Arc<Process>, cgroup: Option<PathBuf>) -> Self {
+        Container {
+            id: id.to_string(),
+            bundle,
+            init,
+            cgroup,
+            execs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn execs(&self) -> MutexGuard<'_, HashMap<String, ExecSlot>> {
+        self.execs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The process named by `exec_id` (empty: init).
+    pub fn process(&self, exec_id: &str) -> Result<Arc<Process>> {
+        if exec_id.is_empty() {
+            return Ok(self.init.clone());
+        }
+        match self.execs().get(exec_id) {
+            Some(Some(p)) => Ok(p.clone()),
+            Some(None) => Err(Error::NotFound(format!(
+                "exec {exec_id} of container {} is still being created",
+                self.id
+            ))),
+            None => Err(Error::NotFound(format!(
+                "exec {exec_id} not found in container {}",
+                self.id
+            ))),
+        }
+    }
+
+    /// Reserves an exec id; fails if it is taken.
+    pub fn reserve_exec(&self, exec_id: &str) -> Result<()> {
+        let mut execs = self.execs();
+        if execs.contains_key(exec_id) {
+            return Err(Error::AlreadyExists(format!(
+                "exec {exec_id} already exists in container {}",
+                self.id
+            )));
+        }
+        execs.insert(exec_id.to_string(), None);
+        Ok(())
+    }
+
+    /// Fills a reserved exec slot, or frees it when the exec failed.
+    pub fn finish_exec(&self, exec_id: &str, process: Option<Arc<Process>>) {
+        let mut execs = self.execs();
+        match process {
+            Some(p) => {
+                execs.insert(exec_id.to_string(), Some(p));
+            }
+            None => {
+                execs.remove(exec_id);
+            }
+        }
+    }
+
+    /// Pids in the container's cgroup (or the init pid if that is unknown).
+    pub fn pids(&self) -> Vec<u32> {
+        if let Some(cg) = &self.cgroup {
+            if let Ok(text) = std::fs::read_to_string(cg.join("cgroup.procs")) {
+                return parse_pids(&text);
+            }
+            return Vec::new();
+        }
+        match self.init.exited() {
+            Some(_) => Vec::new(),
+            None => vec![self.init.pid as u32],
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.cgroup.as_deref().map(read_stats).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        assert!(validate_id("container", "c1").is_ok());
+        assert!(validate_id("container", "a.b-c_d").is_ok());
+        assert!(validate_id("container", "").is_err());
+        assert!(validate_id("container", ".").is_err());
+        assert!(validate_id("container", "..").is_err());
+        assert!(validate_id("container", "a/b").is_err());
+        assert!(validate_id("container", "a\0b").is_err());
+        assert!(validate_id("exec", &"x".repeat(300)).is_err());
+        let e = validate_id("exec", "../x").unwrap_err();
+        assert_eq!(e.code(), kuasar_api::ttrpc::Code::INVALID_ARGUMENT);
+    }
+
+    #[test]
+    fn spec_rewrite() {
+        let spec = br#"{"ociVersion":"1.0.2","process":{"terminal":true,"args":["sh"]},
+            "root":{"path":"rootfs","readonly":true},"hostname":"h"}"#;
+        let out = rewrite_spec(spec, "/run/kuasar/shared/c1/rootfs", false).unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["root"]["path"], "/run/kuasar/shared/c1/rootfs");
+        assert_eq!(v["root"]["readonly"], true);
+        assert_eq!(v["process"]["terminal"], false);
+        assert_eq!(v["hostname"], "h");
+
+        let spec = br#"{"process":{"args":["sh"]}}"#;
+        let v: Value = serde_json::from_slice(&rewrite_spec(spec, "/r", false).unwrap()).unwrap();
+        assert_eq!(v["root"]["readonly"], false);
+
+        assert!(rewrite_spec(b"not json", "/r", false).is_err());
+        assert!(rewrite_spec(b"[1]", "/r", false).is_err());
+        assert!(rewrite_spec(br#"{"root":{}}"#, "/r", false).is_err());
+        assert!(rewrite_spec(spec, "relative", false).is_err());
+        assert!(rewrite_spec(spec, "/a/../b", false).is_err());
+    }
+
+    #[test]
+    fn process_rewrite() {
+        let out = rewrite_process(br#"{"args":["ls"],"cwd":"/","terminal":true}"#, false).unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["terminal"], false);
+        assert_eq!(v["args"][0], "ls");
+        assert!(rewrite_process(br#"{"args":[]}"#, false).is_err());
+        assert!(rewrite_process(b"{", false).is_err());
+    }
+
+    #[test]
+    fn cgroup_files() {
+        assert_eq!(
+            parse_cgroup_path("0::/default/c1\n"),
+            Some(PathBuf::from("/sys/fs/cgroup/default/c1"))
+        );
+        assert_eq!(
+            parse_cgroup_path("0::/\n"),
+            Some(PathBuf::from("/sys/fs/cgroup/"))
+        );
+        assert_eq!(parse_cgroup_path("1:name=systemd:/x\n"), None);
+        assert_eq!(
+            parse_cpu_usage_ns("usage_usec 1500\nuser_usec 1000\nsystem_usec 500\n"),
+            1_500_000
+        );
+        assert_eq!(parse_cpu_usage_ns(""), 0);
+        assert_eq!(parse_u64("max\n"), 0);
+        assert_eq!(parse_u64("268435456\n"), 268435456);
+        assert_eq!(parse_pids("12\n13\n\n"), vec![12, 13]);
+    }
+}

@@ -1,0 +1,205 @@
+//! PID 1 duties: the root switch, the basic mounts, kernel modules, cgroups
+//! and the shared 9p mount.
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::kmod::{finit_module, ModuleInitFlags};
+use nix::mount::{mount, MsFlags};
+use nix::unistd::{chdir, chroot};
+use tracing::{info, warn};
+
+use crate::error::{Context, Result};
+
+/// Kernel modules to load, one path per line, in order.
+pub const MODULES_LIST: &str = "/etc/kuasar/modules";
+/// Where the host's shared directory (9p tag `kuasar`) is mounted.
+pub const SHARED_DIR: &str = "/run/kuasar/shared";
+const SHARED_TAG: &str = "kuasar";
+const SHARED_OPTIONS: &str = "trans=virtio,version=9p2000.L,msize=524288";
+
+/// Makes `/` a mount of its own (a bind mount of the initramfs, a tmpfs) on
+/// top of the kernel's rootfs, switch_root style: `pivot_root(2)`, which
+/// runc uses, refuses to work when the root is rootfs itself. Binding instead
+/// of copying costs nothing and keeps every file of the initramfs.
+pub fn switch_root() -> Result<()> {
+    let staging = Path::new("/.root");
+    std::fs::create_dir_all(staging).context("mkdir /.root")?;
+    mount(
+        Some("/"),
+        staging,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .context("bind / to /.root")?;
+    chdir(staging).context("chdir /.root")?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .context("move /.root to /")?;
+    chroot(".").context("chroot")?;
+    chdir("/").context("chdir /")?;
+    let _ = std::fs::remove_dir(staging);
+    Ok(())
+}
+
+struct Mount {
+    source: &'static str,
+    target: &'static str,
+    fstype: &'static str,
+    flags: MsFlags,
+    data: &'static str,
+}
+
+fn basic_mounts() -> Vec<Mount> {
+    let nosuid = MsFlags::MS_NOSUID;
+    let nodev = MsFlags::MS_NODEV;
+    let noexec = MsFlags::MS_NOEXEC;
+    let m = |source, target, fstype, flags, data| Mount {
+        source,
+        target,
+        fstype,
+        flags,
+        data,
+    };
+    vec![
+        m("proc", "/proc", "proc", nosuid | nodev | noexec, ""),
+        m("sysfs", "/sys", "sysfs", nosuid | nodev | noexec, ""),
+        m("devtmpfs", "/dev", "devtmpfs", nosuid, "mode=0755"),
+        m(
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            nosuid | noexec,
+            "newinstance,ptmxmode=0666,mode=0620,gid=5",
+        ),
+        m("shm", "/dev/shm", "tmpfs", nosuid | nodev, "mode=1777"),
+        m("tmpfs", "/run", "tmpfs", nosuid | nodev, "mode=0755"),
+        m("tmpfs", "/tmp", "tmpfs", nosuid | nodev, "mode=1777"),
+        m(
+            "cgroup2",
+            "/sys/fs/cgroup",
+            "cgroup2",
+            nosuid | nodev | noexec,
+            "",
+        ),
+    ]
+}
+
+/// Mounts /proc, /sys, /dev, /dev/pts, /dev/shm, /run, /tmp and cgroup2.
+pub fn mount_filesystems() -> Result<()> {
+    for m in basic_mounts() {
+        std::fs::create_dir_all(m.target).with_context(|| format!("mkdir {}", m.target))?;
+        let data = (!m.data.is_empty()).then_some(m.data);
+        match mount(Some(m.source), m.target, Some(m.fstype), m.flags, data) {
+            Ok(()) | Err(Errno::EBUSY) => {}
+            Err(e) => return Err(e).with_context(|| format!("mount {}", m.target)),
+        }
+    }
+    for (link, target) in [
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
+        let _ = std::os::unix::fs::symlink(target, link);
+    }
+    Ok(())
+}
+
+/// Points fds 0-2 at /dev/console when the kernel could not open it.
+pub fn ensure_console() {
+    // SAFETY: fcntl(F_GETFD) only queries whether fd 1 is open.
+    let open = unsafe { libc::fcntl(1, libc::F_GETFD) } != -1;
+    if open {
+        return;
+    }
+    if let Ok(console) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/console")
+    {
+        for fd in 0..3 {
+            // SAFETY: dup2 of an fd we own onto the standard descriptors.
+            unsafe { libc::dup2(console.as_raw_fd(), fd) };
+        }
+    }
+}
+
+/// Loads the modules listed in `list` in order; already loaded is fine.
+pub fn load_modules(list: &Path) {
+    let Ok(text) = std::fs::read_to_string(list) else {
+        warn!("no module list at {}", list.display());
+        return;
+    };
+    let started = Instant::now();
+    let mut loaded = 0;
+    for path in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let res = File::open(path)
+            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
+            .and_then(|f| finit_module(&f, c"", ModuleInitFlags::empty()));
+        match res {
+            Ok(()) => loaded += 1,
+            Err(Errno::EEXIST) => {}
+            Err(e) => warn!("load module {path}: {e}"),
+        }
+    }
+    info!(
+        loaded,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "modules loaded"
+    );
+}
+
+/// Enables every available cgroup v2 controller for children of the root.
+pub fn enable_controllers() {
+    let root = Path::new("/sys/fs/cgroup");
+    let Ok(controllers) = std::fs::read_to_string(root.join("cgroup.controllers")) else {
+        warn!("no cgroup2 controllers");
+        return;
+    };
+    let all: Vec<String> = controllers
+        .split_whitespace()
+        .map(|c| format!("+{c}"))
+        .collect();
+    let control = root.join("cgroup.subtree_control");
+    if std::fs::write(&control, all.join(" ")).is_ok() {
+        return;
+    }
+    for c in &all {
+        if let Err(e) = std::fs::write(&control, c) {
+            warn!("enable cgroup controller {c}: {e}");
+        }
+    }
+}
+
+/// Mounts the host's shared directory (virtio-9p tag `kuasar`).
+pub fn mount_shared() {
+    if let Err(e) = std::fs::create_dir_all(SHARED_DIR) {
+        warn!("mkdir {SHARED_DIR}: {e}");
+        return;
+    }
+    // The device may be probed a moment after its driver is loaded.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match mount(
+            Some(SHARED_TAG),
+            SHARED_DIR,
+            Some("9p"),
+            MsFlags::empty(),
+            Some(SHARED_OPTIONS),
+        ) {
+            Ok(()) => return,
+            Err(e) if Instant::now() >= deadline => {
+                warn!("mount 9p {SHARED_TAG} at {SHARED_DIR}: {e}");
+                return;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}

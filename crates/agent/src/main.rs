@@ -1,0 +1,117 @@
+//! kuasar-agent: PID 1 of a kuasar sandbox VM. It prepares the guest (mounts,
+//! kernel modules, cgroups), then serves `kuasar.agent.v1.Agent` over the
+//! `kuasar.agent` virtio-serial port and runs containers with runc.
+mod channel;
+mod container;
+mod error;
+mod init;
+mod process;
+mod reaper;
+mod runc;
+mod service;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kuasar_api::agent::agent_ttrpc_async::create_agent;
+use kuasar_api::ttrpc::r#async::Server;
+use tracing::{error, info, warn};
+
+use crate::error::{Context, Error, Result};
+
+/// The ttrpc server's socket inside the guest (the port is proxied to it).
+const SERVER_SOCKET: &str = "/run/kuasar/agent.sock";
+const RUNC: &str = "/usr/bin/runc";
+const RUNC_ROOT: &str = "/run/runc";
+const RUNC_LOGS: &str = "/run/kuasar/runc-logs";
+/// How long to wait for the virtio-serial port to show up.
+const PORT_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn main() {
+    let started = Instant::now();
+    let pid1 = std::process::id() == 1;
+    let early = if pid1 {
+        init::switch_root().and_then(|()| init::mount_filesystems())
+    } else {
+        Ok(())
+    };
+    if pid1 {
+        init::ensure_console();
+    }
+    init_logging();
+    if let Err(e) = early {
+        error!("guest setup failed: {e}");
+        std::process::exit(1);
+    }
+    if pid1 {
+        init::load_modules(Path::new(init::MODULES_LIST));
+        init::enable_controllers();
+        init::mount_shared();
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("tokio runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(serve(started)) {
+        error!("agent failed: {e}");
+    }
+    // As PID 1, exiting panics the kernel, and the VM stops (-no-reboot).
+    std::process::exit(1);
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KUASAR_AGENT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_timer(tracing_subscriber::fmt::time::uptime())
+        .init();
+}
+
+async fn serve(started: Instant) -> Result<()> {
+    let reaper = reaper::Reaper::start().context("install SIGCHLD handler")?;
+    let runc = runc::Runc::new(
+        Path::new(RUNC),
+        Path::new(RUNC_ROOT),
+        Path::new(RUNC_LOGS),
+        reaper.clone(),
+    );
+    let agent = Arc::new(service::AgentService::new(reaper, runc));
+    std::fs::create_dir_all(service::CONTAINERS_DIR).context("create containers dir")?;
+    let _ = std::fs::remove_file(SERVER_SOCKET);
+    let mut server = Server::new()
+        .bind(&format!("unix://{SERVER_SOCKET}"))
+        .map_err(|e| Error::Internal(format!("bind {SERVER_SOCKET}: {e}")))?
+        .register_service(create_agent(agent));
+    server
+        .start()
+        .await
+        .map_err(|e| Error::Internal(format!("start ttrpc server: {e}")))?;
+    let port = channel::find_port(channel::PORT_NAME, PORT_TIMEOUT).await?;
+    channel::start_proxy(&port, Path::new(SERVER_SOCKET))?;
+    info!(
+        port = %port.display(),
+        agent_ms = started.elapsed().as_millis() as u64,
+        kernel_uptime = %kernel_uptime(),
+        "agent ready"
+    );
+    std::future::pending::<()>().await;
+    warn!("unreachable");
+    Ok(())
+}
+
+fn kernel_uptime() -> String {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(|s| format!("{s}s")))
+        .unwrap_or_default()
+}

@@ -1,0 +1,192 @@
+//! Driving the runc binary. Every invocation is spawned through the reaper
+//! (never `Child::wait`), logs to its own JSON log file, and its error
+//! messages are taken from that log (or its stderr) when it fails.
+use std::ffi::OsString;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tracing::debug;
+
+use crate::error::{Context, Error, Result};
+use crate::process::ChildStdio;
+use crate::reaper::Reaper;
+
+pub struct Runc {
+    binary: PathBuf,
+    root: PathBuf,
+    log_dir: PathBuf,
+    reaper: Arc<Reaper>,
+    counter: AtomicU64,
+}
+
+impl Runc {
+    pub fn new(binary: &Path, root: &Path, log_dir: &Path, reaper: Arc<Reaper>) -> Self {
+        Runc {
+            binary: binary.to_path_buf(),
+            root: root.to_path_buf(),
+            log_dir: log_dir.to_path_buf(),
+            reaper,
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    /// `runc create`: the container's init gets `stdio` and waits for start.
+    pub async fn create(
+        &self,
+        id: &str,
+        bundle: &Path,
+        pid_file: &Path,
+        stdio: ChildStdio,
+    ) -> Result<()> {
+        let args = vec![
+            "create".into(),
+            "--bundle".into(),
+            bundle.into(),
+            "--pid-file".into(),
+            pid_file.into(),
+            id.into(),
+        ];
+        self.run("create", args, Some(stdio)).await
+    }
+
+    pub async fn start(&self, id: &str) -> Result<()> {
+        self.run("start", vec!["start".into(), id.into()], None)
+            .await
+    }
+
+    /// `runc exec -d`: the new process gets `stdio`.
+    pub async fn exec(
+        &self,
+        id: &str,
+        process_json: &Path,
+        pid_file: &Path,
+        stdio: ChildStdio,
+    ) -> Result<()> {
+        let args = vec![
+            "exec".into(),
+            "--detach".into(),
+            "--pid-file".into(),
+            pid_file.into(),
+            "--process".into(),
+            process_json.into(),
+            id.into(),
+        ];
+        self.run("exec", args, Some(stdio)).await
+    }
+
+    pub async fn kill(&self, id: &str, signal: &str, all: bool) -> Result<()> {
+        let mut args: Vec<OsString> = vec!["kill".into()];
+        if all {
+            args.push("--all".into());
+        }
+        args.push(id.into());
+        args.push(signal.into());
+        self.run("kill", args, None).await
+    }
+
+    pub async fn delete(&self, id: &str) -> Result<()> {
+        let args = vec!["delete".into(), "--force".into(), id.into()];
+        self.run("delete", args, None).await
+    }
+
+    async fn run(&self, op: &str, args: Vec<OsString>, stdio: Option<ChildStdio>) -> Result<()> {
+        std::fs::create_dir_all(&self.log_dir).context("create runc log directory")?;
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let log = self.log_dir.join(format!("{n}-{op}.json"));
+        let err_path = self.log_dir.join(format!("{n}-{op}.stderr"));
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--root")
+            .arg(&self.root)
+            .arg("--log")
+            .arg(&log)
+            .arg("--log-format")
+            .arg("json")
+            .args(&args);
+        let captured_stderr = match stdio {
+            Some(stdio) => {
+                cmd.stdin(stdio.stdin)
+                    .stdout(stdio.stdout)
+                    .stderr(stdio.stderr);
+                false
+            }
+            None => {
+                let f = File::create(&err_path).context("create runc stderr file")?;
+                cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(f);
+                true
+            }
+        };
+        debug!(?args, "runc");
+        let spawned = self.reaper.spawn(&mut cmd);
+        // Close the child's ends of the stdio pipes in the agent right away.
+        drop(cmd);
+        let (pid, exited) = spawned.with_context(|| format!("spawn {}", self.binary.display()))?;
+        let exit = exited
+            .await
+            .map_err(|_| Error::Internal(format!("exit of runc {op} (pid {pid}) was lost")))?;
+        let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+        let err_text = if captured_stderr {
+            std::fs::read_to_string(&err_path).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let _ = std::fs::remove_file(&log);
+        let _ = std::fs::remove_file(&err_path);
+        if exit.status == 0 {
+            return Ok(());
+        }
+        let mut msg = error_message(&log_text, &err_text);
+        if msg.is_empty() {
+            msg = format!("exit status {}", exit.status);
+        }
+        Err(Error::Runc {
+            op: op.to_string(),
+            msg,
+        })
+    }
+}
+
+/// The error messages of a runc JSON log, or else its stderr text.
+pub fn error_message(log: &str, stderr: &str) -> String {
+    let msgs: Vec<String> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| matches!(v["level"].as_str(), Some("error" | "fatal" | "panic")))
+        .filter_map(|v| v["msg"].as_str().map(str::to_string))
+        .collect();
+    if !msgs.is_empty() {
+        return msgs.join("; ");
+    }
+    stderr.trim().to_string()
+}
+
+/// Whether a runc error says the container does not exist.
+pub fn is_not_exist(e: &Error) -> bool {
+    matches!(e, Error::Runc { msg, .. } if msg.contains("does not exist") || msg.contains("not exist"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_message_from_log_or_stderr() {
+        let log = r#"{"level":"info","msg":"hello","time":"x"}
+{"level":"error","msg":"container \"c1\" does not exist","time":"x"}
+not json
+"#;
+        assert_eq!(
+            error_message(log, "ignored"),
+            "container \"c1\" does not exist"
+        );
+        assert_eq!(error_message("", "  some error\n"), "some error");
+        assert_eq!(error_message("", ""), "");
+        let e = Error::Runc {
+            op: "delete".into(),
+            msg: error_message(log, ""),
+        };
+        assert!(is_not_exist(&e));
+    }
+}

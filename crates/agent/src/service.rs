@@ -1,0 +1,400 @@
+//! The `kuasar.agent.v1.Agent` service.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use kuasar_api::agent::agent_ttrpc_async::Agent;
+use kuasar_api::agent::*;
+use kuasar_api::ttrpc::r#async::TtrpcContext;
+use kuasar_api::ttrpc::Result as TtrpcResult;
+use tracing::{info, warn};
+
+use crate::container::{parse_cgroup_path, rewrite_process, rewrite_spec, validate_id, Container};
+use crate::error::{Context, Error, Result};
+use crate::process::{make_stdio, signal_arg, validate_signal, Process};
+use crate::reaper::Reaper;
+use crate::runc::{is_not_exist, Runc};
+
+/// Where container bundles live: `<dir>/<id>/config.json`.
+pub const CONTAINERS_DIR: &str = "/run/kuasar/containers";
+const TERMINAL_UNSUPPORTED: &str = "terminal is not supported";
+
+/// A container slot: reserved while `runc create` runs, then the container.
+type Slot = Option<Arc<Container>>;
+
+pub struct AgentService {
+    reaper: Arc<Reaper>,
+    runc: Runc,
+    containers_dir: PathBuf,
+    containers: Mutex<HashMap<String, Slot>>,
+}
+
+impl AgentService {
+    pub fn new(reaper: Arc<Reaper>, runc: Runc) -> Self {
+        AgentService {
+            reaper,
+            runc,
+            containers_dir: PathBuf::from(CONTAINERS_DIR),
+            containers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn map(&self) -> MutexGuard<'_, HashMap<String, Slot>> {
+        self.containers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn container(&self, id: &str) -> Result<Arc<Container>> {
+        validate_id("container", id)?;
+        match self.map().get(id) {
+            Some(Some(c)) => Ok(c.clone()),
+            Some(None) => Err(Error::NotFound(format!(
+                "container {id} is still being created"
+            ))),
+            None => Err(Error::NotFound(format!("container {id} not found"))),
+        }
+    }
+
+    fn process(&self, id: &str, exec_id: &str) -> Result<Arc<Process>> {
+        self.container(id)?.process(exec_id)
+    }
+
+    async fn create(&self, req: CreateContainerRequest) -> Result<u32> {
+        let id = req.container_id.as_str();
+        validate_id("container", id)?;
+        if req.terminal {
+            return Err(Error::Unimplemented(TERMINAL_UNSUPPORTED.into()));
+        }
+        let spec = rewrite_spec(&req.spec_json, &req.rootfs_path, false)?;
+        {
+            let mut map = self.map();
+            if map.contains_key(id) {
+                return Err(Error::AlreadyExists(format!(
+                    "container {id} already exists"
+                )));
+            }
+            map.insert(id.to_string(), None);
+        }
+        let bundle = self.containers_dir.join(id);
+        match self.create_in(&req, &bundle, &spec).await {
+            Ok(c) => {
+                let pid = c.init.pid as u32;
+                self.map().insert(id.to_string(), Some(Arc::new(c)));
+                Ok(pid)
+            }
+            Err(e) => {
+                self.map().remove(id);
+                let _ = std::fs::remove_dir_all(&bundle);
+                Err(e)
+            }
+        }
+    }
+
+    async fn create_in(
+        &self,
+        req: &CreateContainerRequest,
+        bundle: &Path,
+        spec: &[u8],
+    ) -> Result<Container> {
+        let id = req.container_id.as_str();
+        if bundle.exists() {
+            std::fs::remove_dir_all(bundle).context("remove stale bundle")?;
+        }
+        std::fs::create_dir_all(bundle).context("create bundle")?;
+        std::fs::write(bundle.join("config.json"), spec).context("write config.json")?;
+        let (io, child) = make_stdio(req.stdin, req.stdout, req.stderr)?;
+        let pid_file = bundle.join("init.pid");
+        let mark = self.reaper.mark();
+        if let Err(e) = self.runc.create(id, bundle, &pid_file, child).await {
+            if let Err(de) = self.runc.delete(id).await {
+                if !is_not_exist(&de) {
+                    warn!(id, "cleanup after failed create: {de}");
+                }
+            }
+            return Err(e);
+        }
+        let pid = read_pid(&pid_file)?;
+        let exited = self.reaper.watch(pid, mark);
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .ok()
+            .and_then(|t| parse_cgroup_path(&t));
+        let init = Arc::new(Process::new(pid, io, exited));
+        Ok(Container::new(id, bundle.to_path_buf(), init, cgroup))
+    }
+
+    async fn exec(&self, req: ExecProcessRequest) -> Result<u32> {
+        let c = self.container(&req.container_id)?;
+        validate_id("exec", &req.exec_id)?;
+        if req.terminal {
+            return Err(Error::Unimplemented(TERMINAL_UNSUPPORTED.into()));
+        }
+        let process_json = rewrite_process(&req.process_json, false)?;
+        c.reserve_exec(&req.exec_id)?;
+        let res = self.exec_in(&c, &req, &process_json).await;
+        match res {
+            Ok(p) => {
+                let pid = p.pid as u32;
+                c.finish_exec(&req.exec_id, Some(p));
+                Ok(pid)
+            }
+            Err(e) => {
+                c.finish_exec(&req.exec_id, None);
+                Err(e)
+            }
+        }
+    }
+
+    async fn exec_in(
+        &self,
+        c: &Container,
+        req: &ExecProcessRequest,
+        process_json: &[u8],
+    ) -> Result<Arc<Process>> {
+        let json_path = c.bundle.join(format!("exec-{}.json", req.exec_id));
+        let pid_file = c.bundle.join(format!("exec-{}.pid", req.exec_id));
+        let _ = std::fs::remove_file(&pid_file);
+        std::fs::write(&json_path, process_json).context("write process.json")?;
+        let (io, child) = make_stdio(req.stdin, req.stdout, req.stderr)?;
+        let mark = self.reaper.mark();
+        let res = self.runc.exec(&c.id, &json_path, &pid_file, child).await;
+        let _ = std::fs::remove_file(&json_path);
+        res?;
+        let pid = read_pid(&pid_file)?;
+        let _ = std::fs::remove_file(&pid_file);
+        let exited = self.reaper.watch(pid, mark);
+        Ok(Arc::new(Process::new(pid, io, exited)))
+    }
+
+    async fn signal(&self, req: &SignalProcessRequest) -> Result<()> {
+        let c = self.container(&req.container_id)?;
+        if req.all {
+            if !req.exec_id.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "signalling all processes is for the init process only".into(),
+                ));
+            }
+            validate_signal(req.signal)?;
+            return self.runc.kill(&c.id, &signal_arg(req.signal), true).await;
+        }
+        c.process(&req.exec_id)?.kill(req.signal)
+    }
+
+    async fn remove(&self, id: &str) -> Result<()> {
+        let c = self.container(id)?;
+        match self.runc.delete(id).await {
+            Ok(()) => {}
+            Err(e) if is_not_exist(&e) => {}
+            Err(e) => return Err(e),
+        }
+        self.map().remove(id);
+        if let Err(e) = std::fs::remove_dir_all(&c.bundle) {
+            warn!(id, "remove bundle: {e}");
+        }
+        Ok(())
+    }
+}
+
+fn read_pid(path: &Path) -> Result<i32> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    text.trim()
+        .parse()
+        .map_err(|_| Error::Internal(format!("bad pid file {}: {text:?}", path.display())))
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Logs a failed request and converts the error.
+fn reply<T>(method: &str, res: Result<T>) -> TtrpcResult<T> {
+    res.map_err(|e| {
+        info!(method, "error: {e}");
+        e.into()
+    })
+}
+
+#[async_trait]
+impl Agent for AgentService {
+    async fn ping(&self, _: &TtrpcContext, _: Empty) -> TtrpcResult<PingResponse> {
+        Ok(PingResponse {
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            kernel_release: kernel_release(),
+            ..Default::default()
+        })
+    }
+
+    async fn create_container(
+        &self,
+        _: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> TtrpcResult<CreateContainerResponse> {
+        info!(id = %req.container_id, rootfs = %req.rootfs_path, "create container");
+        let pid = reply("CreateContainer", self.create(req).await)?;
+        Ok(CreateContainerResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn start_container(
+        &self,
+        _: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> TtrpcResult<StartContainerResponse> {
+        info!(id = %req.container_id, "start container");
+        let res = async {
+            let c = self.container(&req.container_id)?;
+            self.runc.start(&c.id).await?;
+            Ok(c.init.pid as u32)
+        }
+        .await;
+        let pid = reply("StartContainer", res)?;
+        Ok(StartContainerResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn remove_container(
+        &self,
+        _: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> TtrpcResult<Empty> {
+        info!(id = %req.container_id, "remove container");
+        reply("RemoveContainer", self.remove(&req.container_id).await)?;
+        Ok(Empty::default())
+    }
+
+    async fn exec_process(
+        &self,
+        _: &TtrpcContext,
+        req: ExecProcessRequest,
+    ) -> TtrpcResult<ExecProcessResponse> {
+        info!(id = %req.container_id, exec = %req.exec_id, "exec process");
+        let pid = reply("ExecProcess", self.exec(req).await)?;
+        Ok(ExecProcessResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn signal_process(
+        &self,
+        _: &TtrpcContext,
+        req: SignalProcessRequest,
+    ) -> TtrpcResult<Empty> {
+        info!(id = %req.container_id, exec = %req.exec_id, signal = req.signal, all = req.all, "signal");
+        reply("SignalProcess", self.signal(&req).await)?;
+        Ok(Empty::default())
+    }
+
+    async fn wait_process(
+        &self,
+        _: &TtrpcContext,
+        req: ProcessRequest,
+    ) -> TtrpcResult<WaitProcessResponse> {
+        let res = async { self.process(&req.container_id, &req.exec_id)?.wait().await }.await;
+        let exit = reply("WaitProcess", res)?;
+        Ok(WaitProcessResponse {
+            exit_status: exit.status,
+            exited_at_ns: exit.at_ns,
+            ..Default::default()
+        })
+    }
+
+    async fn write_stdin(
+        &self,
+        _: &TtrpcContext,
+        req: WriteStreamRequest,
+    ) -> TtrpcResult<WriteStreamResponse> {
+        let res = async {
+            let p = self.process(&req.container_id, &req.exec_id)?;
+            p.write_stdin(&req.data).await
+        }
+        .await;
+        let len = reply("WriteStdin", res)?;
+        Ok(WriteStreamResponse {
+            len: len as u32,
+            ..Default::default()
+        })
+    }
+
+    async fn close_stdin(&self, _: &TtrpcContext, req: ProcessRequest) -> TtrpcResult<Empty> {
+        let res = async {
+            let p = self.process(&req.container_id, &req.exec_id)?;
+            p.close_stdin().await;
+            Ok(())
+        }
+        .await;
+        reply("CloseStdin", res)?;
+        Ok(Empty::default())
+    }
+
+    async fn read_stdout(
+        &self,
+        _: &TtrpcContext,
+        req: ReadStreamRequest,
+    ) -> TtrpcResult<ReadStreamResponse> {
+        let res = async {
+            let p = self.process(&req.container_id, &req.exec_id)?;
+            p.stdout.read(req.len as usize).await
+        }
+        .await;
+        let data = reply("ReadStdout", res)?;
+        Ok(ReadStreamResponse {
+            data,
+            ..Default::default()
+        })
+    }
+
+    async fn read_stderr(
+        &self,
+        _: &TtrpcContext,
+        req: ReadStreamRequest,
+    ) -> TtrpcResult<ReadStreamResponse> {
+        let res = async {
+            let p = self.process(&req.container_id, &req.exec_id)?;
+            p.stderr.read(req.len as usize).await
+        }
+        .await;
+        let data = reply("ReadStderr", res)?;
+        Ok(ReadStreamResponse {
+            data,
+            ..Default::default()
+        })
+    }
+
+    async fn resize_tty(&self, _: &TtrpcContext, req: ResizeTtyRequest) -> TtrpcResult<Empty> {
+        let res = self
+            .process(&req.container_id, &req.exec_id)
+            .and_then(|_| Err::<(), _>(Error::Unimplemented(TERMINAL_UNSUPPORTED.into())));
+        reply("ResizeTty", res)?;
+        Ok(Empty::default())
+    }
+
+    async fn list_pids(
+        &self,
+        _: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> TtrpcResult<ListPidsResponse> {
+        let c = reply("ListPids", self.container(&req.container_id))?;
+        Ok(ListPidsResponse {
+            pids: c.pids(),
+            ..Default::default()
+        })
+    }
+
+    async fn stats(&self, _: &TtrpcContext, req: ContainerRequest) -> TtrpcResult<StatsResponse> {
+        let c = reply("Stats", self.container(&req.container_id))?;
+        let s = c.stats();
+        Ok(StatsResponse {
+            memory_usage_bytes: s.memory_usage_bytes,
+            memory_limit_bytes: s.memory_limit_bytes,
+            cpu_usage_ns: s.cpu_usage_ns,
+            pids_current: s.pids_current,
+            ..Default::default()
+        })
+    }
+}
