@@ -1,0 +1,238 @@
+//! The sandboxer's configuration: TOML, every key optional, unknown keys and
+//! unknown enum values rejected, then [`Config::validate`] names a bad field.
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Name of the guest kernel (ELF vmlinux, PVH entry) inside `image_dir`.
+pub const KERNEL_FILE: &str = "vmlinux";
+/// Name of the guest initramfs (uncompressed cpio) inside `image_dir`.
+pub const INITRD_FILE: &str = "initramfs.cpio";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read config file {path}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parse config file {path}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid config field `{field}`: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("{what} {path} does not exist")]
+    Missing { what: &'static str, path: PathBuf },
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The sandboxer's ttrpc socket (created mode 0600).
+    pub socket: PathBuf,
+    /// One directory per sandbox lives here.
+    pub state_dir: PathBuf,
+    /// Holds the guest kernel (`vmlinux`) and initramfs (`initramfs.cpio`).
+    pub image_dir: PathBuf,
+    /// Default log filter (overridden by the `KUASAR_LOG` environment variable).
+    pub log_level: String,
+    pub qemu: QemuConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from("/run/kuasar/vmm.sock"),
+            state_dir: PathBuf::from("/run/kuasar/vmm"),
+            image_dir: PathBuf::from("/var/lib/kuasar"),
+            log_level: "info".into(),
+            qemu: QemuConfig::default(),
+        }
+    }
+}
+
+/// Which accelerator QEMU uses.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Accelerator {
+    /// KVM where it really boots a guest, TCG otherwise.
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct QemuConfig {
+    pub binary: PathBuf,
+    pub accelerator: Accelerator,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// How long a guest may take from QEMU's spawn to the agent answering.
+    pub boot_timeout_secs: u64,
+    /// Appended to the guest kernel's command line.
+    pub kernel_params: String,
+    /// Host TSC frequency given to the guest (`tsc_early_khz`) under TCG;
+    /// 0 reads it from the host.
+    pub tsc_khz: u64,
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        Self {
+            binary: PathBuf::from("/usr/bin/qemu-system-x86_64"),
+            accelerator: Accelerator::Auto,
+            vcpus: 1,
+            memory_mib: 256,
+            boot_timeout_secs: 30,
+            kernel_params: String::new(),
+            tsc_khz: 0,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path` (or takes the defaults when there is none) and validates it.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let config = match path {
+            None => Config::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                Self::parse(&text).map_err(|source| ConfigError::Parse {
+                    path: path.to_owned(),
+                    source: Box::new(source),
+                })?
+            }
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    pub fn kernel_path(&self) -> PathBuf {
+        self.image_dir.join(KERNEL_FILE)
+    }
+
+    pub fn initrd_path(&self) -> PathBuf {
+        self.image_dir.join(INITRD_FILE)
+    }
+
+    /// Checks values and the files every sandbox needs.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: &str| ConfigError::Invalid {
+            field,
+            reason: reason.to_owned(),
+        };
+        // sockaddr_un holds 108 bytes including the terminating NUL.
+        if self.socket.as_os_str().len() >= 108 || !self.socket.is_absolute() {
+            return Err(invalid(
+                "socket",
+                "must be an absolute path shorter than 108 bytes",
+            ));
+        }
+        if !self.state_dir.is_absolute() {
+            return Err(invalid("state_dir", "must be an absolute path"));
+        }
+        // Per-sandbox sockets live in state_dir/<id>/: leave room for the id.
+        if self.state_dir.as_os_str().len() > 40 {
+            return Err(invalid(
+                "state_dir",
+                "must be at most 40 bytes long (sandbox sockets live under it)",
+            ));
+        }
+        if !(1..=64).contains(&self.qemu.vcpus) {
+            return Err(invalid("qemu.vcpus", "must be between 1 and 64"));
+        }
+        if !(64..=65536).contains(&self.qemu.memory_mib) {
+            return Err(invalid("qemu.memory_mib", "must be between 64 and 65536"));
+        }
+        if !(1..=600).contains(&self.qemu.boot_timeout_secs) {
+            return Err(invalid(
+                "qemu.boot_timeout_secs",
+                "must be between 1 and 600",
+            ));
+        }
+        if self
+            .log_level
+            .parse::<tracing_subscriber::filter::EnvFilter>()
+            .is_err()
+        {
+            return Err(invalid("log_level", "is not a valid log filter"));
+        }
+        self.check_files()
+    }
+
+    /// Checks that the hypervisor binary and the guest image exist; run at
+    /// start-up and again before each VM is created.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        for (what, path) in [
+            ("QEMU binary", self.qemu.binary.clone()),
+            ("guest kernel", self.kernel_path()),
+            ("guest initramfs", self.initrd_path()),
+        ] {
+            if !path.is_file() {
+                return Err(ConfigError::Missing { what, path });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_key_is_rejected() {
+        let err = Config::parse("sockett = \"/x\"").unwrap_err();
+        assert!(err.to_string().contains("sockett"), "{err}");
+    }
+
+    #[test]
+    fn unknown_accelerator_is_rejected() {
+        let err = Config::parse("[qemu]\naccelerator = \"hvf\"").unwrap_err();
+        assert!(err.to_string().contains("hvf"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let mut c = Config::default();
+        c.qemu.vcpus = 0;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("qemu.vcpus"), "{err}");
+        let c = Config {
+            socket: PathBuf::from("relative.sock"),
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("socket"));
+    }
+
+    #[test]
+    fn missing_image_names_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Config {
+            image_dir: dir.path().to_owned(),
+            ..Config::default()
+        };
+        c.qemu.binary = PathBuf::from("/bin/sh");
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains(&dir.path().join("vmlinux").display().to_string()),
+            "{err}"
+        );
+    }
+}

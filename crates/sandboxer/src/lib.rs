@@ -1,0 +1,127 @@
+//! `kuasar-vmm`, the resident sandboxer: one process for the node, one
+//! microVM per sandbox. See docs/design.md for the contracts it serves.
+use std::os::fd::IntoRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+pub mod agent;
+pub mod config;
+pub mod container;
+pub mod error;
+pub mod events;
+pub mod host;
+pub mod io;
+pub mod mount;
+pub mod recovery;
+pub mod registry;
+pub mod sandbox;
+pub mod service;
+pub mod state;
+pub mod task;
+pub mod vmm;
+
+use config::Config;
+use registry::Registry;
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    runtime.block_on(serve(config))
+}
+
+/// Binds the socket owner-only: created under a restrictive umask, then
+/// chmod'ed, so that no other user can ever connect.
+fn bind(socket: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
+    if let Some(parent) = socket.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
+    }
+    if socket.exists() {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            anyhow::bail!(
+                "{} is in use: another kuasar-vmm is running",
+                socket.display()
+            );
+        }
+        std::fs::remove_file(socket)
+            .with_context(|| format!("remove stale {}", socket.display()))?;
+    }
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let listener = std::os::unix::net::UnixListener::bind(socket);
+    nix::sys::stat::umask(old);
+    let listener = listener.with_context(|| format!("bind {}", socket.display()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod {}", socket.display()))?;
+    Ok(listener)
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("create state directory {}", config.state_dir.display()))?;
+    std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("chmod {}", config.state_dir.display()))?;
+    let cleaned = recovery::clean_all(&config.state_dir);
+    if cleaned > 0 {
+        tracing::warn!(cleaned, "sandboxes of an earlier run were cleaned up");
+    }
+    let socket = config.socket.clone();
+    let host = Arc::new(host::Host::new(config));
+    let registry = Arc::new(Registry::new(host));
+    let listener = bind(&socket)?;
+    let sandboxer = service::SandboxerService::new(registry.clone());
+    let tasks = task::TaskService::new(registry.clone());
+    let mut server = ttrpc::r#async::Server::new()
+        .add_listener(listener.into_raw_fd())
+        .context("serve the socket")?
+        .register_service(
+            kuasar_api::sandboxer::sandboxer_ttrpc_async::create_sandboxer(Arc::new(sandboxer)),
+        )
+        .register_service(kuasar_api::containerd::shim_async::create_task(Arc::new(
+            tasks,
+        )));
+    server.start().await.context("start the ttrpc server")?;
+    tracing::info!(socket = %socket.display(), "kuasar-vmm ready");
+    notify_ready();
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!(
+        sandboxes = registry.len(),
+        "shutting down; VMs keep running"
+    );
+    let _ = server.shutdown().await;
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+/// Tells systemd (when it started us with Type=notify) that we are ready.
+fn notify_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let path = path.to_string_lossy().into_owned();
+    let res = if let Some(abstract_name) = path.strip_prefix('@') {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes())
+            .and_then(|addr| sock.send_to_addr(b"READY=1", &addr))
+    } else {
+        sock.send_to(b"READY=1", &path)
+    };
+    if let Err(e) = res {
+        tracing::warn!("sd_notify: {e}");
+    }
+}

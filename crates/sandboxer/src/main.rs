@@ -1,0 +1,39 @@
+//! `kuasar-vmm`: the resident sandboxer daemon.
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Runs every sandbox of this node in its own microVM.
+#[derive(Debug, Parser)]
+#[command(name = "kuasar-vmm", version)]
+struct Args {
+    /// Configuration file (TOML). Without it, the documented defaults apply.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match kuasar_vmm::config::Config::load(args.config.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("kuasar-vmm: {}", kuasar_vmm::error::chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KUASAR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match kuasar_vmm::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{}", kuasar_vmm::error::chain(e.as_ref()));
+            eprintln!("kuasar-vmm: {}", kuasar_vmm::error::chain(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,618 @@
+//! One sandbox: its VM, its agent connection, its containers.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use kuasar_api::agent::{CreateContainerRequest, ExecProcessRequest, StatsResponse};
+use kuasar_api::containerd::events::task as ev;
+use kuasar_api::containerd::topics;
+
+use crate::agent::Agent;
+use crate::config::ConfigError;
+use crate::container::{validate_id, Container, ProcState, Process};
+use crate::error::{Error, Result};
+use crate::events::timestamp;
+use crate::host::Host;
+use crate::io::{Pumps, StdioPaths};
+use crate::mount::{self, MountSpec};
+use crate::state::{SandboxRecord, RECORD_VERSION};
+use crate::vmm::qemu::{QemuVm, VmSpec};
+use crate::vmm::{StartVmError, Vmm, GUEST_SHARED_DIR};
+
+/// Largest OCI spec (config.json) accepted from a bundle.
+const MAX_SPEC: u64 = 4 << 20;
+/// How long an exited process's output may still take to arrive.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
+/// How long the VM gets to quit before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Who a sandbox belongs to, as the shim registered it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SandboxInfo {
+    pub id: String,
+    pub namespace: String,
+    pub bundle: String,
+    /// containerd's ttrpc address, where events go.
+    pub ttrpc_address: String,
+}
+
+/// A container to create, in domain terms.
+pub struct CreateSpec {
+    pub id: String,
+    pub bundle: String,
+    pub rootfs: Vec<MountSpec>,
+    pub stdio: StdioPaths,
+}
+
+/// A process's state as reported to containerd.
+pub struct ProcessStatus {
+    pub pid: u32,
+    pub state: ProcState,
+    pub stdio: StdioPaths,
+    pub bundle: String,
+}
+
+pub struct Sandbox {
+    pub info: SandboxInfo,
+    pub dir: PathBuf,
+    host: Arc<Host>,
+    created_at: u64,
+    /// Serialises VM boot and stop; held across them by design (one VM).
+    vm: tokio::sync::Mutex<Option<Box<dyn Vmm>>>,
+    agent: RwLock<Option<Agent>>,
+    containers: Mutex<HashMap<String, Arc<Container>>>,
+}
+
+impl Sandbox {
+    pub fn new(host: Arc<Host>, info: SandboxInfo) -> Arc<Self> {
+        Arc::new(Sandbox {
+            dir: host.config.state_dir.join(&info.id),
+            info,
+            host,
+            created_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs(),
+            vm: tokio::sync::Mutex::new(None),
+            agent: RwLock::new(None),
+            containers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn containers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Container>>> {
+        self.containers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.containers().is_empty()
+    }
+
+    fn container(&self, id: &str) -> Result<Arc<Container>> {
+        self.containers()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("container {id}")))
+    }
+
+    fn process(&self, id: &str, exec_id: &str) -> Result<(Arc<Container>, Arc<Process>)> {
+        let c = self.container(id)?;
+        let p = c
+            .process(exec_id)
+            .ok_or_else(|| Error::NotFound(format!("process {exec_id} of container {id}")))?;
+        Ok((c, p))
+    }
+
+    fn agent(&self) -> Result<Agent> {
+        self.agent
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                Error::FailedPrecondition(format!("sandbox {} has no running VM", self.info.id))
+            })
+    }
+
+    pub fn vmm_pid(&self) -> Option<u32> {
+        self.vm
+            .try_lock()
+            .ok()
+            .and_then(|vm| vm.as_ref().and_then(|v| v.pid()))
+    }
+
+    /// Boots the sandbox's VM unless it runs; returns its agent.
+    async fn ensure_vm(&self) -> Result<Agent> {
+        let mut vm = self.vm.lock().await;
+        if let Some(v) = vm.as_ref() {
+            if let Some(exit) = *v.exited().borrow() {
+                return Err(Error::FailedPrecondition(format!(
+                    "the VM of sandbox {} has exited ({exit:?})",
+                    self.info.id
+                )));
+            }
+            return self.agent();
+        }
+        let started = Instant::now();
+        let config = &self.host.config;
+        config.check_files().map_err(|e| match e {
+            ConfigError::Missing { what, path } => StartVmError::Missing { what, path },
+            other => StartVmError::Prepare {
+                path: config.image_dir.clone(),
+                source: std::io::Error::other(other.to_string()),
+            },
+        })?;
+        std::fs::create_dir_all(&self.dir).map_err(|source| StartVmError::Prepare {
+            path: self.dir.clone(),
+            source,
+        })?;
+        let spec = VmSpec::from_config(
+            self.info.id.clone(),
+            self.host.accel,
+            self.host.tsc_khz,
+            &config.qemu,
+            config.kernel_path(),
+            config.initrd_path(),
+            self.dir.clone(),
+        );
+        let mut qemu: Box<dyn Vmm> = Box::new(QemuVm::new(config.qemu.binary.clone(), spec));
+        let timeout = Duration::from_secs(config.qemu.boot_timeout_secs);
+        match self.boot(qemu.as_mut(), started + timeout, timeout).await {
+            Ok(agent) => {
+                tracing::info!(
+                    sandbox = %self.info.id,
+                    pid = qemu.pid().unwrap_or(0),
+                    boot_ms = started.elapsed().as_millis() as u64,
+                    "agent ready"
+                );
+                *self.agent.write().unwrap_or_else(|p| p.into_inner()) = Some(agent.clone());
+                let record = self.record(qemu.pid());
+                *vm = Some(qemu);
+                if let Err(e) = record.save(&self.dir) {
+                    tracing::warn!(sandbox = %self.info.id, "{}", crate::error::chain(&e));
+                }
+                Ok(agent)
+            }
+            Err(e) => {
+                tracing::warn!(sandbox = %self.info.id, "VM start failed: {}", crate::error::chain(&e));
+                let _ = qemu.stop(Duration::ZERO).await;
+                if let Err(e) = mount::remove_dir(&self.dir) {
+                    tracing::warn!(dir = %self.dir.display(), "remove sandbox directory: {e}");
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn boot(
+        &self,
+        vm: &mut dyn Vmm,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Agent, StartVmError> {
+        vm.start().await?;
+        let mut exited = vm.exited();
+        let address = vm.agent_address();
+        let connect = Agent::connect(&address, deadline);
+        tokio::select! {
+            res = connect => match res {
+                Ok((agent, pong)) => {
+                    tracing::debug!(sandbox = %self.info.id, kernel = %pong.kernel_release, agent = %pong.agent_version, "agent answered");
+                    Ok(agent)
+                }
+                Err(crate::agent::AgentError::Timeout { .. }) => Err(StartVmError::BootTimeout {
+                    after: timeout,
+                    console: vm.console_log().to_owned(),
+                }),
+                Err(e) => Err(StartVmError::Agent(e)),
+            },
+            exit = exited.wait_for(|e| e.is_some()) => {
+                let exit = exit.ok().and_then(|e| *e).unwrap_or(crate::vmm::VmExit::Code(-1));
+                Err(StartVmError::DiedDuringBoot {
+                    exit,
+                    console: vm.console_log().to_owned(),
+                    log: crate::vmm::qemu::log_tail(&self.dir.join("qemu.log"), 1024),
+                })
+            }
+        }
+    }
+
+    fn record(&self, vmm_pid: Option<u32>) -> SandboxRecord {
+        SandboxRecord {
+            version: RECORD_VERSION,
+            id: self.info.id.clone(),
+            namespace: self.info.namespace.clone(),
+            bundle: self.info.bundle.clone(),
+            ttrpc_address: self.info.ttrpc_address.clone(),
+            vmm_pid,
+            created_at: self.created_at,
+        }
+    }
+
+    async fn publish<E: protobuf::MessageFull>(&self, topic: &str, event: E) {
+        self.host
+            .publisher
+            .publish(&self.info.ttrpc_address, &self.info.namespace, topic, event)
+            .await;
+    }
+
+    /// Creates a container (booting the VM first when it is the first).
+    pub async fn create_container(self: &Arc<Self>, spec: CreateSpec) -> Result<u32> {
+        validate_id("container", &spec.id)?;
+        if self.containers().contains_key(&spec.id) {
+            return Err(Error::AlreadyExists(format!("container {}", spec.id)));
+        }
+        let oci = read_spec(Path::new(&spec.bundle))?;
+        let agent = self.ensure_vm().await?;
+        let dir = self.dir.join("shared").join(&spec.id);
+        let rootfs = dir.join("rootfs");
+        let prepared = prepare_rootfs(&spec, &rootfs);
+        let created = match prepared {
+            Ok(()) => agent
+                .create_container(CreateContainerRequest {
+                    container_id: spec.id.clone(),
+                    spec_json: oci,
+                    rootfs_path: format!("{GUEST_SHARED_DIR}/{}/rootfs", spec.id),
+                    stdin: !spec.stdio.stdin.is_empty(),
+                    stdout: !spec.stdio.stdout.is_empty(),
+                    stderr: !spec.stdio.stderr.is_empty(),
+                    terminal: spec.stdio.terminal,
+                    ..Default::default()
+                })
+                .await
+                .map_err(Error::from),
+            Err(e) => Err(e),
+        };
+        let pid = match created {
+            Ok(pid) => pid,
+            Err(e) => {
+                if let Err(e) = mount::remove_dir(&dir) {
+                    tracing::warn!(dir = %dir.display(), "remove container directory: {e}");
+                }
+                return Err(e);
+            }
+        };
+        let init = Process::new(&spec.id, "", spec.stdio.clone(), Vec::new());
+        init.set_pid(pid);
+        *init.pumps.lock().await = Pumps::start(&agent, &spec.id, "", &spec.stdio);
+        let container = Arc::new(Container {
+            id: spec.id.clone(),
+            bundle: spec.bundle.clone(),
+            dir,
+            init,
+            execs: Mutex::new(HashMap::new()),
+        });
+        self.containers().insert(spec.id.clone(), container);
+        let rootfs = spec
+            .rootfs
+            .iter()
+            .map(|m| kuasar_api::containerd::types::mount::Mount {
+                type_: m.fstype.clone(),
+                source: m.source.clone(),
+                options: m.options.clone(),
+                ..Default::default()
+            })
+            .collect();
+        self.publish(
+            topics::TASK_CREATE_EVENT_TOPIC,
+            ev::TaskCreate {
+                container_id: spec.id.clone(),
+                bundle: spec.bundle.clone(),
+                rootfs,
+                io: Some(ev::TaskIO {
+                    stdin: spec.stdio.stdin.clone(),
+                    stdout: spec.stdio.stdout.clone(),
+                    stderr: spec.stdio.stderr.clone(),
+                    terminal: spec.stdio.terminal,
+                    ..Default::default()
+                })
+                .into(),
+                pid,
+                ..Default::default()
+            },
+        )
+        .await;
+        Ok(pid)
+    }
+
+    /// Starts a container's init process or a registered exec.
+    pub async fn start(self: &Arc<Self>, id: &str, exec_id: &str) -> Result<u32> {
+        let (_, process) = self.process(id, exec_id)?;
+        if process.state() != ProcState::Created {
+            return Err(Error::FailedPrecondition(format!(
+                "process {} of container {id} was already started",
+                process.id()
+            )));
+        }
+        let agent = self.agent()?;
+        let pid = if exec_id.is_empty() {
+            agent.start_container(id).await?
+        } else {
+            let pid = agent
+                .exec_process(ExecProcessRequest {
+                    container_id: id.to_owned(),
+                    exec_id: exec_id.to_owned(),
+                    process_json: process.spec.clone(),
+                    stdin: !process.stdio.stdin.is_empty(),
+                    stdout: !process.stdio.stdout.is_empty(),
+                    stderr: !process.stdio.stderr.is_empty(),
+                    terminal: process.stdio.terminal,
+                    ..Default::default()
+                })
+                .await?;
+            *process.pumps.lock().await = Pumps::start(&agent, id, exec_id, &process.stdio);
+            pid
+        };
+        process.set_pid(pid);
+        process.set_running();
+        self.spawn_waiter(agent, process.clone());
+        if exec_id.is_empty() {
+            self.publish(
+                topics::TASK_START_EVENT_TOPIC,
+                ev::TaskStart {
+                    container_id: id.to_owned(),
+                    pid,
+                    ..Default::default()
+                },
+            )
+            .await;
+        } else {
+            self.publish(
+                topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+                ev::TaskExecStarted {
+                    container_id: id.to_owned(),
+                    exec_id: exec_id.to_owned(),
+                    pid,
+                    ..Default::default()
+                },
+            )
+            .await;
+        }
+        Ok(pid)
+    }
+
+    /// Follows a started process until it exits, then reports the exit
+    /// once all of its output has been delivered.
+    fn spawn_waiter(self: &Arc<Self>, agent: Agent, process: Arc<Process>) {
+        let sandbox = self.clone();
+        tokio::spawn(async move {
+            let (status, at) = match agent
+                .wait_process(&process.container_id, &process.exec_id)
+                .await
+            {
+                Ok((status, ns)) => (status, UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64)),
+                Err(e) => {
+                    tracing::warn!(
+                        sandbox = %sandbox.info.id,
+                        container = %process.container_id,
+                        exec = %process.exec_id,
+                        "lost the process: {e}"
+                    );
+                    (255, SystemTime::now())
+                }
+            };
+            process.pumps.lock().await.drain(OUTPUT_DRAIN).await;
+            sandbox.report_exit(&process, status, at).await;
+        });
+    }
+
+    async fn report_exit(&self, process: &Process, status: u32, at: SystemTime) {
+        if !process.set_exited(status, at) {
+            return;
+        }
+        tracing::info!(sandbox = %self.info.id, container = %process.container_id, exec = %process.exec_id, status, "process exited");
+        self.publish(
+            topics::TASK_EXIT_EVENT_TOPIC,
+            ev::TaskExit {
+                container_id: process.container_id.clone(),
+                id: process.id().to_owned(),
+                pid: process.pid(),
+                exit_status: status,
+                exited_at: Some(timestamp(at)).into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    }
+
+    /// Registers an exec process; it runs on `start`.
+    pub async fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        spec: Vec<u8>,
+        stdio: StdioPaths,
+    ) -> Result<()> {
+        validate_id("exec", exec_id)?;
+        let c = self.container(id)?;
+        if !matches!(c.init.state(), ProcState::Running) {
+            return Err(Error::FailedPrecondition(format!(
+                "container {id} is not running"
+            )));
+        }
+        {
+            let mut execs = c.execs.lock().unwrap_or_else(|p| p.into_inner());
+            if execs.contains_key(exec_id) {
+                return Err(Error::AlreadyExists(format!(
+                    "exec {exec_id} of container {id}"
+                )));
+            }
+            execs.insert(exec_id.to_owned(), Process::new(id, exec_id, stdio, spec));
+        }
+        self.publish(
+            topics::TASK_EXEC_ADDED_EVENT_TOPIC,
+            ev::TaskExecAdded {
+                container_id: id.to_owned(),
+                exec_id: exec_id.to_owned(),
+                ..Default::default()
+            },
+        )
+        .await;
+        Ok(())
+    }
+
+    pub async fn kill(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+        let (_, process) = self.process(id, exec_id)?;
+        if let ProcState::Stopped { .. } = process.state() {
+            return Err(Error::NotFound(format!(
+                "process {} already finished",
+                process.id()
+            )));
+        }
+        if process.state() == ProcState::Created && !exec_id.is_empty() {
+            return Err(Error::FailedPrecondition(format!(
+                "exec {exec_id} was not started"
+            )));
+        }
+        self.agent()?
+            .signal_process(id, exec_id, signal, all)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn wait(&self, id: &str, exec_id: &str) -> Result<(u32, SystemTime)> {
+        let (_, process) = self.process(id, exec_id)?;
+        Ok(process.wait().await)
+    }
+
+    pub fn status(&self, id: &str, exec_id: &str) -> Result<ProcessStatus> {
+        let (c, p) = self.process(id, exec_id)?;
+        Ok(ProcessStatus {
+            pid: p.pid(),
+            state: p.state(),
+            stdio: p.stdio.clone(),
+            bundle: c.bundle.clone(),
+        })
+    }
+
+    /// Deletes an exited exec, or a container that is not running.
+    /// Returns (pid, exit status, exited at).
+    pub async fn delete(&self, id: &str, exec_id: &str) -> Result<(u32, u32, SystemTime)> {
+        let (c, p) = self.process(id, exec_id)?;
+        let (status, at) = match p.state() {
+            ProcState::Running => {
+                return Err(Error::FailedPrecondition(format!(
+                    "process {} is running; stop it first",
+                    p.id()
+                )))
+            }
+            ProcState::Created => (0, SystemTime::now()),
+            ProcState::Stopped {
+                exit_status,
+                exited_at,
+            } => (exit_status, exited_at),
+        };
+        if !exec_id.is_empty() {
+            c.execs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(exec_id);
+            p.pumps.lock().await.abort();
+            return Ok((p.pid(), status, at));
+        }
+        if let Ok(agent) = self.agent() {
+            if let Err(e) = agent.remove_container(id).await {
+                if !e.is_not_found() {
+                    return Err(e.into());
+                }
+            }
+        }
+        for process in c.all_processes() {
+            process.pumps.lock().await.abort();
+        }
+        if let Err(e) = mount::remove_dir(&c.dir) {
+            tracing::warn!(dir = %c.dir.display(), "remove container directory: {e}");
+        }
+        self.containers().remove(id);
+        self.publish(
+            topics::TASK_DELETE_EVENT_TOPIC,
+            ev::TaskDelete {
+                container_id: id.to_owned(),
+                id: id.to_owned(),
+                pid: p.pid(),
+                exit_status: status,
+                exited_at: Some(timestamp(at)).into(),
+                ..Default::default()
+            },
+        )
+        .await;
+        Ok((p.pid(), status, at))
+    }
+
+    pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<()> {
+        let (_, p) = self.process(id, exec_id)?;
+        p.pumps.lock().await.stop_stdin();
+        if p.state() == ProcState::Running {
+            self.agent()?.close_stdin(id, exec_id).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn pids(&self, id: &str) -> Result<Vec<u32>> {
+        self.container(id)?;
+        Ok(self.agent()?.list_pids(id).await?)
+    }
+
+    pub async fn stats(&self, id: &str) -> Result<StatsResponse> {
+        self.container(id)?;
+        Ok(self.agent()?.stats(id).await?)
+    }
+
+    pub fn init_pid(&self, id: &str) -> Result<u32> {
+        Ok(self.container(id)?.init.pid())
+    }
+
+    /// Stops the VM and frees everything the sandbox holds. Processes still
+    /// running are reported as killed.
+    pub async fn shutdown(&self) {
+        let mut vm = self.vm.lock().await;
+        let containers: Vec<_> = self.containers().drain().map(|(_, c)| c).collect();
+        for c in &containers {
+            for p in c.all_processes() {
+                p.pumps.lock().await.abort();
+                if p.state() == ProcState::Running {
+                    self.report_exit(&p, 137, SystemTime::now()).await;
+                }
+            }
+        }
+        *self.agent.write().unwrap_or_else(|p| p.into_inner()) = None;
+        if let Some(mut v) = vm.take() {
+            if let Err(e) = v.stop(STOP_GRACE).await {
+                tracing::error!(sandbox = %self.info.id, "{e}");
+            }
+        }
+        if let Err(e) = mount::remove_dir(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), "remove sandbox directory: {e}");
+        }
+        tracing::info!(sandbox = %self.info.id, "sandbox stopped");
+    }
+}
+
+fn read_spec(bundle: &Path) -> Result<Vec<u8>> {
+    let path = bundle.join("config.json");
+    let meta = std::fs::metadata(&path)
+        .map_err(|e| Error::io(format!("read OCI spec {}", path.display()), e))?;
+    if meta.len() > MAX_SPEC {
+        return Err(Error::InvalidArgument(format!(
+            "OCI spec {} is larger than {MAX_SPEC} bytes",
+            path.display()
+        )));
+    }
+    std::fs::read(&path).map_err(|e| Error::io(format!("read OCI spec {}", path.display()), e))
+}
+
+/// Mounts the container's rootfs at `target`: containerd's mounts, or the
+/// bundle's own `rootfs` directory when containerd mounted it already.
+fn prepare_rootfs(spec: &CreateSpec, target: &Path) -> Result<()> {
+    std::fs::create_dir_all(target)
+        .map_err(|e| Error::io(format!("create {}", target.display()), e))?;
+    let mounts = if spec.rootfs.is_empty() {
+        vec![MountSpec {
+            fstype: "bind".into(),
+            source: Path::new(&spec.bundle).join("rootfs").display().to_string(),
+            options: vec!["rbind".into()],
+        }]
+    } else {
+        spec.rootfs.clone()
+    };
+    Ok(mount::mount_all(&mounts, target)?)
+}

@@ -1,0 +1,342 @@
+//! containerd's task service (`containerd.task.v2.Task`), served to the
+//! shims: converts protocol messages to domain calls on the sandbox named in
+//! the request's metadata, and the results back. No logic of its own.
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use kuasar_api::containerd::api::{self as task_api, Empty, Status};
+use kuasar_api::containerd::cgroups::metrics::{
+    CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics, PidsStat,
+};
+use kuasar_api::containerd::protobuf::well_known_types::any::Any;
+use kuasar_api::containerd::shim_async::Task;
+use kuasar_api::{NAMESPACE_METADATA, SANDBOX_ID_METADATA, TTRPC_ADDRESS_METADATA};
+use ttrpc::r#async::TtrpcContext;
+
+use crate::container::ProcState;
+use crate::error::Error;
+use crate::events::{pack, timestamp};
+use crate::io::StdioPaths;
+use crate::mount::MountSpec;
+use crate::registry::Registry;
+use crate::sandbox::{CreateSpec, Sandbox, SandboxInfo};
+
+pub struct TaskService {
+    registry: Arc<Registry>,
+}
+
+impl TaskService {
+    pub fn new(registry: Arc<Registry>) -> Self {
+        TaskService { registry }
+    }
+
+    /// The sandbox a request is for, from its ttrpc metadata.
+    fn sandbox(&self, ctx: &TtrpcContext) -> Result<Arc<Sandbox>, Error> {
+        self.registry.get(&sandbox_id(ctx)?)
+    }
+}
+
+fn metadata<'a>(ctx: &'a TtrpcContext, key: &str) -> Option<&'a str> {
+    ctx.metadata
+        .get(key)
+        .and_then(|v| v.first())
+        .map(String::as_str)
+}
+
+fn sandbox_id(ctx: &TtrpcContext) -> Result<String, Error> {
+    metadata(ctx, SANDBOX_ID_METADATA)
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "task request without `{SANDBOX_ID_METADATA}` metadata"
+            ))
+        })
+}
+
+fn status_of(state: ProcState) -> (Status, u32, Option<SystemTime>) {
+    match state {
+        ProcState::Created => (Status::CREATED, 0, None),
+        ProcState::Running => (Status::RUNNING, 0, None),
+        ProcState::Stopped {
+            exit_status,
+            exited_at,
+        } => (Status::STOPPED, exit_status, Some(exited_at)),
+    }
+}
+
+type TtrpcResult<T> = ttrpc::Result<T>;
+
+#[async_trait]
+impl Task for TaskService {
+    async fn create(
+        &self,
+        ctx: &TtrpcContext,
+        req: task_api::CreateTaskRequest,
+    ) -> TtrpcResult<task_api::CreateTaskResponse> {
+        // A shim registers its sandbox at start; the metadata lets a task
+        // request re-register it (e.g. after the sandboxer restarted).
+        let info = SandboxInfo {
+            id: sandbox_id(ctx)?,
+            namespace: metadata(ctx, NAMESPACE_METADATA)
+                .unwrap_or_default()
+                .to_owned(),
+            bundle: req.bundle.clone(),
+            ttrpc_address: metadata(ctx, TTRPC_ADDRESS_METADATA)
+                .unwrap_or_default()
+                .to_owned(),
+        };
+        let sandbox = self.registry.register(info)?;
+        if !req.checkpoint.is_empty() {
+            return Err(Error::Unimplemented("restoring a checkpoint".into()).into());
+        }
+        let spec = CreateSpec {
+            id: req.id,
+            bundle: req.bundle,
+            rootfs: req
+                .rootfs
+                .into_iter()
+                .map(|m| MountSpec {
+                    fstype: m.type_,
+                    source: m.source,
+                    options: m.options,
+                })
+                .collect(),
+            stdio: StdioPaths {
+                stdin: req.stdin,
+                stdout: req.stdout,
+                stderr: req.stderr,
+                terminal: req.terminal,
+            },
+        };
+        let pid = sandbox.create_container(spec).await?;
+        Ok(task_api::CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn start(
+        &self,
+        ctx: &TtrpcContext,
+        req: task_api::StartRequest,
+    ) -> TtrpcResult<task_api::StartResponse> {
+        let pid = self.sandbox(ctx)?.start(&req.id, &req.exec_id).await?;
+        Ok(task_api::StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn state(
+        &self,
+        ctx: &TtrpcContext,
+        req: task_api::StateRequest,
+    ) -> TtrpcResult<task_api::StateResponse> {
+        let s = self.sandbox(ctx)?.status(&req.id, &req.exec_id)?;
+        let (status, exit_status, exited_at) = status_of(s.state);
+        Ok(task_api::StateResponse {
+            id: req.id,
+            bundle: s.bundle,
+            pid: s.pid,
+            status: status.into(),
+            stdin: s.stdio.stdin,
+            stdout: s.stdio.stdout,
+            stderr: s.stdio.stderr,
+            terminal: s.stdio.terminal,
+            exit_status,
+            exited_at: exited_at.map(timestamp).into(),
+            exec_id: req.exec_id,
+            ..Default::default()
+        })
+    }
+
+    async fn wait(
+        &self,
+        ctx: &TtrpcContext,
+        req: task_api::WaitRequest,
+    ) -> TtrpcResult<task_api::WaitResponse> {
+        let (exit_status, at) = self.sandbox(ctx)?.wait(&req.id, &req.exec_id).await?;
+        Ok(task_api::WaitResponse {
+            exit_status,
+            exited_at: Some(timestamp(at)).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn kill(&self, ctx: &TtrpcContext, req: task_api::KillRequest) -> TtrpcResult<Empty> {
+        self.sandbox(ctx)?
+            .kill(&req.id, &req.exec_id, req.signal, req.all)
+            .await?;
+        Ok(Empty::new())
+    }
+
+    async fn delete(
+        &self,
+        ctx: &TtrpcContext,
+        req: task_api::DeleteRequest,
+    ) -> TtrpcResult<task_api::DeleteResponse> {
+        let (pid, exit_status, at) = self.sandbox(ctx)?.delete(&req.id, &req.exec_id).await?;
+        Ok(task_api::DeleteResponse {
+            pid,
+            exit_status,
+            exited_at: Some(timestamp(at)).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn exec(
+        &self,
+        ctx: &TtrpcContext,
+        req: task_api::ExecProcessRequest,
+    ) -> TtrpcResult<Empty> {
+        let spec = req.spec.into_option().map(|a| a.value).unwrap_or_default();
+        if spec.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "exec {} has no process spec",
+                req.exec_id
+            ))
+            .into());
+        }
+        let stdio = StdioPaths {
+            stdin: req.stdin,
+            stdout: req.stdout,
+            stderr: req.stderr,
+            terminal: req.terminal,
+        };
+        self.sandbox(ctx)?
+            .exec(&req.id, &req.exec_id, spec, stdio)
+            .await?;
+        Ok(Empty::new())
+    }
+
+    async fn close_io(
+        &self,
+        ctx: &TtrpcContext,
+        req: task_api::CloseIORequest,
+    ) -> TtrpcResult<Empty> {
+        if req.stdin {
+            self.sandbox(ctx)?
+                .close_stdin(&req.id, &req.exec_id)
+                .await?;
+        }
+        Ok(Empty::new())
+    }
+
+    async fn pids(
+        &self,
+        ctx: &TtrpcContext,
+        req: task_api::PidsRequest,
+    ) -> TtrpcResult<task_api::PidsResponse> {
+        let pids = self.sandbox(ctx)?.pids(&req.id).await?;
+        Ok(task_api::PidsResponse {
+            processes: pids
+                .into_iter()
+                .map(|pid| task_api::ProcessInfo {
+                    pid,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    async fn connect(
+        &self,
+        ctx: &TtrpcContext,
+        req: task_api::ConnectRequest,
+    ) -> TtrpcResult<task_api::ConnectResponse> {
+        let sandbox = self.sandbox(ctx)?;
+        // The shim fills in its own pid.
+        Ok(task_api::ConnectResponse {
+            shim_pid: 0,
+            task_pid: sandbox.init_pid(&req.id)?,
+            version: "2".into(),
+            ..Default::default()
+        })
+    }
+
+    async fn shutdown(
+        &self,
+        ctx: &TtrpcContext,
+        _req: task_api::ShutdownRequest,
+    ) -> TtrpcResult<Empty> {
+        let id = sandbox_id(ctx)?;
+        match self.registry.get(&id) {
+            Ok(sandbox) if !sandbox.is_empty() => {
+                tracing::debug!(sandbox = %id, "shutdown ignored: containers remain");
+            }
+            _ => self.registry.delete(&id).await?,
+        }
+        Ok(Empty::new())
+    }
+
+    async fn stats(
+        &self,
+        ctx: &TtrpcContext,
+        req: task_api::StatsRequest,
+    ) -> TtrpcResult<task_api::StatsResponse> {
+        let s = self.sandbox(ctx)?.stats(&req.id).await?;
+        let metrics = Metrics {
+            memory: Some(MemoryStat {
+                usage: Some(MemoryEntry {
+                    usage: s.memory_usage_bytes,
+                    limit: s.memory_limit_bytes,
+                    ..Default::default()
+                })
+                .into(),
+                ..Default::default()
+            })
+            .into(),
+            cpu: Some(CPUStat {
+                usage: Some(CPUUsage {
+                    total: s.cpu_usage_ns,
+                    ..Default::default()
+                })
+                .into(),
+                ..Default::default()
+            })
+            .into(),
+            pids: Some(PidsStat {
+                current: s.pids_current,
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        };
+        let stats: Any =
+            pack(&metrics).map_err(|e| ttrpc::Error::Others(format!("pack metrics: {e}")))?;
+        Ok(task_api::StatsResponse {
+            stats: Some(stats).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn pause(&self, _: &TtrpcContext, _: task_api::PauseRequest) -> TtrpcResult<Empty> {
+        Err(Error::Unimplemented("pause".into()).into())
+    }
+
+    async fn resume(&self, _: &TtrpcContext, _: task_api::ResumeRequest) -> TtrpcResult<Empty> {
+        Err(Error::Unimplemented("resume".into()).into())
+    }
+
+    async fn checkpoint(
+        &self,
+        _: &TtrpcContext,
+        _: task_api::CheckpointTaskRequest,
+    ) -> TtrpcResult<Empty> {
+        Err(Error::Unimplemented("checkpoint".into()).into())
+    }
+
+    async fn resize_pty(
+        &self,
+        _: &TtrpcContext,
+        _: task_api::ResizePtyRequest,
+    ) -> TtrpcResult<Empty> {
+        Err(Error::Unimplemented("resizing a terminal".into()).into())
+    }
+
+    async fn update(&self, _: &TtrpcContext, _: task_api::UpdateTaskRequest) -> TtrpcResult<Empty> {
+        Err(Error::Unimplemented("updating resources".into()).into())
+    }
+}

@@ -1,0 +1,74 @@
+//! The hypervisor abstraction: one small trait, one module per VMM.
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+pub mod host;
+pub mod qemu;
+
+/// How the VMM process ended: the exit code, or the signal that killed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmExit {
+    Code(i32),
+    Signal(i32),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartVmError {
+    #[error("{what} {path} does not exist")]
+    Missing { what: &'static str, path: PathBuf },
+    #[error("prepare sandbox directory {path}")]
+    Prepare {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("spawn {binary}")]
+    Spawn {
+        binary: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the VMM exited during start ({exit:?}): {log}")]
+    Exited { exit: VmExit, log: String },
+    #[error("the VMM did not create {path} within {after:?}")]
+    NoSocket { path: PathBuf, after: Duration },
+    #[error("the guest agent did not come up within {after:?} (guest console: {console})")]
+    BootTimeout { after: Duration, console: PathBuf },
+    #[error("the VMM exited while the guest booted ({exit:?}); guest console: {console}; VMM log: {log}")]
+    DiedDuringBoot {
+        exit: VmExit,
+        console: PathBuf,
+        log: String,
+    },
+    #[error("connect to the guest agent")]
+    Agent(#[source] crate::agent::AgentError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StopVmError {
+    #[error("the VMM (pid {pid}) did not exit after SIGKILL")]
+    Unkillable { pid: u32 },
+}
+
+/// A VM running one sandbox.
+#[async_trait]
+pub trait Vmm: Send + Sync {
+    /// Spawns the VMM; returns once its control and agent endpoints exist.
+    async fn start(&mut self) -> Result<(), StartVmError>;
+    /// Stops the VM: a graceful request first, a kill after `grace`. Idempotent.
+    async fn stop(&mut self, grace: Duration) -> Result<(), StopVmError>;
+    /// The VMM's host process id while it runs.
+    fn pid(&self) -> Option<u32>;
+    /// Where the guest agent is reached (a ttrpc address).
+    fn agent_address(&self) -> String;
+    /// Host directory shared with the guest (seen there as [`GUEST_SHARED_DIR`]).
+    fn shared_dir(&self) -> &Path;
+    /// The guest's console log.
+    fn console_log(&self) -> &Path;
+    /// Changes to `Some` when the VMM process has exited.
+    fn exited(&self) -> watch::Receiver<Option<VmExit>>;
+}
+
+/// Where the guest mounts the host's shared directory.
+pub const GUEST_SHARED_DIR: &str = "/run/kuasar/shared";

@@ -1,0 +1,219 @@
+//! QEMU `microvm`: PVH kernel boot, virtio-serial agent channel, virtio-9p
+//! shared directory, QMP control.
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use super::{StartVmError, StopVmError, VmExit, Vmm};
+
+pub mod cmdline;
+pub mod qmp;
+
+pub use cmdline::{Accel, VmSpec};
+
+/// How long QEMU may take to create its sockets after being spawned.
+const SOCKET_WAIT: Duration = Duration::from_secs(10);
+
+pub struct QemuVm {
+    binary: PathBuf,
+    spec: VmSpec,
+    shared_dir: PathBuf,
+    console_log: PathBuf,
+    pid: Option<u32>,
+    exited: watch::Receiver<Option<VmExit>>,
+    exited_tx: Option<watch::Sender<Option<VmExit>>>,
+}
+
+impl QemuVm {
+    pub fn new(binary: PathBuf, spec: VmSpec) -> Self {
+        let (tx, rx) = watch::channel(None);
+        QemuVm {
+            binary,
+            shared_dir: spec.shared_dir(),
+            console_log: spec.console_log(),
+            spec,
+            pid: None,
+            exited: rx,
+            exited_tx: Some(tx),
+        }
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.spec.dir.join("qemu.log")
+    }
+
+    fn spawn(&mut self) -> Result<(), StartVmError> {
+        let prepare = |path: &Path, source| StartVmError::Prepare {
+            path: path.to_owned(),
+            source,
+        };
+        let shared = self.spec.shared_dir();
+        std::fs::create_dir_all(&shared).map_err(|e| prepare(&shared, e))?;
+        let log_path = self.log_path();
+        let log = std::fs::File::create(&log_path).map_err(|e| prepare(&log_path, e))?;
+        let log2 = log.try_clone().map_err(|e| prepare(&log_path, e))?;
+        let mut cmd = std::process::Command::new(&self.binary);
+        cmd.args(self.spec.args())
+            .current_dir(&self.spec.dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        // SAFETY: setsid is async-signal-safe and touches no memory of the
+        // parent; the VMM gets its own session so that it survives the
+        // sandboxer's restart and never receives the sandboxer's signals.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid()
+                    .map(drop)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let mut child = tokio::process::Command::from(cmd)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|source| StartVmError::Spawn {
+                binary: self.binary.clone(),
+                source,
+            })?;
+        self.pid = child.id();
+        if let Some(pid) = self.pid {
+            let _ = std::fs::write(self.spec.dir.join("qemu.pid"), pid.to_string());
+        }
+        let tx = self.exited_tx.take().expect("spawn runs once");
+        tokio::spawn(async move {
+            let exit = match child.wait().await {
+                Ok(status) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    match (status.code(), status.signal()) {
+                        (Some(code), _) => VmExit::Code(code),
+                        (None, Some(sig)) => VmExit::Signal(sig),
+                        (None, None) => VmExit::Code(-1),
+                    }
+                }
+                Err(_) => VmExit::Code(-1),
+            };
+            let _ = tx.send(Some(exit));
+        });
+        Ok(())
+    }
+
+    /// Waits until QEMU has created the agent and QMP sockets.
+    async fn wait_sockets(&self) -> Result<(), StartVmError> {
+        let started = Instant::now();
+        let sockets = [self.spec.agent_socket(), self.spec.qmp_socket()];
+        loop {
+            if let Some(exit) = *self.exited.borrow() {
+                return Err(StartVmError::Exited {
+                    exit,
+                    log: log_tail(&self.log_path(), 2048),
+                });
+            }
+            if sockets.iter().all(|s| s.exists()) {
+                return Ok(());
+            }
+            if started.elapsed() > SOCKET_WAIT {
+                return Err(StartVmError::NoSocket {
+                    path: sockets[0].clone(),
+                    after: SOCKET_WAIT,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn wait_exit(&self, timeout: Duration) -> bool {
+        let mut rx = self.exited.clone();
+        let exited = tokio::time::timeout(timeout, rx.wait_for(|e| e.is_some())).await;
+        exited.is_ok()
+    }
+
+    /// The tail of QEMU's own log, for error messages.
+    pub fn log_tail(&self) -> String {
+        log_tail(&self.log_path(), 2048)
+    }
+}
+
+#[async_trait]
+impl Vmm for QemuVm {
+    async fn start(&mut self) -> Result<(), StartVmError> {
+        for (what, path) in [
+            ("QEMU binary", &self.binary),
+            ("guest kernel", &self.spec.kernel),
+            ("guest initramfs", &self.spec.initrd),
+        ] {
+            if !path.is_file() {
+                return Err(StartVmError::Missing {
+                    what,
+                    path: path.clone(),
+                });
+            }
+        }
+        self.spawn()?;
+        if let Err(e) = self.wait_sockets().await {
+            let _ = self.stop(Duration::ZERO).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn stop(&mut self, grace: Duration) -> Result<(), StopVmError> {
+        let Some(pid) = self.pid else { return Ok(()) };
+        if self.exited.borrow().is_some() {
+            return Ok(());
+        }
+        if !grace.is_zero() {
+            match qmp::Qmp::connect(&self.spec.qmp_socket(), grace).await {
+                Ok(q) => {
+                    if let Err(e) = q.quit().await {
+                        tracing::debug!(pid, "QMP quit: {e}");
+                    }
+                }
+                Err(e) => tracing::debug!(pid, "QMP connect: {e}"),
+            }
+            if self.wait_exit(grace).await {
+                return Ok(());
+            }
+            tracing::warn!(pid, "QEMU did not quit within {grace:?}; killing it");
+        }
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        if self.wait_exit(Duration::from_secs(5)).await {
+            Ok(())
+        } else {
+            Err(StopVmError::Unkillable { pid })
+        }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    fn agent_address(&self) -> String {
+        format!("unix://{}", self.spec.agent_socket().display())
+    }
+
+    fn shared_dir(&self) -> &Path {
+        &self.shared_dir
+    }
+
+    fn console_log(&self) -> &Path {
+        &self.console_log
+    }
+
+    fn exited(&self) -> watch::Receiver<Option<VmExit>> {
+        self.exited.clone()
+    }
+}
+
+/// The last `max` bytes of a log file, lossily decoded, trimmed.
+pub fn log_tail(path: &Path, max: usize) -> String {
+    let data = std::fs::read(path).unwrap_or_default();
+    let start = data.len().saturating_sub(max);
+    String::from_utf8_lossy(&data[start..]).trim().to_owned()
+}
