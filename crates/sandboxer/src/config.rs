@@ -64,11 +64,23 @@ pub enum Accelerator {
     Tcg,
 }
 
+/// The host<->guest channel the agent is reached over.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Channel {
+    /// vsock where the host has /dev/vhost-vsock, virtio-serial otherwise.
+    #[default]
+    Auto,
+    Vsock,
+    Serial,
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct QemuConfig {
     pub binary: PathBuf,
     pub accelerator: Accelerator,
+    pub channel: Channel,
     pub vcpus: u32,
     pub memory_mib: u32,
     /// How long a guest may take from QEMU's spawn to the agent answering.
@@ -85,6 +97,7 @@ impl Default for QemuConfig {
         Self {
             binary: PathBuf::from("/usr/bin/qemu-system-x86_64"),
             accelerator: Accelerator::Auto,
+            channel: Channel::Auto,
             vcpus: 1,
             memory_mib: 256,
             boot_timeout_secs: 30,
@@ -206,6 +219,13 @@ mod tests {
     fn unknown_accelerator_is_rejected() {
         let err = Config::parse("[qemu]\naccelerator = \"hvf\"").unwrap_err();
         assert!(err.to_string().contains("hvf"), "{err}");
+    }
+
+    #[test]
+    fn channel_values() {
+        let c = Config::parse("[qemu]\nchannel = \"serial\"").unwrap();
+        assert_eq!(c.qemu.channel, Channel::Serial);
+        assert!(Config::parse("[qemu]\nchannel = \"pipe\"").is_err());
     }
 
     #[test]

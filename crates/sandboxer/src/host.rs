@@ -1,15 +1,20 @@
 //! What every sandbox shares: the configuration, the host's facts resolved
 //! once at start-up, the event publisher.
-use crate::config::{Accelerator, Config};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::config::{Accelerator, Channel, Config};
 use crate::events::Publisher;
 use crate::vmm::host as probe;
-use crate::vmm::qemu::Accel;
+use crate::vmm::qemu::{Accel, AgentChannel};
 
 pub struct Host {
     pub config: Config,
     pub accel: Accel,
     pub tsc_khz: Option<u64>,
+    /// True: agents are reached over vsock; false: over virtio-serial.
+    pub vsock: bool,
     pub publisher: Publisher,
+    next_cid: AtomicU32,
 }
 
 impl Host {
@@ -24,12 +29,33 @@ impl Host {
             0 => probe::tsc_khz(),
             khz => Some(khz),
         };
-        tracing::info!(?accel, ?tsc_khz, "host probed");
+        let vsock = match config.qemu.channel {
+            Channel::Vsock => true,
+            Channel::Serial => false,
+            Channel::Auto => std::path::Path::new("/dev/vhost-vsock").exists(),
+        };
+        tracing::info!(?accel, ?tsc_khz, vsock, "host probed");
+        // Guest CIDs are host-wide: start from a per-process offset so that
+        // two sandboxers (or a restart) are unlikely to collide.
+        let first_cid = 3 + (std::process::id() % 1000) * 1000;
         Host {
             config,
             accel,
             tsc_khz,
+            vsock,
             publisher: Publisher::default(),
+            next_cid: AtomicU32::new(first_cid),
+        }
+    }
+
+    /// The channel for a new VM.
+    pub fn agent_channel(&self) -> AgentChannel {
+        if self.vsock {
+            AgentChannel::Vsock {
+                cid: self.next_cid.fetch_add(1, Ordering::Relaxed),
+            }
+        } else {
+            AgentChannel::Serial
         }
     }
 }

@@ -148,6 +148,7 @@ impl Sandbox {
         let spec = VmSpec::from_config(
             self.info.id.clone(),
             self.host.accel,
+            self.host.agent_channel(),
             self.host.tsc_khz,
             &config.qemu,
             config.kernel_path(),

@@ -15,11 +15,24 @@ pub enum Accel {
     Tcg,
 }
 
+/// Port the agent listens on when the channel is vsock.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// The host<->guest channel actually used, after `auto` was resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentChannel {
+    /// A virtio-serial port backed by a Unix socket on the host.
+    Serial,
+    /// virtio-vsock (vhost-vsock) with this guest CID.
+    Vsock { cid: u32 },
+}
+
 /// Everything the command line depends on.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
     pub name: String,
     pub accel: Accel,
+    pub channel: AgentChannel,
     pub vcpus: u32,
     pub memory_mib: u32,
     pub kernel: PathBuf,
@@ -44,9 +57,19 @@ impl VmSpec {
         self.dir.join("shared")
     }
 
+    /// The ttrpc address of the guest agent.
+    pub fn agent_address(&self) -> String {
+        match self.channel {
+            AgentChannel::Serial => format!("unix://{}", self.agent_socket().display()),
+            AgentChannel::Vsock { cid } => format!("vsock://{cid}:{AGENT_VSOCK_PORT}"),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     pub fn from_config(
         name: String,
         accel: Accel,
+        channel: AgentChannel,
         tsc_khz: Option<u64>,
         c: &QemuConfig,
         kernel: PathBuf,
@@ -56,6 +79,7 @@ impl VmSpec {
         VmSpec {
             name,
             accel,
+            channel,
             vcpus: c.vcpus,
             memory_mib: c.memory_mib,
             kernel,
@@ -81,6 +105,9 @@ impl VmSpec {
                 // calibrating its timer.
                 p.push(format!("tsc_early_khz={khz}"));
             }
+        }
+        if let AgentChannel::Vsock { .. } = self.channel {
+            p.push(format!("kuasar.channel=vsock:{AGENT_VSOCK_PORT}"));
         }
         if !self.kernel_params.trim().is_empty() {
             p.push(self.kernel_params.trim().to_owned());
@@ -115,18 +142,23 @@ impl VmSpec {
         ]);
         push(&["-append", &self.kernel_cmdline()]);
         push(&["-serial", &format!("file:{}", path(&self.console_log()))]);
-        push(&["-device", "virtio-serial-device"]);
-        push(&[
-            "-chardev",
-            &format!(
-                "socket,id=agent,path={},server=on,wait=off",
-                path(&self.agent_socket())
-            ),
-        ]);
-        push(&[
-            "-device",
-            &format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"),
-        ]);
+        match self.channel {
+            AgentChannel::Serial => {
+                let socket = path(&self.agent_socket());
+                push(&["-device", "virtio-serial-device"]);
+                push(&[
+                    "-chardev",
+                    &format!("socket,id=agent,path={socket},server=on,wait=off"),
+                ]);
+                push(&[
+                    "-device",
+                    &format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"),
+                ]);
+            }
+            AgentChannel::Vsock { cid } => {
+                push(&["-device", &format!("vhost-vsock-device,guest-cid={cid}")]);
+            }
+        }
         push(&[
             "-fsdev",
             &format!(
@@ -154,6 +186,7 @@ mod tests {
         VmSpec::from_config(
             "sb1".into(),
             accel,
+            AgentChannel::Serial,
             Some(2_596_138),
             &QemuConfig::default(),
             "/img/vmlinux".into(),
@@ -178,6 +211,21 @@ mod tests {
         let s = spec(Accel::Kvm);
         assert!(s.args().join(" ").contains("-accel kvm -cpu host"));
         assert!(!s.kernel_cmdline().contains("tsc_early_khz"));
+    }
+
+    #[test]
+    fn vsock_channel_replaces_the_serial_port() {
+        let mut s = spec(Accel::Kvm);
+        s.channel = AgentChannel::Vsock { cid: 42 };
+        let args = s.args().join(" ");
+        assert!(args.contains("vhost-vsock-device,guest-cid=42"), "{args}");
+        assert!(!args.contains("virtserialport"));
+        assert!(s.kernel_cmdline().contains("kuasar.channel=vsock:1024"));
+        assert_eq!(s.agent_address(), "vsock://42:1024");
+        assert_eq!(
+            spec(Accel::Tcg).agent_address(),
+            "unix:///run/kuasar/vmm/sb1/agent.sock"
+        );
     }
 
     #[test]

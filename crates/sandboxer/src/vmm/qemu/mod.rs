@@ -13,7 +13,7 @@ use super::{StartVmError, StopVmError, VmExit, Vmm};
 pub mod cmdline;
 pub mod qmp;
 
-pub use cmdline::{Accel, VmSpec};
+pub use cmdline::{Accel, AgentChannel, VmSpec};
 
 /// How long QEMU may take to create its sockets after being spawned.
 const SOCKET_WAIT: Duration = Duration::from_secs(10);
@@ -104,7 +104,10 @@ impl QemuVm {
     /// Waits until QEMU has created the agent and QMP sockets.
     async fn wait_sockets(&self) -> Result<(), StartVmError> {
         let started = Instant::now();
-        let sockets = [self.spec.agent_socket(), self.spec.qmp_socket()];
+        let mut sockets = vec![self.spec.qmp_socket()];
+        if self.spec.channel == AgentChannel::Serial {
+            sockets.push(self.spec.agent_socket());
+        }
         loop {
             if let Some(exit) = *self.exited.borrow() {
                 return Err(StartVmError::Exited {
@@ -195,7 +198,7 @@ impl Vmm for QemuVm {
     }
 
     fn agent_address(&self) -> String {
-        format!("unix://{}", self.spec.agent_socket().display())
+        self.spec.agent_address()
     }
 
     fn shared_dir(&self) -> &Path {
