@@ -9,7 +9,7 @@ use nix::errno::Errno;
 use nix::kmod::{finit_module, ModuleInitFlags};
 use nix::mount::{mount, MsFlags};
 use nix::unistd::{chdir, chroot};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::error::{Context, Result};
 
@@ -140,9 +140,15 @@ pub fn load_modules(list: &Path) {
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
     {
+        let t = Instant::now();
         let res = File::open(path)
             .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
             .and_then(|f| finit_module(&f, c"", ModuleInitFlags::empty()));
+        debug!(
+            path,
+            elapsed_us = t.elapsed().as_micros() as u64,
+            "finit_module"
+        );
         match res {
             Ok(()) => loaded += 1,
             Err(Errno::EEXIST) => {}

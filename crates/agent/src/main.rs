@@ -44,10 +44,23 @@ fn main() {
         error!("guest setup failed: {e}");
         std::process::exit(1);
     }
+    // Modules load (the channel's first, see build-guest.sh) while the agent
+    // starts serving; container creation waits for `guest_ready`.
+    let (ready_tx, guest_ready) = tokio::sync::watch::channel(!pid1);
     if pid1 {
-        init::load_modules(Path::new(init::MODULES_LIST));
         init::enable_controllers();
-        init::mount_shared();
+        let setup = std::thread::Builder::new()
+            .name("guest-setup".into())
+            .spawn(move || {
+                init::load_modules(Path::new(init::MODULES_LIST));
+                init::mount_shared();
+                ready_tx.send_replace(true);
+                info!("guest ready");
+            });
+        if let Err(e) = setup {
+            error!("spawn guest setup: {e}");
+            std::process::exit(1);
+        }
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -59,7 +72,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = runtime.block_on(serve(started)) {
+    if let Err(e) = runtime.block_on(serve(started, guest_ready)) {
         error!("agent failed: {e}");
     }
     // As PID 1, exiting panics the kernel, and the VM stops (-no-reboot).
@@ -77,7 +90,7 @@ fn init_logging() {
         .init();
 }
 
-async fn serve(started: Instant) -> Result<()> {
+async fn serve(started: Instant, guest_ready: tokio::sync::watch::Receiver<bool>) -> Result<()> {
     let reaper = reaper::Reaper::start().context("install SIGCHLD handler")?;
     let runc = runc::Runc::new(
         Path::new(RUNC),
@@ -85,7 +98,7 @@ async fn serve(started: Instant) -> Result<()> {
         Path::new(RUNC_LOGS),
         reaper.clone(),
     );
-    let agent = Arc::new(service::AgentService::new(reaper, runc));
+    let agent = Arc::new(service::AgentService::new(reaper, runc, guest_ready));
     std::fs::create_dir_all(service::CONTAINERS_DIR).context("create containers dir")?;
     let _ = std::fs::remove_file(SERVER_SOCKET);
     let mut server = Server::new()

@@ -118,7 +118,7 @@ impl Runc {
                 true
             }
         };
-        debug!(?args, "runc");
+        let started = std::time::Instant::now();
         let spawned = self.reaper.spawn(&mut cmd);
         // Close the child's ends of the stdio pipes in the agent right away.
         drop(cmd);
@@ -126,6 +126,12 @@ impl Runc {
         let exit = exited
             .await
             .map_err(|_| Error::Internal(format!("exit of runc {op} (pid {pid}) was lost")))?;
+        debug!(
+            ?args,
+            status = exit.status,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "runc"
+        );
         let log_text = std::fs::read_to_string(&log).unwrap_or_default();
         let err_text = if captured_stderr {
             std::fs::read_to_string(&err_path).unwrap_or_default()

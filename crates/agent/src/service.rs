@@ -8,6 +8,7 @@ use kuasar_api::agent::agent_ttrpc_async::Agent;
 use kuasar_api::agent::*;
 use kuasar_api::ttrpc::r#async::TtrpcContext;
 use kuasar_api::ttrpc::Result as TtrpcResult;
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::container::{parse_cgroup_path, rewrite_process, rewrite_spec, validate_id, Container};
@@ -23,23 +24,57 @@ const TERMINAL_UNSUPPORTED: &str = "terminal is not supported";
 /// A container slot: reserved while `runc create` runs, then the container.
 type Slot = Option<Arc<Container>>;
 
+/// The service; requests that drive runc run in tasks of their own, so a
+/// request dropped half-way (client timeout, disconnect) never leaves a
+/// half-made container or exec behind.
 pub struct AgentService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     reaper: Arc<Reaper>,
     runc: Runc,
     containers_dir: PathBuf,
     containers: Mutex<HashMap<String, Slot>>,
+    /// Becomes true once the guest is fully set up (modules, shared mount).
+    guest_ready: watch::Receiver<bool>,
 }
 
 impl AgentService {
-    pub fn new(reaper: Arc<Reaper>, runc: Runc) -> Self {
+    pub fn new(reaper: Arc<Reaper>, runc: Runc, guest_ready: watch::Receiver<bool>) -> Self {
         AgentService {
-            reaper,
-            runc,
-            containers_dir: PathBuf::from(CONTAINERS_DIR),
-            containers: Mutex::new(HashMap::new()),
+            inner: Arc::new(Inner {
+                reaper,
+                runc,
+                containers_dir: PathBuf::from(CONTAINERS_DIR),
+                containers: Mutex::new(HashMap::new()),
+                guest_ready,
+            }),
         }
     }
 
+    /// Runs `f` on the inner state in a task of its own and waits for it.
+    async fn detached<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Inner>) -> Fut,
+        Fut: std::future::Future<Output = Result<T>> + Send + 'static,
+    {
+        tokio::spawn(f(self.inner.clone()))
+            .await
+            .map_err(|e| Error::Internal(format!("request task failed: {e}")))?
+    }
+
+    fn container(&self, id: &str) -> Result<Arc<Container>> {
+        self.inner.container(id)
+    }
+
+    fn process(&self, id: &str, exec_id: &str) -> Result<Arc<Process>> {
+        self.inner.container(id)?.process(exec_id)
+    }
+}
+
+impl Inner {
     fn map(&self) -> MutexGuard<'_, HashMap<String, Slot>> {
         self.containers.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -55,10 +90,6 @@ impl AgentService {
         }
     }
 
-    fn process(&self, id: &str, exec_id: &str) -> Result<Arc<Process>> {
-        self.container(id)?.process(exec_id)
-    }
-
     async fn create(&self, req: CreateContainerRequest) -> Result<u32> {
         let id = req.container_id.as_str();
         validate_id("container", id)?;
@@ -66,6 +97,9 @@ impl AgentService {
             return Err(Error::Unimplemented(TERMINAL_UNSUPPORTED.into()));
         }
         let spec = rewrite_spec(&req.spec_json, &req.rootfs_path, false)?;
+        // The shared directory is mounted once the guest is set up.
+        let mut ready = self.guest_ready.clone();
+        let _ = ready.wait_for(|r| *r).await;
         {
             let mut map = self.map();
             if map.contains_key(id) {
@@ -231,7 +265,8 @@ impl Agent for AgentService {
         req: CreateContainerRequest,
     ) -> TtrpcResult<CreateContainerResponse> {
         info!(id = %req.container_id, rootfs = %req.rootfs_path, "create container");
-        let pid = reply("CreateContainer", self.create(req).await)?;
+        let res = self.detached(|i| async move { i.create(req).await }).await;
+        let pid = reply("CreateContainer", res)?;
         Ok(CreateContainerResponse {
             pid,
             ..Default::default()
@@ -244,12 +279,13 @@ impl Agent for AgentService {
         req: ContainerRequest,
     ) -> TtrpcResult<StartContainerResponse> {
         info!(id = %req.container_id, "start container");
-        let res = async {
-            let c = self.container(&req.container_id)?;
-            self.runc.start(&c.id).await?;
-            Ok(c.init.pid as u32)
-        }
-        .await;
+        let res = self
+            .detached(|i| async move {
+                let c = i.container(&req.container_id)?;
+                i.runc.start(&c.id).await?;
+                Ok(c.init.pid as u32)
+            })
+            .await;
         let pid = reply("StartContainer", res)?;
         Ok(StartContainerResponse {
             pid,
@@ -263,7 +299,10 @@ impl Agent for AgentService {
         req: ContainerRequest,
     ) -> TtrpcResult<Empty> {
         info!(id = %req.container_id, "remove container");
-        reply("RemoveContainer", self.remove(&req.container_id).await)?;
+        let res = self
+            .detached(|i| async move { i.remove(&req.container_id).await })
+            .await;
+        reply("RemoveContainer", res)?;
         Ok(Empty::default())
     }
 
@@ -273,7 +312,8 @@ impl Agent for AgentService {
         req: ExecProcessRequest,
     ) -> TtrpcResult<ExecProcessResponse> {
         info!(id = %req.container_id, exec = %req.exec_id, "exec process");
-        let pid = reply("ExecProcess", self.exec(req).await)?;
+        let res = self.detached(|i| async move { i.exec(req).await }).await;
+        let pid = reply("ExecProcess", res)?;
         Ok(ExecProcessResponse {
             pid,
             ..Default::default()
@@ -286,7 +326,8 @@ impl Agent for AgentService {
         req: SignalProcessRequest,
     ) -> TtrpcResult<Empty> {
         info!(id = %req.container_id, exec = %req.exec_id, signal = req.signal, all = req.all, "signal");
-        reply("SignalProcess", self.signal(&req).await)?;
+        let res = self.detached(|i| async move { i.signal(&req).await }).await;
+        reply("SignalProcess", res)?;
         Ok(Empty::default())
     }
 

@@ -1,0 +1,468 @@
+//! Boots the guest image with the QEMU command line of docs/design.md and
+//! drives kuasar-agent over the virtio-serial channel: Ping, a container
+//! (`echo hello; uname -r; exit 7`), a long-running container with stdin,
+//! an exec, a host reconnect, signals, ListPids/Stats and removal.
+//!
+//! ```text
+//! scripts/build-guest.sh /var/lib/kuasar
+//! cargo run -p kuasar-agent --example boot_check -- [--image-dir DIR] [--keep] [--append PARAMS]
+//! ```
+//! QEMU is killed and the work directory removed whatever happens (`--keep`
+//! keeps the directory, with console.log, for inspection). Needs root,
+//! busybox-static, runc (for `runc spec`) and qemu-system-x86.
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kuasar_api::agent::agent_ttrpc_async::AgentClient;
+use kuasar_api::agent::*;
+use kuasar_api::ttrpc::context::{self, Context};
+use kuasar_api::ttrpc::r#async::Client;
+use serde_json::Value;
+
+type Res<T> = Result<T, String>;
+
+fn ctx() -> Context {
+    context::with_timeout(Duration::from_secs(60).as_nanos() as i64)
+}
+
+/// Kills QEMU and removes the work directory when dropped.
+struct Vm {
+    dir: PathBuf,
+    qemu: Option<Child>,
+    keep: bool,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(mut q) = self.qemu.take() {
+            let _ = q.kill();
+            let _ = q.wait();
+        }
+        if self.keep {
+            eprintln!("kept {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn host_tsc_khz() -> Option<u64> {
+    let out = Command::new("dmesg").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.contains("tsc: Detected"))?;
+    let mhz: f64 = line
+        .split("Detected ")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0).round() as u64)
+}
+
+fn make_rootfs(rootfs: &Path) -> Res<()> {
+    let bin = rootfs.join("bin");
+    std::fs::create_dir_all(&bin).map_err(|e| format!("mkdir rootfs: {e}"))?;
+    for d in [
+        "proc", "sys", "dev", "tmp", "etc", "usr/bin", "usr/sbin", "sbin",
+    ] {
+        std::fs::create_dir_all(rootfs.join(d)).map_err(|e| format!("mkdir {d}: {e}"))?;
+    }
+    std::fs::copy("/bin/busybox", bin.join("busybox"))
+        .map_err(|e| format!("copy /bin/busybox (install busybox-static): {e}"))?;
+    let out = Command::new("/bin/busybox")
+        .arg("--list-full")
+        .output()
+        .map_err(|e| format!("busybox --list-full: {e}"))?;
+    for applet in String::from_utf8_lossy(&out.stdout).lines() {
+        let link = rootfs.join(applet);
+        if applet != "bin/busybox" && !link.exists() {
+            let _ = std::os::unix::fs::symlink("/bin/busybox", link);
+        }
+    }
+    Ok(())
+}
+
+/// `runc spec`'s default spec with our args and no terminal.
+fn make_spec(dir: &Path, args: &[&str]) -> Res<Vec<u8>> {
+    let spec_dir = dir.join("spec");
+    std::fs::create_dir_all(&spec_dir).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_file(spec_dir.join("config.json"));
+    let st = Command::new("runc")
+        .args(["spec", "--bundle"])
+        .arg(&spec_dir)
+        .status()
+        .map_err(|e| format!("runc spec: {e}"))?;
+    if !st.success() {
+        return Err("runc spec failed".into());
+    }
+    let text = std::fs::read(spec_dir.join("config.json")).map_err(|e| e.to_string())?;
+    let mut spec: Value = serde_json::from_slice(&text).map_err(|e| e.to_string())?;
+    spec["process"]["terminal"] = Value::Bool(false);
+    spec["process"]["args"] = args.iter().map(|a| Value::from(*a)).collect();
+    serde_json::to_vec(&spec).map_err(|e| e.to_string())
+}
+
+fn boot(image_dir: &Path, dir: &Path, tsc_khz: u64, extra: &str) -> Res<Child> {
+    let d = |f: &str| dir.join(f).display().to_string();
+    let append =
+        format!("console=ttyS0 quiet panic=-1 cryptomgr.notests tsc_early_khz={tsc_khz} {extra}");
+    let log = std::fs::File::create(dir.join("qemu.log")).map_err(|e| e.to_string())?;
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-name", "kuasar-boot-check", "-machine", "microvm,acpi=on"])
+        .args([
+            "-accel",
+            "tcg,tb-size=16",
+            "-cpu",
+            "max",
+            "-m",
+            "256",
+            "-smp",
+            "1",
+        ])
+        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        .arg("-kernel")
+        .arg(image_dir.join("vmlinux"))
+        .arg("-initrd")
+        .arg(image_dir.join("initramfs.cpio"))
+        .args(["-append", &append])
+        .args(["-serial", &format!("file:{}", d("console.log"))])
+        .args(["-device", "virtio-serial-device"])
+        .args([
+            "-chardev",
+            &format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                d("agent.sock")
+            ),
+        ])
+        .args(["-device", "virtserialport,chardev=agent,name=kuasar.agent"])
+        .args([
+            "-fsdev",
+            &format!(
+                "local,id=shared,path={},security_model=none,multidevs=remap",
+                d("shared")
+            ),
+        ])
+        .args(["-device", "virtio-9p-device,fsdev=shared,mount_tag=kuasar"])
+        .args([
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", d("qmp.sock")),
+        ])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log);
+    cmd.spawn().map_err(|e| format!("spawn qemu: {e}"))
+}
+
+async fn connect(sock: &Path, deadline: Instant) -> Res<AgentClient> {
+    let addr = format!("unix://{}", sock.display());
+    loop {
+        match Client::connect(&addr) {
+            Ok(c) => return Ok(AgentClient::new(c)),
+            Err(e) if Instant::now() > deadline => return Err(format!("connect {addr}: {e}")),
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
+async fn read_all(c: &AgentClient, id: &str, exec: &str, stderr: bool) -> Res<String> {
+    let mut out = Vec::new();
+    loop {
+        let req = ReadStreamRequest {
+            container_id: id.into(),
+            exec_id: exec.into(),
+            len: 65536,
+            ..Default::default()
+        };
+        let r = if stderr {
+            c.read_stderr(ctx(), &req).await
+        } else {
+            c.read_stdout(ctx(), &req).await
+        }
+        .map_err(|e| format!("read {id}/{exec}: {e}"))?;
+        if r.data.is_empty() {
+            return Ok(String::from_utf8_lossy(&out).into_owned());
+        }
+        out.extend(r.data);
+    }
+}
+
+async fn wait(c: &AgentClient, id: &str, exec: &str) -> Res<u32> {
+    let req = ProcessRequest {
+        container_id: id.into(),
+        exec_id: exec.into(),
+        ..Default::default()
+    };
+    let r = c
+        .wait_process(ctx(), &req)
+        .await
+        .map_err(|e| format!("wait {id}/{exec}: {e}"))?;
+    Ok(r.exit_status)
+}
+
+fn check(cond: bool, what: String) -> Res<()> {
+    if cond {
+        println!("  ok: {what}");
+        Ok(())
+    } else {
+        Err(format!("check failed: {what}"))
+    }
+}
+
+async fn create(c: &AgentClient, dir: &Path, id: &str, args: &[&str], stdin: bool) -> Res<u32> {
+    make_rootfs(&dir.join("shared").join(id).join("rootfs"))?;
+    let req = CreateContainerRequest {
+        container_id: id.into(),
+        spec_json: make_spec(dir, args)?,
+        rootfs_path: format!("/run/kuasar/shared/{id}/rootfs"),
+        stdin,
+        stdout: true,
+        stderr: true,
+        ..Default::default()
+    };
+    let r = c
+        .create_container(ctx(), &req)
+        .await
+        .map_err(|e| format!("create {id}: {e}"))?;
+    let cr = ContainerRequest {
+        container_id: id.into(),
+        ..Default::default()
+    };
+    c.start_container(ctx(), &cr)
+        .await
+        .map_err(|e| format!("start {id}: {e}"))?;
+    Ok(r.pid)
+}
+
+async fn run(vm: &mut Vm, image_dir: &Path, extra: &str) -> Res<()> {
+    let dir = vm.dir.clone();
+    std::fs::create_dir_all(dir.join("shared")).map_err(|e| e.to_string())?;
+    let tsc = host_tsc_khz().ok_or("no 'tsc: Detected' line in dmesg")?;
+    let t0 = Instant::now();
+    vm.qemu = Some(boot(image_dir, &dir, tsc, extra)?);
+    let c = connect(&dir.join("agent.sock"), t0 + Duration::from_secs(10)).await?;
+    let ping = c
+        .ping(ctx(), &Empty::new())
+        .await
+        .map_err(|e| format!("ping: {e}"))?;
+    let boot_ms = t0.elapsed().as_millis();
+    println!(
+        "boot: QEMU spawn -> Ping answered in {boot_ms} ms (agent {}, kernel {}, tsc_early_khz={tsc})",
+        ping.agent_version, ping.kernel_release
+    );
+
+    // 1. A container that prints and exits 7.
+    let t = Instant::now();
+    let pid = create(
+        &c,
+        &dir,
+        "c1",
+        &["sh", "-c", "echo hello; uname -r; exit 7"],
+        false,
+    )
+    .await?;
+    let out = read_all(&c, "c1", "", false).await?;
+    let status = wait(&c, "c1", "").await?;
+    println!(
+        "c1: pid {pid}, create+start+run {} ms",
+        t.elapsed().as_millis()
+    );
+    check(
+        out == format!("hello\n{}\n", ping.kernel_release),
+        format!("c1 stdout {out:?}"),
+    )?;
+    check(status == 7, format!("c1 exit status {status}"))?;
+    // After the exit, reads still end cleanly and wait answers again.
+    check(
+        read_all(&c, "c1", "", false).await?.is_empty(),
+        "c1 stdout at EOF".into(),
+    )?;
+    check(wait(&c, "c1", "").await? == 7, "c1 second wait".into())?;
+
+    // 2. A long-running container fed through stdin.
+    create(
+        &c,
+        &dir,
+        "c2",
+        &["sh", "-c", "read line; echo got $line; exec sleep 1000"],
+        true,
+    )
+    .await?;
+    let w = WriteStreamRequest {
+        container_id: "c2".into(),
+        data: b"ping\n".to_vec(),
+        ..Default::default()
+    };
+    c.write_stdin(ctx(), &w)
+        .await
+        .map_err(|e| format!("write stdin: {e}"))?;
+    let r = ReadStreamRequest {
+        container_id: "c2".into(),
+        len: 100,
+        ..Default::default()
+    };
+    let got = c
+        .read_stdout(ctx(), &r)
+        .await
+        .map_err(|e| format!("read c2: {e}"))?;
+    check(
+        got.data == b"got ping\n",
+        format!("c2 echoed {:?}", String::from_utf8_lossy(&got.data)),
+    )?;
+
+    // 3. The host disconnects and reconnects: the container lives on.
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = Instant::now();
+    let c = connect(
+        &dir.join("agent.sock"),
+        Instant::now() + Duration::from_secs(5),
+    )
+    .await?;
+    c.ping(ctx(), &Empty::new())
+        .await
+        .map_err(|e| format!("ping after reconnect: {e}"))?;
+    println!(
+        "reconnect: Ping answered {} ms after reconnecting",
+        t.elapsed().as_millis()
+    );
+    let cr = ContainerRequest {
+        container_id: "c2".into(),
+        ..Default::default()
+    };
+    let pids = c
+        .list_pids(ctx(), &cr)
+        .await
+        .map_err(|e| format!("list pids: {e}"))?;
+    check(!pids.pids.is_empty(), format!("c2 pids {:?}", pids.pids))?;
+
+    // 4. An exec in the running container.
+    let process = serde_json::json!({
+        "args": ["sh", "-c", "echo exec-out; echo exec-err >&2; exit 3"],
+        "cwd": "/", "env": ["PATH=/bin:/usr/bin"], "user": {"uid": 0, "gid": 0}
+    });
+    let t = Instant::now();
+    let e = ExecProcessRequest {
+        container_id: "c2".into(),
+        exec_id: "e1".into(),
+        process_json: serde_json::to_vec(&process).map_err(|e| e.to_string())?,
+        stdout: true,
+        stderr: true,
+        ..Default::default()
+    };
+    c.exec_process(ctx(), &e)
+        .await
+        .map_err(|e| format!("exec: {e}"))?;
+    let out = read_all(&c, "c2", "e1", false).await?;
+    let err = read_all(&c, "c2", "e1", true).await?;
+    let status = wait(&c, "c2", "e1").await?;
+    println!("exec: {} ms", t.elapsed().as_millis());
+    check(
+        out == "exec-out\n" && err == "exec-err\n",
+        format!("exec out {out:?} err {err:?}"),
+    )?;
+    check(status == 3, format!("exec exit status {status}"))?;
+    let dup = c.exec_process(ctx(), &e).await;
+    check(
+        matches!(&dup, Err(kuasar_api::ttrpc::Error::RpcStatus(s)) if s.code() == kuasar_api::ttrpc::Code::ALREADY_EXISTS),
+        "duplicate exec id is AlreadyExists".into(),
+    )?;
+
+    // 5. Stats, signal, removal, errors.
+    let s = c
+        .stats(ctx(), &cr)
+        .await
+        .map_err(|e| format!("stats: {e}"))?;
+    println!(
+        "stats c2: memory {} B (limit {}), cpu {} ns, pids {}",
+        s.memory_usage_bytes, s.memory_limit_bytes, s.cpu_usage_ns, s.pids_current
+    );
+    check(
+        s.memory_usage_bytes > 0 && s.pids_current >= 1,
+        "c2 stats non-zero".into(),
+    )?;
+    let sig = SignalProcessRequest {
+        container_id: "c2".into(),
+        signal: 9,
+        ..Default::default()
+    };
+    c.signal_process(ctx(), &sig)
+        .await
+        .map_err(|e| format!("signal: {e}"))?;
+    let status = wait(&c, "c2", "").await?;
+    check(status == 137, format!("c2 killed, exit status {status}"))?;
+    for id in ["c1", "c2"] {
+        let cr = ContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        c.remove_container(ctx(), &cr)
+            .await
+            .map_err(|e| format!("remove {id}: {e}"))?;
+    }
+    let gone = c
+        .wait_process(
+            ctx(),
+            &ProcessRequest {
+                container_id: "c1".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    check(
+        matches!(&gone, Err(kuasar_api::ttrpc::Error::RpcStatus(s)) if s.code() == kuasar_api::ttrpc::Code::NOT_FOUND),
+        "removed container is NotFound".into(),
+    )?;
+    let bad = c
+        .remove_container(
+            ctx(),
+            &ContainerRequest {
+                container_id: "../x".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    check(
+        matches!(&bad, Err(kuasar_api::ttrpc::Error::RpcStatus(s)) if s.code() == kuasar_api::ttrpc::Code::INVALID_ARGUMENT),
+        "bad id is InvalidArgument".into(),
+    )?;
+    Ok(())
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let mut image_dir = PathBuf::from("/var/lib/kuasar");
+    let mut keep = false;
+    let mut extra = String::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--image-dir" => image_dir = args.next().map(PathBuf::from).unwrap_or(image_dir),
+            "--keep" => keep = true,
+            "--append" => extra = args.next().unwrap_or_default(),
+            _ => {
+                eprintln!("usage: boot_check [--image-dir DIR] [--keep] [--append KERNEL_PARAMS]");
+                std::process::exit(2);
+            }
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("kuasar-boot-check-{}", std::process::id()));
+    let mut vm = Vm {
+        dir,
+        qemu: None,
+        keep,
+    };
+    let res = run(&mut vm, &image_dir, &extra).await;
+    if let Err(e) = &res {
+        eprintln!("FAILED: {e}");
+        let console = std::fs::read_to_string(vm.dir.join("console.log")).unwrap_or_default();
+        let qemu = std::fs::read_to_string(vm.dir.join("qemu.log")).unwrap_or_default();
+        eprintln!("--- console.log ---\n{console}--- qemu.log ---\n{qemu}");
+    }
+    drop(vm);
+    if res.is_err() {
+        std::process::exit(1);
+    }
+    println!("boot_check: all ok");
+}

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# Builds the guest image into OUTDIR (default /var/lib/kuasar), idempotently:
+#   vmlinux          the ELF kernel extracted from Debian's /boot/vmlinuz-<release> (cached)
+#   initramfs.cpio   uncompressed newc: /init (static kuasar-agent), /usr/bin/runc and its
+#                    libraries, the guest's kernel modules, /etc/kuasar/modules (load order)
+#   kernel-release   the guest kernel's release string
+# The kernel is the newest installed one that has /lib/modules/<release>.
+# Needs the packages of scripts/install-deps.sh, and cargo. Run as root.
+set -euo pipefail
+
+OUTDIR=${1:-/var/lib/kuasar}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TARGET=x86_64-unknown-linux-gnu
+# The modules the guest loads, in order (dependencies are added by modprobe). The agent
+# channel's come first: the agent serves as soon as the port shows up, while the rest load.
+MODULES=(virtio_ring virtio virtio_mmio virtio_console
+         netfs fscache 9pnet 9pnet_virtio 9p overlay virtio_net
+         virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci)
+
+log() { echo "build-guest: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "must run as root (device nodes in the initramfs)"
+for tool in cpio modprobe xz zstd gzip readelf ldd; do
+  command -v "$tool" >/dev/null || die "$tool not found (run scripts/install-deps.sh)"
+done
+if ! command -v cargo >/dev/null; then
+  for d in "${CARGO_HOME:-$HOME/.cargo}/bin" /root/.cargo/bin /usr/local/cargo/bin; do
+    [ -x "$d/cargo" ] && PATH="$d:$PATH" && break
+  done
+fi
+command -v cargo >/dev/null || die "cargo not found"
+
+# --- kernel release: newest /boot/vmlinuz-* with a /lib/modules dir ---------------------
+RELEASE=""
+while read -r rel; do
+  [ -d "/lib/modules/$rel" ] && RELEASE=$rel
+done < <(ls /boot/vmlinuz-* 2>/dev/null | sed 's|^/boot/vmlinuz-||' | sort -V)
+[ -n "$RELEASE" ] || die "no /boot/vmlinuz-<release> with /lib/modules/<release> (install linux-image-amd64)"
+VMLINUZ=/boot/vmlinuz-$RELEASE
+log "kernel $RELEASE"
+mkdir -p "$OUTDIR"
+
+# --- agent: static ---------------------------------------------------------------------
+log "building kuasar-agent (static, release)"
+(cd "$ROOT" && RUSTFLAGS="-C target-feature=+crt-static" \
+  cargo build --release --quiet -p kuasar-agent --target "$TARGET")
+AGENT=$ROOT/target/$TARGET/release/kuasar-agent
+[ -x "$AGENT" ] || die "agent binary missing at $AGENT"
+if readelf -l "$AGENT" | grep -q 'program interpreter'; then
+  die "$AGENT is dynamically linked"
+fi
+
+# --- vmlinux: decompress the payload of the bzImage (cached) --------------------------
+stamp="$RELEASE $(stat -c '%s %Y' "$VMLINUZ")"
+if [ -s "$OUTDIR/vmlinux" ] && [ "$(cat "$OUTDIR/vmlinux.source" 2>/dev/null)" = "$stamp" ]; then
+  log "vmlinux up to date"
+else
+  log "extracting vmlinux from $VMLINUZ"
+  tmp=$(mktemp "$OUTDIR/.vmlinux.XXXXXX")
+  found=0
+  # magic (grep -P) : decompressor
+  for entry in '\x1f\x8b\x08:gzip -dc' '\xfd\x37\x7a\x58\x5a\x00:xz -dc' \
+               '\x28\xb5\x2f\xfd:zstd -dcq' '\x02\x21\x4c\x18:lz4 -dc' 'BZh:bzip2 -dc' \
+               '\x5d\x00\x00:unlzma -c'; do
+    magic=${entry%%:*} cmd=${entry#*:}
+    command -v "${cmd%% *}" >/dev/null || continue
+    for off in $(LC_ALL=C grep -obUaP "$magic" "$VMLINUZ" | cut -d: -f1); do
+      # Trailing data after the stream makes the decompressor complain: keep its output.
+      tail -c +"$((off + 1))" "$VMLINUZ" | $cmd > "$tmp" 2>/dev/null || true
+      if [ "$(head -c 4 "$tmp" | od -An -c | tr -d ' ')" = '177ELF' ]; then
+        found=1; break 2
+      fi
+    done
+  done
+  [ $found = 1 ] || { rm -f "$tmp"; die "no ELF kernel found inside $VMLINUZ"; }
+  chmod 0644 "$tmp"
+  mv -f "$tmp" "$OUTDIR/vmlinux"
+  echo "$stamp" > "$OUTDIR/vmlinux.source"
+fi
+
+# --- initramfs ---------------------------------------------------------------------------
+STAGE=$(mktemp -d)
+trap 'rm -rf "$STAGE" "${CPIO_TMP:-}"' EXIT
+mkdir -p "$STAGE"/{dev,proc,sys,run,tmp,etc/kuasar,usr/bin}
+mknod -m 600 "$STAGE/dev/console" c 5 1
+mknod -m 666 "$STAGE/dev/null" c 1 3
+install -m 0755 "$AGENT" "$STAGE/init"
+
+# runc and the libraries (and loader) it is linked against, at the paths ldd names.
+RUNC=$(readlink -f /usr/bin/runc)
+[ -x "$RUNC" ] || die "runc not found (apt-get install runc)"
+install -m 0755 "$RUNC" "$STAGE/usr/bin/runc"
+for lib in $(ldd "$RUNC" | grep -oE '/[^ ]+' | sort -u); do
+  mkdir -p "$STAGE$(dirname "$lib")"
+  cp -L "$lib" "$STAGE$lib"
+done
+
+# Kernel modules with their dependencies, in load order, decompressed.
+: > "$STAGE/etc/kuasar/modules"
+declare -A seen=()
+for m in "${MODULES[@]}"; do
+  deps=$(modprobe -S "$RELEASE" --show-depends "$m") || die "module $m not found for $RELEASE"
+  while read -r kind path _; do
+    [ "$kind" = insmod ] || continue          # "builtin <name>" needs nothing
+    dest=${path%.xz}; dest=${dest%.zst}; dest=${dest%.gz}
+    [ -n "${seen[$dest]:-}" ] && continue
+    seen[$dest]=1
+    mkdir -p "$STAGE$(dirname "$dest")"
+    case $path in
+      *.ko.xz) xz -dc "$path" > "$STAGE$dest" ;;
+      *.ko.zst) zstd -dcq "$path" > "$STAGE$dest" ;;
+      *.ko.gz) gzip -dc "$path" > "$STAGE$dest" ;;
+      *) cp "$path" "$STAGE$dest" ;;
+    esac
+    echo "$dest" >> "$STAGE/etc/kuasar/modules"
+  done <<< "$deps"
+done
+
+# Fixed timestamps make the archive reproducible (and the update check meaningful).
+find "$STAGE" -exec touch -h -d @0 {} +
+CPIO_TMP=$(mktemp "$OUTDIR/.initramfs.XXXXXX")
+(cd "$STAGE" && find . -mindepth 1 -print0 | LC_ALL=C sort -z |
+  cpio --null --create --format=newc --owner=0:0 --reproducible --quiet) > "$CPIO_TMP"
+if cmp -s "$CPIO_TMP" "$OUTDIR/initramfs.cpio"; then
+  rm -f "$CPIO_TMP"
+  log "initramfs.cpio unchanged"
+else
+  chmod 0644 "$CPIO_TMP"
+  mv -f "$CPIO_TMP" "$OUTDIR/initramfs.cpio"
+fi
+echo "$RELEASE" > "$OUTDIR/kernel-release"
+
+size() { du -h --apparent-size "$1" | cut -f1; }
+echo "guest image in $OUTDIR:"
+echo "  vmlinux         $(size "$OUTDIR/vmlinux")  (from $VMLINUZ)"
+echo "  initramfs.cpio  $(size "$OUTDIR/initramfs.cpio")  (agent $(size "$AGENT"), runc $(size "$RUNC"), $(wc -l < "$STAGE/etc/kuasar/modules") modules)"
+echo "  kernel-release  $RELEASE"
