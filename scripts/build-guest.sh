@@ -12,8 +12,9 @@ OUTDIR=${1:-/var/lib/kuasar}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TARGET=x86_64-unknown-linux-gnu
 # The modules the guest loads, in order (dependencies are added by modprobe). The agent
-# channel's come first: the agent serves as soon as the port shows up, while the rest load.
-MODULES=(virtio_ring virtio virtio_mmio virtio_console
+# channel's come first: the agent serves as soon as its channel shows up, while the rest
+# load. (The agent itself moves the vsock ones first with kuasar.channel=vsock:<port>.)
+MODULES=(virtio_ring virtio virtio_mmio virtio_console vmw_vsock_virtio_transport
          netfs fscache 9pnet 9pnet_virtio 9p overlay virtio_net
          virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci)
 

@@ -6,6 +6,7 @@
 //! ```text
 //! scripts/build-guest.sh /var/lib/kuasar
 //! cargo run -p kuasar-agent --example boot_check -- [--image-dir DIR] [--keep] [--append PARAMS]
+//! cargo run -p kuasar-agent --example boot_check -- --boots 5   # boot-to-Ping timings only
 //! ```
 //! QEMU is killed and the work directory removed whatever happens (`--keep`
 //! keeps the directory, with console.log, for inspection). Needs root,
@@ -235,7 +236,13 @@ async fn create(c: &AgentClient, dir: &Path, id: &str, args: &[&str], stdin: boo
     Ok(r.pid)
 }
 
-async fn run(vm: &mut Vm, image_dir: &Path, extra: &str) -> Res<()> {
+/// Boots the VM and waits for a Ping answer; returns the client, the answer,
+/// the milliseconds from QEMU spawn to the answer and the TSC kHz used.
+async fn boot_and_ping(
+    vm: &mut Vm,
+    image_dir: &Path,
+    extra: &str,
+) -> Res<(AgentClient, PingResponse, u128, u64)> {
     let dir = vm.dir.clone();
     std::fs::create_dir_all(dir.join("shared")).map_err(|e| e.to_string())?;
     let tsc = host_tsc_khz().ok_or("no 'tsc: Detected' line in dmesg")?;
@@ -246,7 +253,12 @@ async fn run(vm: &mut Vm, image_dir: &Path, extra: &str) -> Res<()> {
         .ping(ctx(), &Empty::new())
         .await
         .map_err(|e| format!("ping: {e}"))?;
-    let boot_ms = t0.elapsed().as_millis();
+    Ok((c, ping, t0.elapsed().as_millis(), tsc))
+}
+
+async fn run(vm: &mut Vm, image_dir: &Path, extra: &str) -> Res<()> {
+    let dir = vm.dir.clone();
+    let (c, ping, boot_ms, tsc) = boot_and_ping(vm, image_dir, extra).await?;
     println!(
         "boot: QEMU spawn -> Ping answered in {boot_ms} ms (agent {}, kernel {}, tsc_early_khz={tsc})",
         ping.agent_version, ping.kernel_release
@@ -369,7 +381,55 @@ async fn run(vm: &mut Vm, image_dir: &Path, extra: &str) -> Res<()> {
         "duplicate exec id is AlreadyExists".into(),
     )?;
 
-    // 5. Stats, signal, removal, errors.
+    // 5. An exec with a terminal: resize, input echo, output with CRLF.
+    let process = serde_json::json!({
+        "args": ["sh", "-c", "read x; echo \"x=$x\"; stty size; tty; exit 5"],
+        "cwd": "/", "env": ["PATH=/bin:/usr/bin", "TERM=xterm"], "user": {"uid": 0, "gid": 0}
+    });
+    let e = ExecProcessRequest {
+        container_id: "c2".into(),
+        exec_id: "tty1".into(),
+        process_json: serde_json::to_vec(&process).map_err(|e| e.to_string())?,
+        stdin: true,
+        stdout: true,
+        terminal: true,
+        ..Default::default()
+    };
+    c.exec_process(ctx(), &e)
+        .await
+        .map_err(|e| format!("exec tty: {e}"))?;
+    let rs = ResizeTtyRequest {
+        container_id: "c2".into(),
+        exec_id: "tty1".into(),
+        width: 100,
+        height: 40,
+        ..Default::default()
+    };
+    c.resize_tty(ctx(), &rs)
+        .await
+        .map_err(|e| format!("resize: {e}"))?;
+    let w = WriteStreamRequest {
+        container_id: "c2".into(),
+        exec_id: "tty1".into(),
+        data: b"hi\n".to_vec(),
+        ..Default::default()
+    };
+    c.write_stdin(ctx(), &w)
+        .await
+        .map_err(|e| format!("write tty: {e}"))?;
+    let out = read_all(&c, "c2", "tty1", false).await?;
+    let status = wait(&c, "c2", "tty1").await?;
+    check(
+        out.contains("x=hi\r\n") && out.contains("40 100\r\n") && out.contains("/dev/pts/"),
+        format!("tty exec output {out:?}"),
+    )?;
+    check(status == 5, format!("tty exec exit status {status}"))?;
+    check(
+        read_all(&c, "c2", "tty1", true).await?.is_empty(),
+        "tty exec has no separate stderr".into(),
+    )?;
+
+    // 6. Stats, signal, removal, errors.
     let s = c
         .stats(ctx(), &cr)
         .await
@@ -435,19 +495,50 @@ async fn main() {
     let mut image_dir = PathBuf::from("/var/lib/kuasar");
     let mut keep = false;
     let mut extra = String::new();
+    let mut boots = 0usize;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--image-dir" => image_dir = args.next().map(PathBuf::from).unwrap_or(image_dir),
             "--keep" => keep = true,
             "--append" => extra = args.next().unwrap_or_default(),
+            "--boots" => boots = args.next().and_then(|n| n.parse().ok()).unwrap_or(5),
             _ => {
-                eprintln!("usage: boot_check [--image-dir DIR] [--keep] [--append KERNEL_PARAMS]");
+                eprintln!("usage: boot_check [--image-dir DIR] [--keep] [--append KERNEL_PARAMS] [--boots N]");
                 std::process::exit(2);
             }
         }
     }
     let dir = std::env::temp_dir().join(format!("kuasar-boot-check-{}", std::process::id()));
+    if boots > 0 {
+        let mut times = Vec::new();
+        for i in 0..boots {
+            let mut vm = Vm {
+                dir: dir.join(i.to_string()),
+                qemu: None,
+                keep: false,
+            };
+            match boot_and_ping(&mut vm, &image_dir, &extra).await {
+                Ok((_, _, ms, _)) => {
+                    println!("boot {}: QEMU spawn -> Ping answered in {ms} ms", i + 1);
+                    times.push(ms);
+                }
+                Err(e) => {
+                    eprintln!("boot {} FAILED: {e}", i + 1);
+                    std::process::exit(1);
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        times.sort();
+        println!(
+            "boot-to-Ping over {boots} boots: median {} ms, min {} ms, max {} ms",
+            times[times.len() / 2],
+            times[0],
+            times[times.len() - 1]
+        );
+        return;
+    }
     let mut vm = Vm {
         dir,
         qemu: None,

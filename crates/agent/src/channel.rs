@@ -21,6 +21,31 @@ use tracing::{debug, info, warn};
 
 use crate::error::{Context, Error, Result};
 
+/// How the host reaches the agent (`kuasar.channel=` on the kernel command line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    /// The `kuasar.agent` virtio-serial port (default).
+    Serial,
+    /// virtio-vsock: the ttrpc server listens on this vsock port.
+    Vsock(u32),
+}
+
+/// The channel named by a kernel command line (`kuasar.channel=vsock:<port>`
+/// or `kuasar.channel=serial`; serial when absent or unknown).
+pub fn parse_channel(cmdline: &str) -> Channel {
+    let value = cmdline
+        .split_whitespace()
+        .filter_map(|p| p.strip_prefix("kuasar.channel="))
+        .next_back();
+    match value {
+        Some(v) => match v.strip_prefix("vsock:").map(str::parse::<u32>) {
+            Some(Ok(port)) => Channel::Vsock(port),
+            _ => Channel::Serial,
+        },
+        None => Channel::Serial,
+    }
+}
+
 /// Name of the agent's virtio-serial port.
 pub const PORT_NAME: &str = "kuasar.agent";
 /// How often a disconnected port is polled for a new host connection.
@@ -262,6 +287,17 @@ fn pump(port: &File, sock: &UnixStream, down: &mut Vec<u8>) -> End {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn channel_from_cmdline() {
+        assert_eq!(parse_channel("console=ttyS0 quiet"), Channel::Serial);
+        assert_eq!(
+            parse_channel("console=ttyS0 kuasar.channel=vsock:1024 quiet\n"),
+            Channel::Vsock(1024)
+        );
+        assert_eq!(parse_channel("kuasar.channel=serial"), Channel::Serial);
+        assert_eq!(parse_channel("kuasar.channel=vsock:x"), Channel::Serial);
+    }
 
     #[test]
     fn finds_port_by_name() {

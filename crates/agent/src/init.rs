@@ -127,19 +127,31 @@ pub fn ensure_console() {
     }
 }
 
-/// Loads the modules listed in `list` in order; already loaded is fine.
-pub fn load_modules(list: &Path) {
+/// The module paths of a module list, in the order to load them: as listed
+/// (the list puts the channel's modules early), except that the vsock
+/// modules (`/net/vmw_vsock/`) go last unless the agent channel is vsock.
+pub fn module_order(list: &str, vsock: bool) -> Vec<&str> {
+    let paths = list
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'));
+    if vsock {
+        return paths.collect();
+    }
+    let (vsock_mods, others): (Vec<&str>, Vec<&str>) =
+        paths.partition(|p| p.contains("/net/vmw_vsock/"));
+    others.into_iter().chain(vsock_mods).collect()
+}
+
+/// Loads the modules listed in `list`; already loaded is fine.
+pub fn load_modules(list: &Path, vsock: bool) {
     let Ok(text) = std::fs::read_to_string(list) else {
         warn!("no module list at {}", list.display());
         return;
     };
     let started = Instant::now();
     let mut loaded = 0;
-    for path in text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-    {
+    for path in module_order(&text, vsock) {
         let t = Instant::now();
         let res = File::open(path)
             .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
@@ -207,5 +219,30 @@ pub fn mount_shared() {
             }
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vsock_modules_last_unless_vsock() {
+        let list =
+            "/m/virtio.ko\n/m/net/vmw_vsock/vsock.ko\n\n# c\n/m/net/vmw_vsock/t.ko\n/m/9p.ko\n";
+        let serial = [
+            "/m/virtio.ko",
+            "/m/9p.ko",
+            "/m/net/vmw_vsock/vsock.ko",
+            "/m/net/vmw_vsock/t.ko",
+        ];
+        assert_eq!(module_order(list, false), serial);
+        let vsock = [
+            "/m/virtio.ko",
+            "/m/net/vmw_vsock/vsock.ko",
+            "/m/net/vmw_vsock/t.ko",
+            "/m/9p.ko",
+        ];
+        assert_eq!(module_order(list, true), vsock);
     }
 }

@@ -2,6 +2,7 @@
 //! kernel modules, cgroups), then serves `kuasar.agent.v1.Agent` over the
 //! `kuasar.agent` virtio-serial port and runs containers with runc.
 mod channel;
+mod console;
 mod container;
 mod error;
 mod init;
@@ -47,12 +48,15 @@ fn main() {
     // Modules load (the channel's first, see build-guest.sh) while the agent
     // starts serving; container creation waits for `guest_ready`.
     let (ready_tx, guest_ready) = tokio::sync::watch::channel(!pid1);
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let channel = channel::parse_channel(&cmdline);
     if pid1 {
         init::enable_controllers();
+        let vsock = matches!(channel, channel::Channel::Vsock(_));
         let setup = std::thread::Builder::new()
             .name("guest-setup".into())
             .spawn(move || {
-                init::load_modules(Path::new(init::MODULES_LIST));
+                init::load_modules(Path::new(init::MODULES_LIST), vsock);
                 init::mount_shared();
                 ready_tx.send_replace(true);
                 info!("guest ready");
@@ -72,7 +76,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = runtime.block_on(serve(started, guest_ready)) {
+    if let Err(e) = runtime.block_on(serve(started, channel, guest_ready)) {
         error!("agent failed: {e}");
     }
     // As PID 1, exiting panics the kernel, and the VM stops (-no-reboot).
@@ -90,7 +94,11 @@ fn init_logging() {
         .init();
 }
 
-async fn serve(started: Instant, guest_ready: tokio::sync::watch::Receiver<bool>) -> Result<()> {
+async fn serve(
+    started: Instant,
+    channel: channel::Channel,
+    guest_ready: tokio::sync::watch::Receiver<bool>,
+) -> Result<()> {
     let reaper = reaper::Reaper::start().context("install SIGCHLD handler")?;
     let runc = runc::Runc::new(
         Path::new(RUNC),
@@ -100,19 +108,39 @@ async fn serve(started: Instant, guest_ready: tokio::sync::watch::Receiver<bool>
     );
     let agent = Arc::new(service::AgentService::new(reaper, runc, guest_ready));
     std::fs::create_dir_all(service::CONTAINERS_DIR).context("create containers dir")?;
-    let _ = std::fs::remove_file(SERVER_SOCKET);
-    let mut server = Server::new()
-        .bind(&format!("unix://{SERVER_SOCKET}"))
-        .map_err(|e| Error::Internal(format!("bind {SERVER_SOCKET}: {e}")))?
-        .register_service(create_agent(agent));
+    let address = match channel {
+        channel::Channel::Serial => {
+            let _ = std::fs::remove_file(SERVER_SOCKET);
+            format!("unix://{SERVER_SOCKET}")
+        }
+        channel::Channel::Vsock(port) => format!("vsock://-1:{port}"),
+    };
+    // A vsock socket can be made only once the vsock module is loaded.
+    let deadline = Instant::now() + PORT_TIMEOUT;
+    let server = loop {
+        match Server::new().bind(&address) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() >= deadline => {
+                return Err(Error::Internal(format!("bind {address}: {e}")));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+        }
+    };
+    let mut server = server.register_service(create_agent(agent));
     server
         .start()
         .await
         .map_err(|e| Error::Internal(format!("start ttrpc server: {e}")))?;
-    let port = channel::find_port(channel::PORT_NAME, PORT_TIMEOUT).await?;
-    channel::start_proxy(&port, Path::new(SERVER_SOCKET))?;
+    let where_ = match channel {
+        channel::Channel::Serial => {
+            let port = channel::find_port(channel::PORT_NAME, PORT_TIMEOUT).await?;
+            channel::start_proxy(&port, Path::new(SERVER_SOCKET))?;
+            port.display().to_string()
+        }
+        channel::Channel::Vsock(_) => address,
+    };
     info!(
-        port = %port.display(),
+        channel = %where_,
         agent_ms = started.elapsed().as_millis() as u64,
         kernel_uptime = %kernel_uptime(),
         "agent ready"

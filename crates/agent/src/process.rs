@@ -1,12 +1,12 @@
 //! A container process (init or exec): its pid, its stdio pipes and its exit.
+use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::Stdio;
 
-use nix::fcntl::OFlag;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::signal::Signal;
 use nix::unistd::pipe2;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::unix::pipe;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::{oneshot, watch, Mutex};
 use tracing::debug;
 
@@ -27,11 +27,86 @@ pub struct ChildStdio {
     pub stderr: Stdio,
 }
 
-/// The agent's ends of a process's stdio pipes.
+/// A non-blocking fd (pipe end or pty master) driven by the tokio reactor.
+pub struct FdStream(AsyncFd<OwnedFd>);
+
+impl FdStream {
+    pub fn new(fd: OwnedFd) -> io::Result<Self> {
+        let flags = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?;
+        let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
+        fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags))?;
+        // SAFETY: the OwnedFd is open and owned by the AsyncFd for its whole
+        // life, so its raw fd stays valid and names the same file.
+        let fd = unsafe { AsyncFd::register(fd) }?;
+        Ok(FdStream(fd))
+    }
+
+    /// Reads what is available (waiting for some); 0 at end of stream. A pty
+    /// master reports EIO once every slave fd is closed: that is EOF too.
+    pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let mut guard = self.0.readable().await?;
+            let res =
+                guard.try_io(|fd| nix::unistd::read(fd.as_raw_fd(), buf).map_err(io::Error::from));
+            match res {
+                Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => return Ok(0),
+                Ok(r) => return r,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            let mut guard = self.0.writable().await?;
+            match guard.try_io(|fd| nix::unistd::write(fd, data).map_err(io::Error::from)) {
+                Ok(Ok(n)) => data = &data[n..],
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+        Ok(())
+    }
+
+    fn raw(&self) -> i32 {
+        self.0.get_ref().as_raw_fd()
+    }
+}
+
+/// The agent's ends of a process's stdio: pipes, or a pty master.
 pub struct ProcessIo {
-    stdin: Option<pipe::Sender>,
-    stdout: Option<pipe::Receiver>,
-    stderr: Option<pipe::Receiver>,
+    stdin: Option<FdStream>,
+    stdout: Option<FdStream>,
+    stderr: Option<FdStream>,
+    /// The pty master, when the process has a terminal.
+    tty: Option<OwnedFd>,
+}
+
+impl ProcessIo {
+    /// Stdio over a pty master (received from runc's console socket):
+    /// output is on stdout only; stdin is the master too when asked for.
+    pub fn terminal(master: OwnedFd, stdin: bool) -> Result<Self> {
+        let out = master.try_clone().context("dup pty master")?;
+        let input = match stdin {
+            true => Some(FdStream::new(master.try_clone().context("dup pty master")?)),
+            false => None,
+        };
+        Ok(ProcessIo {
+            stdin: input.transpose().context("pty stdin")?,
+            stdout: Some(FdStream::new(out).context("pty stdout")?),
+            stderr: None,
+            tty: Some(master),
+        })
+    }
+}
+
+/// The child's stdio for a process with a terminal (runc gives it the pty).
+pub fn null_stdio() -> ChildStdio {
+    ChildStdio {
+        stdin: Stdio::null(),
+        stdout: Stdio::null(),
+        stderr: Stdio::null(),
+    }
 }
 
 fn cloexec_pipe() -> Result<(OwnedFd, OwnedFd)> {
@@ -47,35 +122,32 @@ pub fn make_stdio(stdin: bool, stdout: bool, stderr: bool) -> Result<(ProcessIo,
         stdin: None,
         stdout: None,
         stderr: None,
+        tty: None,
     };
-    let mut child = ChildStdio {
-        stdin: Stdio::null(),
-        stdout: Stdio::null(),
-        stderr: Stdio::null(),
-    };
+    let mut child = null_stdio();
     if stdin {
         let (r, w) = cloexec_pipe()?;
-        io.stdin = Some(pipe::Sender::from_owned_fd(w).context("stdin pipe")?);
+        io.stdin = Some(FdStream::new(w).context("stdin pipe")?);
         child.stdin = Stdio::from(r);
     }
     if stdout {
         let (r, w) = cloexec_pipe()?;
-        io.stdout = Some(pipe::Receiver::from_owned_fd(r).context("stdout pipe")?);
+        io.stdout = Some(FdStream::new(r).context("stdout pipe")?);
         child.stdout = Stdio::from(w);
     }
     if stderr {
         let (r, w) = cloexec_pipe()?;
-        io.stderr = Some(pipe::Receiver::from_owned_fd(r).context("stderr pipe")?);
+        io.stderr = Some(FdStream::new(r).context("stderr pipe")?);
         child.stderr = Stdio::from(w);
     }
     Ok((io, child))
 }
 
 /// One output stream of a process; empty reads mean end of stream.
-pub struct OutStream(Mutex<Option<pipe::Receiver>>);
+pub struct OutStream(Mutex<Option<FdStream>>);
 
 impl OutStream {
-    fn new(rx: Option<pipe::Receiver>) -> Self {
+    fn new(rx: Option<FdStream>) -> Self {
         OutStream(Mutex::new(rx))
     }
 
@@ -91,11 +163,12 @@ impl OutStream {
         let Some(rx) = guard.as_mut() else {
             return Ok(Vec::new());
         };
-        let mut buf = Vec::with_capacity(len);
-        let n = rx.read_buf(&mut buf).await.context("read output pipe")?;
+        let mut buf = vec![0u8; len];
+        let n = rx.read(&mut buf).await.context("read output")?;
         if n == 0 {
             *guard = None;
         }
+        buf.truncate(n);
         Ok(buf)
     }
 }
@@ -103,9 +176,10 @@ impl OutStream {
 pub struct Process {
     pub pid: i32,
     exit: watch::Receiver<Option<ExitInfo>>,
-    stdin: Mutex<Option<pipe::Sender>>,
+    stdin: Mutex<Option<FdStream>>,
     pub stdout: OutStream,
     pub stderr: OutStream,
+    tty: Option<OwnedFd>,
 }
 
 impl Process {
@@ -124,7 +198,30 @@ impl Process {
             stdin: Mutex::new(io.stdin),
             stdout: OutStream::new(io.stdout),
             stderr: OutStream::new(io.stderr),
+            tty: io.tty,
         }
+    }
+
+    /// Sets the terminal size of a process with a terminal.
+    pub fn resize(&self, width: u32, height: u32) -> Result<()> {
+        let Some(tty) = &self.tty else {
+            return Err(Error::FailedPrecondition(format!(
+                "process {} has no terminal",
+                self.pid
+            )));
+        };
+        let ws = libc::winsize {
+            ws_row: height.min(u16::MAX as u32) as u16,
+            ws_col: width.min(u16::MAX as u32) as u16,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads a winsize struct that lives across the call.
+        let rc = unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error()).context("resize terminal");
+        }
+        Ok(())
     }
 
     /// The exit, if the process has ended.
@@ -172,6 +269,12 @@ impl Process {
             ));
         };
         tx.write_all(data).await.context("write stdin")?;
+        debug!(
+            pid = self.pid,
+            fd = tx.raw(),
+            len = data.len(),
+            "stdin written"
+        );
         Ok(data.len())
     }
 

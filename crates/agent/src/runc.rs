@@ -33,22 +33,28 @@ impl Runc {
         }
     }
 
-    /// `runc create`: the container's init gets `stdio` and waits for start.
+    /// `runc create`: the container's init gets `stdio` (or a pty sent to
+    /// `console`) and waits for start.
     pub async fn create(
         &self,
         id: &str,
         bundle: &Path,
         pid_file: &Path,
         stdio: ChildStdio,
+        console: Option<&Path>,
     ) -> Result<()> {
-        let args = vec![
+        let mut args: Vec<OsString> = vec![
             "create".into(),
             "--bundle".into(),
             bundle.into(),
             "--pid-file".into(),
             pid_file.into(),
-            id.into(),
         ];
+        if let Some(c) = console {
+            args.push("--console-socket".into());
+            args.push(c.into());
+        }
+        args.push(id.into());
         self.run("create", args, Some(stdio)).await
     }
 
@@ -57,23 +63,28 @@ impl Runc {
             .await
     }
 
-    /// `runc exec -d`: the new process gets `stdio`.
+    /// `runc exec -d`: the new process gets `stdio` (or a pty sent to `console`).
     pub async fn exec(
         &self,
         id: &str,
         process_json: &Path,
         pid_file: &Path,
         stdio: ChildStdio,
+        console: Option<&Path>,
     ) -> Result<()> {
-        let args = vec![
+        let mut args: Vec<OsString> = vec![
             "exec".into(),
             "--detach".into(),
             "--pid-file".into(),
             pid_file.into(),
             "--process".into(),
             process_json.into(),
-            id.into(),
         ];
+        if let Some(c) = console {
+            args.push("--console-socket".into());
+            args.push(c.into());
+        }
+        args.push(id.into());
         self.run("exec", args, Some(stdio)).await
     }
 

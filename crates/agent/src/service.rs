@@ -11,15 +11,17 @@ use kuasar_api::ttrpc::Result as TtrpcResult;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::console::ConsoleSocket;
 use crate::container::{parse_cgroup_path, rewrite_process, rewrite_spec, validate_id, Container};
 use crate::error::{Context, Error, Result};
-use crate::process::{make_stdio, signal_arg, validate_signal, Process};
+use crate::process::{
+    make_stdio, null_stdio, signal_arg, validate_signal, ChildStdio, Process, ProcessIo,
+};
 use crate::reaper::Reaper;
 use crate::runc::{is_not_exist, Runc};
 
 /// Where container bundles live: `<dir>/<id>/config.json`.
 pub const CONTAINERS_DIR: &str = "/run/kuasar/containers";
-const TERMINAL_UNSUPPORTED: &str = "terminal is not supported";
 
 /// A container slot: reserved while `runc create` runs, then the container.
 type Slot = Option<Arc<Container>>;
@@ -93,10 +95,7 @@ impl Inner {
     async fn create(&self, req: CreateContainerRequest) -> Result<u32> {
         let id = req.container_id.as_str();
         validate_id("container", id)?;
-        if req.terminal {
-            return Err(Error::Unimplemented(TERMINAL_UNSUPPORTED.into()));
-        }
-        let spec = rewrite_spec(&req.spec_json, &req.rootfs_path, false)?;
+        let spec = rewrite_spec(&req.spec_json, &req.rootfs_path, req.terminal)?;
         // The shared directory is mounted once the guest is set up.
         let mut ready = self.guest_ready.clone();
         let _ = ready.wait_for(|r| *r).await;
@@ -136,17 +135,28 @@ impl Inner {
         }
         std::fs::create_dir_all(bundle).context("create bundle")?;
         std::fs::write(bundle.join("config.json"), spec).context("write config.json")?;
-        let (io, child) = make_stdio(req.stdin, req.stdout, req.stderr)?;
+        let Stdio { child, io } = Stdio::new(req.terminal, req.stdin, req.stdout, req.stderr)?;
         let pid_file = bundle.join("init.pid");
         let mark = self.reaper.mark();
-        if let Err(e) = self.runc.create(id, bundle, &pid_file, child).await {
-            if let Err(de) = self.runc.delete(id).await {
-                if !is_not_exist(&de) {
-                    warn!(id, "cleanup after failed create: {de}");
+        let res = self
+            .runc
+            .create(id, bundle, &pid_file, child, io.console_path())
+            .await;
+        let io = match res {
+            Ok(()) => io.finish(req.stdin).await,
+            Err(e) => Err(e),
+        };
+        let io = match io {
+            Ok(io) => io,
+            Err(e) => {
+                if let Err(de) = self.runc.delete(id).await {
+                    if !is_not_exist(&de) {
+                        warn!(id, "cleanup after failed create: {de}");
+                    }
                 }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
         let pid = read_pid(&pid_file)?;
         let exited = self.reaper.watch(pid, mark);
         let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
@@ -159,10 +169,7 @@ impl Inner {
     async fn exec(&self, req: ExecProcessRequest) -> Result<u32> {
         let c = self.container(&req.container_id)?;
         validate_id("exec", &req.exec_id)?;
-        if req.terminal {
-            return Err(Error::Unimplemented(TERMINAL_UNSUPPORTED.into()));
-        }
-        let process_json = rewrite_process(&req.process_json, false)?;
+        let process_json = rewrite_process(&req.process_json, req.terminal)?;
         c.reserve_exec(&req.exec_id)?;
         let res = self.exec_in(&c, &req, &process_json).await;
         match res {
@@ -188,11 +195,15 @@ impl Inner {
         let pid_file = c.bundle.join(format!("exec-{}.pid", req.exec_id));
         let _ = std::fs::remove_file(&pid_file);
         std::fs::write(&json_path, process_json).context("write process.json")?;
-        let (io, child) = make_stdio(req.stdin, req.stdout, req.stderr)?;
+        let Stdio { child, io } = Stdio::new(req.terminal, req.stdin, req.stdout, req.stderr)?;
         let mark = self.reaper.mark();
-        let res = self.runc.exec(&c.id, &json_path, &pid_file, child).await;
+        let res = self
+            .runc
+            .exec(&c.id, &json_path, &pid_file, child, io.console_path())
+            .await;
         let _ = std::fs::remove_file(&json_path);
         res?;
+        let io = io.finish(req.stdin).await?;
         let pid = read_pid(&pid_file)?;
         let _ = std::fs::remove_file(&pid_file);
         let exited = self.reaper.watch(pid, mark);
@@ -225,6 +236,51 @@ impl Inner {
             warn!(id, "remove bundle: {e}");
         }
         Ok(())
+    }
+}
+
+/// A process's stdio while runc creates it: pipes, or a console socket on
+/// which runc sends the pty master.
+struct Stdio {
+    child: ChildStdio,
+    io: PendingIo,
+}
+
+enum PendingIo {
+    Pipes(ProcessIo),
+    Terminal(ConsoleSocket),
+}
+
+impl Stdio {
+    fn new(terminal: bool, stdin: bool, stdout: bool, stderr: bool) -> Result<Self> {
+        if terminal {
+            return Ok(Stdio {
+                child: null_stdio(),
+                io: PendingIo::Terminal(ConsoleSocket::bind()?),
+            });
+        }
+        let (io, child) = make_stdio(stdin, stdout, stderr)?;
+        Ok(Stdio {
+            child,
+            io: PendingIo::Pipes(io),
+        })
+    }
+}
+
+impl PendingIo {
+    fn console_path(&self) -> Option<&Path> {
+        match self {
+            PendingIo::Terminal(c) => Some(c.path()),
+            PendingIo::Pipes(_) => None,
+        }
+    }
+
+    /// The process's stdio once runc succeeded.
+    async fn finish(self, stdin: bool) -> Result<ProcessIo> {
+        match self {
+            PendingIo::Pipes(io) => Ok(io),
+            PendingIo::Terminal(console) => ProcessIo::terminal(console.receive().await?, stdin),
+        }
     }
 }
 
@@ -410,7 +466,7 @@ impl Agent for AgentService {
     async fn resize_tty(&self, _: &TtrpcContext, req: ResizeTtyRequest) -> TtrpcResult<Empty> {
         let res = self
             .process(&req.container_id, &req.exec_id)
-            .and_then(|_| Err::<(), _>(Error::Unimplemented(TERMINAL_UNSUPPORTED.into())));
+            .and_then(|p| p.resize(req.width, req.height));
         reply("ResizeTty", res)?;
         Ok(Empty::default())
     }
