@@ -1,0 +1,95 @@
+//! Where the binaries, the guest image and the test images are, and the
+//! check that they are there.
+use std::path::{Path, PathBuf};
+
+/// The runtime name containerd maps to `containerd-shim-kuasar-vmm-v2`.
+pub const RUNTIME: &str = "io.containerd.kuasar-vmm.v2";
+/// The test image (scripts/build-test-images.sh).
+pub const BUSYBOX: &str = "docker.io/library/busybox:latest";
+
+const HINT: &str = "run `make build guest images` (as root) first";
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+fn env_path(var: &str) -> Option<PathBuf> {
+    std::env::var_os(var)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// kuasar-vmm and the shim: `$KUASAR_BIN_DIR`, else `<repo>/target/release`.
+pub fn bin_dir() -> PathBuf {
+    env_path("KUASAR_BIN_DIR").unwrap_or_else(|| repo_root().join("target/release"))
+}
+
+/// The guest image: `$KUASAR_IMAGE_DIR`, else `/var/lib/kuasar`.
+pub fn image_dir() -> PathBuf {
+    env_path("KUASAR_IMAGE_DIR").unwrap_or_else(|| PathBuf::from("/var/lib/kuasar"))
+}
+
+/// The OCI archives: `$KUASAR_TEST_IMAGES`, else `/var/lib/kuasar/images`.
+pub fn test_images_dir() -> PathBuf {
+    env_path("KUASAR_TEST_IMAGES").unwrap_or_else(|| PathBuf::from("/var/lib/kuasar/images"))
+}
+
+/// The guest kernel's release (`<image_dir>/kernel-release`).
+pub fn guest_kernel_release() -> String {
+    let p = image_dir().join("kernel-release");
+    std::fs::read_to_string(&p)
+        .unwrap_or_else(|e| panic!("read {}: {e}; {HINT}", p.display()))
+        .trim()
+        .to_string()
+}
+
+fn in_path(name: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+        .unwrap_or(false)
+}
+
+/// Everything the end-to-end tests need; the error says what is missing
+/// and how to get it. The tests fail (never skip) without it.
+pub fn check_prerequisites() -> Result<(), String> {
+    let mut missing = Vec::new();
+    let bin = bin_dir();
+    for b in ["kuasar-vmm", "containerd-shim-kuasar-vmm-v2"] {
+        if !bin.join(b).is_file() {
+            missing.push(bin.join(b).display().to_string());
+        }
+    }
+    let img = image_dir();
+    for f in ["vmlinux", "initramfs.cpio", "kernel-release"] {
+        if !img.join(f).is_file() {
+            missing.push(img.join(f).display().to_string());
+        }
+    }
+    let mut problems = Vec::new();
+    if !missing.is_empty() {
+        problems.push(format!("missing {}: {HINT}", missing.join(", ")));
+    }
+    let tools: Vec<&str> = ["containerd", "ctr", "qemu-system-x86_64", "runc"]
+        .into_iter()
+        .filter(|t| !in_path(t))
+        .collect();
+    if !tools.is_empty() {
+        problems.push(format!(
+            "{} not found on PATH: run `make deps` (as root)",
+            tools.join(", ")
+        ));
+    }
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    if unsafe { libc::geteuid() } != 0 {
+        problems.push("the end-to-end tests need root (they run containerd and QEMU)".into());
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("kuasar-e2e cannot run: {}", problems.join("; ")))
+    }
+}

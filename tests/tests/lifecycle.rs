@@ -1,0 +1,235 @@
+//! Containers in microVMs through `ctr` against a private containerd and the
+//! real kuasar-vmm: guest kernel, exit codes, exec, stdin, several sandboxes.
+//! All tests share one environment (one containerd, one kuasar-vmm) and run
+//! one at a time; each leaves no VM, shim or sandbox state behind.
+use std::time::Duration;
+
+use kuasar_e2e::env::CTR_TIMEOUT;
+use kuasar_e2e::{paths, procs, shared, EnvOptions, BUSYBOX, RUNTIME};
+
+fn env() -> kuasar_e2e::env::Shared {
+    shared(EnvOptions { sandboxer: true })
+}
+
+#[test]
+fn container_sees_the_guest_kernel() {
+    let env = env();
+    let id = env.unique_id("kernel");
+    let _g = env.guard(&id);
+    let out = env.run_vm(&id, &["uname", "-r"]);
+    assert!(out.success(), "{out}\n{}", env.diagnostics());
+    let guest = paths::guest_kernel_release();
+    assert_eq!(out.stdout.trim(), guest, "{out}");
+
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    if host.trim() == guest {
+        // Same release string on both sides: tell them apart by the kernel
+        // command line, which the sandboxer sets for the guest.
+        let id = env.unique_id("cmdline");
+        let _g = env.guard(&id);
+        let out = env.run_vm(&id, &["cat", "/proc/cmdline"]);
+        assert!(out.success(), "{out}\n{}", env.diagnostics());
+        let host_cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        assert_ne!(out.stdout.trim(), host_cmdline.trim(), "{out}");
+        assert!(out.stdout.contains("console=ttyS0"), "{out}");
+    }
+    env.assert_clean();
+}
+
+#[test]
+fn exit_code_is_propagated() {
+    let env = env();
+    let id = env.unique_id("exit7");
+    let _g = env.guard(&id);
+    let out = env.run_vm(&id, &["sh", "-c", "exit 7"]);
+    assert_eq!(out.code, Some(7), "{out}\n{}", env.diagnostics());
+    assert!(!env.containers().contains(&id), "--rm left the container");
+    env.assert_clean();
+}
+
+#[test]
+fn sigkill_from_another_ctr_gives_137() {
+    let env = env();
+    let id = env.unique_id("kill137");
+    let _g = env.guard(&id);
+    let run = env.ctr_spawn(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        BUSYBOX,
+        &id,
+        "sleep",
+        "300",
+    ]);
+    let running = env.wait_task_status(&id, "RUNNING", CTR_TIMEOUT);
+    if !running {
+        let out = run.wait(Duration::from_secs(1));
+        panic!("task never ran:\n{out}\n{}", env.diagnostics());
+    }
+    assert_eq!(env.qemu_count(), 1, "{}", env.diagnostics());
+    let kill = env.ctr(&["tasks", "kill", "-s", "SIGKILL", &id]);
+    assert!(kill.success(), "{kill}");
+    let out = run.wait(Duration::from_secs(60));
+    assert_eq!(out.code, Some(137), "{out}\n{}", env.diagnostics());
+    assert!(!env.containers().contains(&id), "--rm left the container");
+    env.assert_clean();
+}
+
+#[test]
+fn detached_task_killed_reports_137() {
+    let env = env();
+    let id = env.unique_id("det137");
+    let (_g, out) = env.run_vm_detached(&id, &["sleep", "300"]);
+    assert!(out.success(), "{out}\n{}", env.diagnostics());
+    assert!(
+        env.wait_task_status(&id, "RUNNING", Duration::from_secs(30)),
+        "{}",
+        env.diagnostics()
+    );
+    env.ctr(&["tasks", "kill", "-s", "SIGKILL", &id])
+        .expect_success();
+    assert!(
+        env.wait_task_status(&id, "STOPPED", Duration::from_secs(30)),
+        "task not STOPPED after SIGKILL: {:?}\n{}",
+        env.task_status(&id),
+        env.diagnostics()
+    );
+    // ctr reports a non-zero exit status when the task is deleted.
+    let rm = env.ctr(&["tasks", "rm", &id]);
+    assert!(rm.success(), "{rm}");
+    assert!(rm.combined().contains("137"), "exit status not 137: {rm}");
+    env.ctr(&["containers", "rm", &id]).expect_success();
+    assert!(!env.containers().contains(&id));
+    env.assert_clean();
+}
+
+#[test]
+fn exec_stdio_exit_code_and_cleanup() {
+    let env = env();
+    let id = env.unique_id("exec");
+    // The container's init exits 42 on SIGTERM (PID 1 ignores signals it
+    // has no handler for).
+    let (_g, out) =
+        env.run_vm_detached(&id, &["sh", "-c", "trap 'exit 42' TERM; sleep 300 & wait"]);
+    assert!(out.success(), "{out}\n{}", env.diagnostics());
+    assert!(
+        env.wait_task_status(&id, "RUNNING", Duration::from_secs(30)),
+        "{}",
+        env.diagnostics()
+    );
+    let exec = env.ctr(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "e1",
+        &id,
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 3",
+    ]);
+    assert_eq!(exec.code, Some(3), "{exec}\n{}", env.diagnostics());
+    assert_eq!(exec.stdout, "out\n", "{exec}");
+    assert!(exec.stderr.contains("err"), "{exec}");
+
+    // A second exec with the same id works once the first is gone.
+    let again = env.ctr(&["tasks", "exec", "--exec-id", "e1", &id, "true"]);
+    assert_eq!(again.code, Some(0), "{again}\n{}", env.diagnostics());
+
+    env.ctr(&["tasks", "kill", &id]).expect_success();
+    assert!(
+        env.wait_task_status(&id, "STOPPED", Duration::from_secs(30)),
+        "task not STOPPED after SIGTERM: {:?}\n{}",
+        env.task_status(&id),
+        env.diagnostics()
+    );
+    let rm = env.ctr(&["tasks", "rm", &id]);
+    assert!(rm.success(), "{rm}");
+    assert!(rm.combined().contains("42"), "exit status not 42: {rm}");
+    env.ctr(&["containers", "rm", &id]).expect_success();
+    assert!(!env.containers().contains(&id));
+    env.assert_clean();
+}
+
+#[test]
+fn stdin_reaches_the_container() {
+    let env = env();
+    let id = env.unique_id("stdin");
+    let _g = env.guard(&id);
+    // `read` ends on the newline: no reliance on EOF, which ctr delivers
+    // only when its stdin ends after the task was created.
+    let out = env.run_vm_with(
+        &id,
+        &["sh", "-c", "read line; echo \"got $line\""],
+        Some(b"hi\n"),
+        CTR_TIMEOUT,
+    );
+    assert!(out.success(), "{out}\n{}", env.diagnostics());
+    assert_eq!(out.stdout.trim(), "got hi", "{out}");
+    env.assert_clean();
+}
+
+#[test]
+fn three_sandboxes_one_sandboxer() {
+    let env = env();
+    let ids: Vec<String> = (0..3).map(|_| env.unique_id("multi")).collect();
+    let guards: Vec<_> = ids.iter().map(|id| env.guard(id)).collect();
+    // Start all three at once.
+    let runs: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            env.ctr_spawn(&[
+                "run",
+                "-d",
+                "--runtime",
+                RUNTIME,
+                BUSYBOX,
+                id,
+                "sleep",
+                "300",
+            ])
+        })
+        .collect();
+    for r in runs {
+        let out = r.wait(CTR_TIMEOUT);
+        assert!(out.success(), "{out}\n{}", env.diagnostics());
+    }
+    for id in &ids {
+        assert!(
+            env.wait_task_status(id, "RUNNING", Duration::from_secs(30)),
+            "{id} not RUNNING\n{}",
+            env.diagnostics()
+        );
+    }
+    assert_eq!(env.qemu_count(), 3, "QEMU processes\n{}", env.diagnostics());
+    assert_eq!(env.shim_count(), 3, "shims\n{}", env.diagnostics());
+    assert_eq!(
+        env.sandboxer_count(),
+        1,
+        "kuasar-vmm processes\n{}",
+        env.diagnostics()
+    );
+    assert_eq!(
+        env.state_entries().len(),
+        3,
+        "state dirs: {:?}",
+        env.state_entries()
+    );
+
+    for id in &ids {
+        env.ctr(&["tasks", "kill", "-s", "SIGKILL", id])
+            .expect_success();
+    }
+    for id in &ids {
+        assert!(env.wait_task_status(id, "STOPPED", Duration::from_secs(30)));
+        env.ctr(&["tasks", "rm", id]).expect_success();
+        env.ctr(&["containers", "rm", id]).expect_success();
+    }
+    drop(guards);
+    env.assert_clean();
+    assert_eq!(
+        procs::count(env.dir(), procs::SANDBOXER),
+        1,
+        "the sandboxer stays up"
+    );
+}
