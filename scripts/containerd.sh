@@ -4,7 +4,8 @@
 # Usage: scripts/containerd.sh start|stop|status|config [DIR]
 #   DIR defaults to $KUASAR_TEST_DIR, else /run/kuasar-test. Everything lives in DIR:
 #   config.toml, root/, state/, containerd.sock (+ .ttrpc), containerd.log, containerd.pid.
-#   The shim finds the sandboxer at DIR/vmm.sock (see scripts/sandboxer.sh).
+#   containerd's environment points the shims at the sandboxer socket DIR/vmm.sock
+#   (KUASAR_VMM_SOCKET, see scripts/sandboxer.sh) and at DIR/s for their own sockets.
 #
 # start   writes the config, starts containerd (PATH prefixed with $KUASAR_BIN_DIR, default
 #         <repo>/target/release, so containerd finds containerd-shim-kuasar-vmm-v2), waits until
@@ -179,7 +180,8 @@ start() {
   rm -f "$SOCK" "$SOCK.ttrpc"
   (
     cd "$DIR"
-    export KUASAR_TEST_DIR=$DIR KUASAR_VMM_SOCKET=$DIR/vmm.sock PATH="$KUASAR_BIN_DIR:$PATH"
+    export KUASAR_TEST_DIR=$DIR KUASAR_VMM_SOCKET=$DIR/vmm.sock KUASAR_SHIM_SOCKET_DIR=$DIR/s \
+      PATH="$KUASAR_BIN_DIR:$PATH"
     exec setsid containerd --config "$DIR/config.toml" >>"$LOG" 2>&1 </dev/null
   ) &
   local launched=$! i

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit tests, then the end-to-end suite (tests/,
+# package kuasar-e2e) against a private containerd + kuasar-vmm + QEMU. Whatever the outcome,
+# services and processes the run started are stopped at the end.
+#
+# Usage: scripts/test.sh          run everything (needs `make build guest images` first)
+#        scripts/test.sh clean    stop every private test/demo/bench environment left behind
+#
+# Env: KUASAR_E2E_THREADS (default 1: the e2e tests count VMs, they run one at a time).
+set -euo pipefail
+
+# shellcheck source=scripts/lib-test-env.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib-test-env.sh"
+cd "$REPO_ROOT"
+
+if ! command -v cargo >/dev/null; then
+  for d in "${CARGO_HOME:-$HOME/.cargo}/bin" /root/.cargo/bin; do
+    [ -x "$d/cargo" ] && PATH="$d:$PATH" && break
+  done
+fi
+
+# e2e directories are /run/kuasar-e2e-<pid of the test binary>: stale once that pid is gone.
+stale_e2e_dirs() {
+  local d pid
+  for d in /run/kuasar-e2e-*; do
+    [ -d "$d" ] || continue
+    pid=${d##*-}
+    if [[ $pid =~ ^[0-9]+$ ]] && alive "$pid"; then continue; fi
+    echo "$d"
+  done
+}
+
+clean_stale() {
+  local d
+  for d in $(stale_e2e_dirs); do
+    echo "test.sh: cleaning up $d" >&2
+    "$REPO_ROOT/scripts/containerd.sh" stop "$d" || true
+  done
+}
+
+# descendants PID: every process below PID (children first listed last).
+descendants() {
+  local parent=$1 p ppid
+  for p in /proc/[0-9]*; do
+    ppid=$(awk '{print $4}' "$p/stat" 2>/dev/null) || continue
+    if [ "$ppid" = "$parent" ]; then
+      descendants "${p#/proc/}"
+      echo "${p#/proc/}"
+    fi
+  done
+}
+
+if [ "${1:-}" = clean ]; then
+  for d in /run/kuasar-test /run/kuasar-demo /run/kuasar-bench /run/kuasar-e2e-*; do
+    [ -d "$d" ] || continue
+    "$REPO_ROOT/scripts/containerd.sh" stop "$d" || true
+  done
+  exit 0
+fi
+[ $# -eq 0 ] || { echo "usage: $0 [clean]" >&2; exit 2; }
+
+CHILD=""
+on_exit() {
+  local rc=$? p
+  trap - EXIT INT TERM
+  if [ -n "$CHILD" ] && alive "$CHILD"; then
+    echo "test.sh: interrupted, stopping the test run (pid $CHILD)" >&2
+    for p in $(descendants "$CHILD") "$CHILD"; do kill -TERM "$p" 2>/dev/null || true; done
+    sleep 2
+    for p in $(descendants "$CHILD") "$CHILD"; do kill -KILL "$p" 2>/dev/null || true; done
+  fi
+  clean_stale
+  exit "$rc"
+}
+trap on_exit EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# run CMD...: runs a step in the background so that a signal can stop it and its children.
+run() {
+  echo "== $*" >&2
+  "$@" &
+  CHILD=$!
+  wait "$CHILD"
+  CHILD=""
+}
+
+clean_stale
+run cargo fmt --all -- --check
+run cargo clippy --workspace --all-targets -- -D warnings
+run cargo test --workspace --exclude kuasar-e2e
+# The e2e suite drives the release binaries.
+run cargo build --release --workspace --exclude kuasar-agent
+start=$(date +%s)
+run cargo test -p kuasar-e2e -- --test-threads="${KUASAR_E2E_THREADS:-1}"
+echo "test.sh: all tests passed (e2e took $(( $(date +%s) - start )) s)" >&2
