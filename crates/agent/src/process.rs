@@ -1,6 +1,7 @@
 //! A container process (init or exec): its pid, its stdio pipes and its exit.
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
 use std::process::Stdio;
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
@@ -10,6 +11,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{oneshot, watch, Mutex};
 use tracing::debug;
 
+use crate::console::ConsoleSocket;
 use crate::error::{Context, Error, Result};
 use crate::reaper::ExitInfo;
 
@@ -141,6 +143,51 @@ pub fn make_stdio(stdin: bool, stdout: bool, stderr: bool) -> Result<(ProcessIo,
         child.stderr = Stdio::from(w);
     }
     Ok((io, child))
+}
+
+/// A process's stdio while runc creates it: pipes, or a console socket on
+/// which runc sends the pty master.
+pub struct ProcessStdio {
+    pub child: ChildStdio,
+    pub io: PendingIo,
+}
+
+pub enum PendingIo {
+    Pipes(ProcessIo),
+    Terminal(ConsoleSocket),
+}
+
+impl ProcessStdio {
+    pub fn new(terminal: bool, stdin: bool, stdout: bool, stderr: bool) -> Result<Self> {
+        if terminal {
+            return Ok(ProcessStdio {
+                child: null_stdio(),
+                io: PendingIo::Terminal(ConsoleSocket::bind()?),
+            });
+        }
+        let (io, child) = make_stdio(stdin, stdout, stderr)?;
+        Ok(ProcessStdio {
+            child,
+            io: PendingIo::Pipes(io),
+        })
+    }
+}
+
+impl PendingIo {
+    pub fn console_path(&self) -> Option<&Path> {
+        match self {
+            PendingIo::Terminal(c) => Some(c.path()),
+            PendingIo::Pipes(_) => None,
+        }
+    }
+
+    /// The process's stdio once runc succeeded.
+    pub async fn finish(self, stdin: bool) -> Result<ProcessIo> {
+        match self {
+            PendingIo::Pipes(io) => Ok(io),
+            PendingIo::Terminal(console) => ProcessIo::terminal(console.receive().await?, stdin),
+        }
+    }
 }
 
 /// One output stream of a process; empty reads mean end of stream.

@@ -11,12 +11,9 @@ use kuasar_api::ttrpc::Result as TtrpcResult;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::console::ConsoleSocket;
 use crate::container::{parse_cgroup_path, rewrite_process, rewrite_spec, validate_id, Container};
 use crate::error::{Context, Error, Result};
-use crate::process::{
-    make_stdio, null_stdio, signal_arg, validate_signal, ChildStdio, Process, ProcessIo,
-};
+use crate::process::{signal_arg, validate_signal, Process, ProcessStdio};
 use crate::reaper::Reaper;
 use crate::runc::{is_not_exist, Runc};
 
@@ -135,7 +132,8 @@ impl Inner {
         }
         std::fs::create_dir_all(bundle).context("create bundle")?;
         std::fs::write(bundle.join("config.json"), spec).context("write config.json")?;
-        let Stdio { child, io } = Stdio::new(req.terminal, req.stdin, req.stdout, req.stderr)?;
+        let ProcessStdio { child, io } =
+            ProcessStdio::new(req.terminal, req.stdin, req.stdout, req.stderr)?;
         let pid_file = bundle.join("init.pid");
         let mark = self.reaper.mark();
         let res = self
@@ -195,7 +193,8 @@ impl Inner {
         let pid_file = c.bundle.join(format!("exec-{}.pid", req.exec_id));
         let _ = std::fs::remove_file(&pid_file);
         std::fs::write(&json_path, process_json).context("write process.json")?;
-        let Stdio { child, io } = Stdio::new(req.terminal, req.stdin, req.stdout, req.stderr)?;
+        let ProcessStdio { child, io } =
+            ProcessStdio::new(req.terminal, req.stdin, req.stdout, req.stderr)?;
         let mark = self.reaper.mark();
         let res = self
             .runc
@@ -236,51 +235,6 @@ impl Inner {
             warn!(id, "remove bundle: {e}");
         }
         Ok(())
-    }
-}
-
-/// A process's stdio while runc creates it: pipes, or a console socket on
-/// which runc sends the pty master.
-struct Stdio {
-    child: ChildStdio,
-    io: PendingIo,
-}
-
-enum PendingIo {
-    Pipes(ProcessIo),
-    Terminal(ConsoleSocket),
-}
-
-impl Stdio {
-    fn new(terminal: bool, stdin: bool, stdout: bool, stderr: bool) -> Result<Self> {
-        if terminal {
-            return Ok(Stdio {
-                child: null_stdio(),
-                io: PendingIo::Terminal(ConsoleSocket::bind()?),
-            });
-        }
-        let (io, child) = make_stdio(stdin, stdout, stderr)?;
-        Ok(Stdio {
-            child,
-            io: PendingIo::Pipes(io),
-        })
-    }
-}
-
-impl PendingIo {
-    fn console_path(&self) -> Option<&Path> {
-        match self {
-            PendingIo::Terminal(c) => Some(c.path()),
-            PendingIo::Pipes(_) => None,
-        }
-    }
-
-    /// The process's stdio once runc succeeded.
-    async fn finish(self, stdin: bool) -> Result<ProcessIo> {
-        match self {
-            PendingIo::Pipes(io) => Ok(io),
-            PendingIo::Terminal(console) => ProcessIo::terminal(console.receive().await?, stdin),
-        }
     }
 }
 
