@@ -93,6 +93,14 @@ start() {
     stop >/dev/null 2>&1 || true
     exit 1
   fi
+  # The socket exists once bound; a server that then fails to start exits at once.
+  sleep 0.5
+  if ! alive "$pid"; then
+    echo "sandboxer.sh: kuasar-vmm exited right after binding $SOCK; last lines of $LOG:" >&2
+    tail -n 30 "$LOG" >&2 || true
+    rm -f "$PIDFILE"
+    exit 1
+  fi
   echo "sandboxer.sh: kuasar-vmm running for $DIR (pid $pid, socket $SOCK, log $LOG)"
 }
 

@@ -19,7 +19,9 @@ pub struct Output {
     /// Exit code; `None` when a signal ended it.
     pub code: Option<i32>,
     pub signal: Option<i32>,
+    /// stdout as text (lossy UTF-8); the bytes are in `raw_stdout`.
     pub stdout: String,
+    pub raw_stdout: Vec<u8>,
     pub stderr: String,
     /// The deadline passed and the command was killed.
     pub timed_out: bool,
@@ -160,15 +162,15 @@ impl Running {
             }
         };
         let elapsed = self.started.elapsed();
-        let text = |rx: &Receiver<Vec<u8>>| {
-            String::from_utf8_lossy(&rx.recv_timeout(DRAIN_GRACE).unwrap_or_default()).into_owned()
-        };
+        let bytes = |rx: &Receiver<Vec<u8>>| rx.recv_timeout(DRAIN_GRACE).unwrap_or_default();
+        let raw_stdout = bytes(&self.stdout);
         Output {
             command: std::mem::take(&mut self.command),
             code: status.code(),
             signal: status.signal(),
-            stdout: text(&self.stdout),
-            stderr: text(&self.stderr),
+            stdout: String::from_utf8_lossy(&raw_stdout).into_owned(),
+            raw_stdout,
+            stderr: String::from_utf8_lossy(&bytes(&self.stderr)).into_owned(),
             timed_out,
             elapsed,
         }

@@ -8,6 +8,10 @@ use std::time::{Duration, Instant};
 use crate::cmd::{self, Output};
 use crate::paths;
 use crate::procs;
+use crate::wire;
+
+/// The sandboxer's own ttrpc service (crates/api/protos/sandboxer.proto).
+pub const SANDBOXER_SERVICE: &str = "kuasar.sandboxer.v1.Sandboxer";
 
 /// How long kuasar-vmm may take to create its socket.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -136,7 +140,7 @@ impl Sandboxer {
         };
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if me.config.socket.exists() {
+            if me.config.socket.exists() && me.answers() {
                 return Ok(me);
             }
             let exited = me.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
@@ -151,12 +155,25 @@ impl Sandboxer {
                 let log = me.log_since(offset);
                 me.stop();
                 return Err(format!(
-                    "kuasar-vmm did not create {} within {START_TIMEOUT:?}; its log:\n{log}",
+                    "kuasar-vmm did not answer Ping on {} within {START_TIMEOUT:?}; its log:\n{log}",
                     me.config.socket.display()
                 ));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Whether it answers `Ping` on its socket.
+    pub fn answers(&self) -> bool {
+        let ping = wire::ttrpc_call(
+            &self.config.socket,
+            SANDBOXER_SERVICE,
+            "Ping",
+            &wire::Msg::new(),
+            &[],
+            Duration::from_secs(2),
+        );
+        matches!(ping, Ok(r) if r.code == wire::code::OK)
     }
 
     pub fn pid(&self) -> Option<i32> {

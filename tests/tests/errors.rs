@@ -8,11 +8,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use kuasar_e2e::env::Shared;
-use kuasar_e2e::sandboxer::{run_expecting_exit, SandboxerConfig};
+use kuasar_e2e::sandboxer::{run_expecting_exit, SandboxerConfig, SANDBOXER_SERVICE};
 use kuasar_e2e::wire::{self, code, Msg, Value};
 use kuasar_e2e::{cmd, paths, procs, shared, EnvOptions};
 
-const SANDBOXER_SERVICE: &str = "kuasar.sandboxer.v1.Sandboxer";
 const TASK_SERVICE: &str = "containerd.task.v2.Task";
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 const BAD_IDS: &[&str] = &["../evil", "..", "a/b", "/abs"];
@@ -99,7 +98,7 @@ fn shim_delete_works_without_sandboxer() {
     );
     // A containerd.task.v2.DeleteResponse: pid = 1, exit_status = 2,
     // exited_at = 3 (a Timestamp).
-    let raw = out.stdout.as_bytes();
+    let raw = &out.raw_stdout;
     let fields = wire::decode(raw).unwrap_or_else(|e| panic!("not protobuf ({e}): {raw:?}"));
     for (f, _) in &fields {
         assert!((1..=3).contains(f), "unexpected field {f} in {fields:?}");
