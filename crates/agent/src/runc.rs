@@ -155,6 +155,10 @@ impl Runc {
             return Ok(());
         }
         let mut msg = error_message(&log_text, &err_text);
+        // runc's messages already say "runc <op> failed: ".
+        if let Some(rest) = msg.strip_prefix(&format!("runc {op} failed: ")) {
+            msg = rest.to_string();
+        }
         if msg.is_empty() {
             msg = format!("exit status {}", exit.status);
         }

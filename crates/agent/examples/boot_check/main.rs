@@ -347,6 +347,33 @@ async fn run(vm: &mut Vm, image_dir: &Path, extra: &str) -> Res<()> {
         matches!(&bad, Err(kuasar_api::ttrpc::Error::RpcStatus(s)) if s.code() == kuasar_api::ttrpc::Code::INVALID_ARGUMENT),
         "bad id is InvalidArgument".into(),
     )?;
+    let bad_json = CreateContainerRequest {
+        container_id: "c3".into(),
+        spec_json: b"{not json".to_vec(),
+        rootfs_path: "/run/kuasar/shared/c3/rootfs".into(),
+        ..Default::default()
+    };
+    let res = c.create_container(ctx(), &bad_json).await;
+    check(
+        matches!(&res, Err(kuasar_api::ttrpc::Error::RpcStatus(s)) if s.code() == kuasar_api::ttrpc::Code::INVALID_ARGUMENT),
+        "bad spec JSON is InvalidArgument".into(),
+    )?;
+    // runc's own failure comes back as Internal with runc's message, and
+    // leaves no container behind.
+    let res = create(&c, &dir, "c3", &["/no/such/binary"], false).await;
+    check(
+        matches!(&res, Err(e) if e.contains("runc create failed") && e.contains("no such file")),
+        format!("runc failure reported: {res:?}"),
+    )?;
+    let cr3 = ContainerRequest {
+        container_id: "c3".into(),
+        ..Default::default()
+    };
+    let gone = c.stats(ctx(), &cr3).await;
+    check(
+        matches!(&gone, Err(kuasar_api::ttrpc::Error::RpcStatus(s)) if s.code() == kuasar_api::ttrpc::Code::NOT_FOUND),
+        "failed container is NotFound".into(),
+    )?;
     Ok(())
 }
 
