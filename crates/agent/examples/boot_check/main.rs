@@ -157,7 +157,11 @@ async fn run(vm: &mut Vm, image_dir: &Path, extra: &str) -> Res<()> {
         &c,
         &dir,
         "c2",
-        &["sh", "-c", "read line; echo got $line; exec sleep 1000"],
+        &[
+            "sh",
+            "-c",
+            "read line; echo got $line; read line; echo got2 $line; exec sleep 1000",
+        ],
         true,
     )
     .await?;
@@ -183,7 +187,16 @@ async fn run(vm: &mut Vm, image_dir: &Path, extra: &str) -> Res<()> {
         format!("c2 echoed {:?}", String::from_utf8_lossy(&got.data)),
     )?;
 
-    // 3. The host disconnects and reconnects: the container lives on.
+    // 3. The host disconnects (with a read pending) and reconnects: the
+    // container lives on, and the abandoned read takes no output.
+    let pending = {
+        let c = c.clone();
+        let r = r.clone();
+        tokio::spawn(async move { c.read_stdout(ctx(), &r).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    pending.abort();
+    let _ = pending.await;
     drop(c);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let t = Instant::now();
@@ -208,6 +221,25 @@ async fn run(vm: &mut Vm, image_dir: &Path, extra: &str) -> Res<()> {
         .await
         .map_err(|e| format!("list pids: {e}"))?;
     check(!pids.pids.is_empty(), format!("c2 pids {:?}", pids.pids))?;
+    let w = WriteStreamRequest {
+        container_id: "c2".into(),
+        data: b"two\n".to_vec(),
+        ..Default::default()
+    };
+    c.write_stdin(ctx(), &w)
+        .await
+        .map_err(|e| format!("write stdin: {e}"))?;
+    let got = c
+        .read_stdout(ctx(), &r)
+        .await
+        .map_err(|e| format!("read c2 after reconnect: {e}"))?;
+    check(
+        got.data == b"got2 two\n",
+        format!(
+            "c2 output after reconnect {:?}",
+            String::from_utf8_lossy(&got.data)
+        ),
+    )?;
 
     // 4. An exec in the running container.
     let process = serde_json::json!({
