@@ -1,0 +1,469 @@
+//! The connection to kuasar-vmm (the sandboxer).
+//!
+//! [`Conn`] is one ttrpc client connection: requests are written under a
+//! lock, and ONE reader thread, blocked in `read`, hands each response to
+//! its caller by stream id. (The `ttrpc::Client` of ttrpc 0.8 needs two
+//! threads and wakes up every 10 ms to poll even when idle, which a shim
+//! that idles for the whole life of a pod should not do; this is the same
+//! wire protocol, built on ttrpc's own message types.)
+//!
+//! [`Vmm`] keeps one long-lived `Conn`, reconnects transparently when the
+//! sandboxer restarts, and retries a call once (or, for `Wait`, until it is
+//! answered) when the failure was the connection rather than a status.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use kuasar_api::protobuf::Message;
+use kuasar_api::ttrpc::proto::{
+    KeyValue, MESSAGE_HEADER_LENGTH, MESSAGE_LENGTH_MAX, MESSAGE_TYPE_RESPONSE,
+};
+use kuasar_api::ttrpc::{get_status, Code, MessageHeader, Request, Response, Status};
+
+use crate::log;
+
+pub const VMM_SOCKET_ENV: &str = "KUASAR_VMM_SOCKET";
+pub const DEFAULT_VMM_SOCKET: &str = "/run/kuasar/vmm.sock";
+/// The sandboxer's own service (Ping, RegisterSandbox, DeleteSandbox).
+pub const SANDBOXER_SERVICE: &str = "kuasar.sandboxer.v1.Sandboxer";
+/// containerd's task service, which the sandboxer serves on the same socket.
+pub const TASK_SERVICE: &str = "containerd.task.v2.Task";
+
+/// How long [`Vmm`] keeps trying to reconnect before failing a call.
+pub const RECONNECT_WINDOW: Duration = Duration::from_secs(10);
+const BACKOFF_START: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// A write that blocks this long means the sandboxer is stuck: the
+/// connection is dropped (a partial frame would corrupt the stream anyway).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+const READER_STACK: usize = 64 * 1024;
+
+/// `$KUASAR_VMM_SOCKET`, default `/run/kuasar/vmm.sock`.
+pub fn vmm_socket() -> PathBuf {
+    std::env::var_os(VMM_SOCKET_ENV)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_VMM_SOCKET))
+}
+
+/// Why a call got no response message.
+#[derive(Debug, Clone)]
+pub enum CallError {
+    /// The connection is down (or went down during the call): the request
+    /// may or may not have reached the sandboxer.
+    Broken(String),
+    /// The sandboxer (or the protocol) answered with a status.
+    Status(Status),
+    /// No answer within the request's timeout.
+    Timeout,
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Broken(r) => write!(f, "connection lost: {r}"),
+            CallError::Status(s) => write!(f, "{:?}: {}", s.code(), s.message),
+            CallError::Timeout => f.write_str("timed out"),
+        }
+    }
+}
+
+type Reply = Result<Vec<u8>, CallError>;
+
+struct State {
+    /// Set by the reader when the connection ended; no new call may start.
+    dead: Option<String>,
+    pending: HashMap<u32, SyncSender<Reply>>,
+}
+
+/// Never panic on a poisoned lock: the data (a map, a stream) stays usable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn status(code: Code, msg: impl Into<String>) -> Status {
+    get_status(code, msg.into())
+}
+
+/// One ttrpc client connection (see the module docs).
+pub struct Conn {
+    writer: Mutex<UnixStream>,
+    state: Arc<Mutex<State>>,
+    next_stream: AtomicU32,
+}
+
+impl Conn {
+    pub fn connect(path: &Path) -> io::Result<Conn> {
+        let stream = UnixStream::connect(path)?;
+        stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        let reader = stream.try_clone()?;
+        let state = Arc::new(Mutex::new(State {
+            dead: None,
+            pending: HashMap::new(),
+        }));
+        let st = state.clone();
+        std::thread::Builder::new()
+            .name("vmm-reader".into())
+            .stack_size(READER_STACK)
+            .spawn(move || read_loop(reader, st))?;
+        Ok(Conn {
+            writer: Mutex::new(stream),
+            state,
+            next_stream: AtomicU32::new(1),
+        })
+    }
+
+    pub fn is_broken(&self) -> bool {
+        lock(&self.state).dead.is_some()
+    }
+
+    fn forget(&self, id: u32) {
+        lock(&self.state).pending.remove(&id);
+    }
+
+    /// One request; `timeout_nano` 0 waits forever (and is sent as is).
+    pub fn call(
+        &self,
+        service: &str,
+        method: &str,
+        payload: Vec<u8>,
+        metadata: Vec<KeyValue>,
+        timeout_nano: i64,
+    ) -> Reply {
+        let mut req = Request::new();
+        req.service = service.to_string();
+        req.method = method.to_string();
+        req.payload = payload;
+        req.metadata = metadata;
+        req.timeout_nano = timeout_nano;
+        let body = req.write_to_bytes().map_err(|e| {
+            CallError::Status(status(Code::INTERNAL, format!("encode request: {e}")))
+        })?;
+        if body.len() > MESSAGE_LENGTH_MAX {
+            return Err(CallError::Status(status(
+                Code::RESOURCE_EXHAUSTED,
+                format!(
+                    "{method} request of {} bytes exceeds the ttrpc limit of {MESSAGE_LENGTH_MAX}",
+                    body.len()
+                ),
+            )));
+        }
+        // Client stream ids are odd; wrapping keeps them odd.
+        let id = self.next_stream.fetch_add(2, Ordering::Relaxed);
+        let (tx, rx) = sync_channel(1);
+        {
+            let mut st = lock(&self.state);
+            if let Some(reason) = &st.dead {
+                return Err(CallError::Broken(reason.clone()));
+            }
+            st.pending.insert(id, tx);
+        }
+        let mut frame: Vec<u8> = MessageHeader::new_request(id, body.len() as u32).into();
+        frame.extend_from_slice(&body);
+        {
+            let mut w = lock(&self.writer);
+            if let Err(e) = w.write_all(&frame) {
+                // The reader sees the shutdown, marks the connection dead
+                // and fails every other pending call.
+                let _ = w.shutdown(Shutdown::Both);
+                drop(w);
+                self.forget(id);
+                return Err(CallError::Broken(format!("write: {e}")));
+            }
+        }
+        let reply = if timeout_nano > 0 {
+            match rx.recv_timeout(Duration::from_nanos(timeout_nano as u64)) {
+                Ok(r) => r,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.forget(id);
+                    return Err(CallError::Timeout);
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    Err(CallError::Broken("connection dropped".into()))
+                }
+            }
+        } else {
+            rx.recv()
+                .unwrap_or_else(|_| Err(CallError::Broken("connection dropped".into())))
+        };
+        let body = reply?;
+        let mut resp = Response::parse_from_bytes(&body).map_err(|e| {
+            CallError::Status(status(
+                Code::INTERNAL,
+                format!("invalid ttrpc response from kuasar-vmm: {e}"),
+            ))
+        })?;
+        let st = resp.status();
+        if st.code() != Code::OK {
+            return Err(CallError::Status(st.clone()));
+        }
+        Ok(std::mem::take(&mut resp.payload))
+    }
+
+    /// A typed unary call (used by `start` and `delete`).
+    pub fn unary<Req: Message, Resp: Message>(
+        &self,
+        service: &str,
+        method: &str,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, CallError> {
+        let payload = req.write_to_bytes().map_err(|e| {
+            CallError::Status(status(Code::INTERNAL, format!("encode {method}: {e}")))
+        })?;
+        let timeout_nano = i64::try_from(timeout.as_nanos()).unwrap_or(i64::MAX);
+        let out = self.call(service, method, payload, Vec::new(), timeout_nano)?;
+        Resp::parse_from_bytes(&out).map_err(|e| {
+            CallError::Status(status(
+                Code::INTERNAL,
+                format!("invalid {method} response: {e}"),
+            ))
+        })
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // Wakes the reader thread (EOF), which then exits and closes its fd.
+        let _ = lock(&self.writer).shutdown(Shutdown::Both);
+    }
+}
+
+fn deliver(state: &Mutex<State>, id: u32, reply: Reply) {
+    if let Some(tx) = lock(state).pending.remove(&id) {
+        // Capacity 1 and one send per id: never blocks. The caller may
+        // have timed out and gone: ignore.
+        let _ = tx.try_send(reply);
+    }
+}
+
+fn read_loop(mut s: UnixStream, state: Arc<Mutex<State>>) {
+    let reason = loop {
+        let mut hdr = [0u8; MESSAGE_HEADER_LENGTH];
+        if let Err(e) = s.read_exact(&mut hdr) {
+            break match e.kind() {
+                io::ErrorKind::UnexpectedEof => "closed by kuasar-vmm".to_string(),
+                _ => format!("read: {e}"),
+            };
+        }
+        let mh = MessageHeader::from(hdr);
+        let len = mh.length as usize;
+        if len > MESSAGE_LENGTH_MAX {
+            let skipped = io::copy(&mut (&mut s).take(len as u64), &mut io::sink());
+            if !matches!(skipped, Ok(n) if n == len as u64) {
+                break "read: truncated oversized message".to_string();
+            }
+            deliver(
+                &state,
+                mh.stream_id,
+                Err(CallError::Status(status(
+                    Code::RESOURCE_EXHAUSTED,
+                    format!(
+                        "response of {len} bytes exceeds the ttrpc limit of {MESSAGE_LENGTH_MAX}"
+                    ),
+                ))),
+            );
+            continue;
+        }
+        let mut body = vec![0u8; len];
+        if let Err(e) = s.read_exact(&mut body) {
+            break format!("read: {e}");
+        }
+        if mh.type_ == MESSAGE_TYPE_RESPONSE {
+            deliver(&state, mh.stream_id, Ok(body));
+        }
+    };
+    let mut st = lock(&state);
+    st.dead = Some(reason.clone());
+    for (_, tx) in st.pending.drain() {
+        let _ = tx.try_send(Err(CallError::Broken(reason.clone())));
+    }
+}
+
+/// Retry policy of a relayed call when the connection breaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Reconnect and retry once.
+    Once,
+    /// Retry until an answer arrives (or the request's own timeout).
+    UntilAnswered,
+}
+
+/// The shim's one long-lived, self-healing connection to kuasar-vmm.
+pub struct Vmm {
+    path: PathBuf,
+    conn: Mutex<Option<Arc<Conn>>>,
+    window: Duration,
+}
+
+impl Vmm {
+    pub fn new(path: PathBuf) -> Self {
+        Vmm {
+            path,
+            conn: Mutex::new(None),
+            window: RECONNECT_WINDOW,
+        }
+    }
+
+    #[cfg(test)]
+    pub fn with_window(mut self, window: Duration) -> Self {
+        self.window = window;
+        self
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The live connection, (re)connecting with backoff until `give_up`.
+    /// The lock is held only for one connect attempt at a time.
+    fn live_conn(&self, give_up: Instant) -> Result<Arc<Conn>, String> {
+        let mut backoff = BACKOFF_START;
+        loop {
+            let err = {
+                let mut cur = lock(&self.conn);
+                if let Some(c) = cur.as_ref().filter(|c| !c.is_broken()) {
+                    return Ok(c.clone());
+                }
+                let was_connected = cur.take().is_some();
+                match Conn::connect(&self.path) {
+                    Ok(c) => {
+                        let c = Arc::new(c);
+                        *cur = Some(c.clone());
+                        if was_connected {
+                            log!(
+                                "info",
+                                "reconnected to kuasar-vmm at {}",
+                                self.path.display()
+                            );
+                        }
+                        return Ok(c);
+                    }
+                    Err(e) => e,
+                }
+            };
+            let now = Instant::now();
+            if now >= give_up {
+                return Err(err.to_string());
+            }
+            std::thread::sleep(backoff.min(give_up - now));
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    fn drop_conn(&self, c: &Arc<Conn>) {
+        let mut cur = lock(&self.conn);
+        if cur.as_ref().is_some_and(|x| Arc::ptr_eq(x, c)) {
+            *cur = None;
+        }
+    }
+
+    fn unreachable(&self, reason: &str) -> Status {
+        status(
+            Code::UNAVAILABLE,
+            format!(
+                "kuasar-vmm is not reachable at {}: {reason}",
+                self.path.display()
+            ),
+        )
+    }
+
+    /// Relays one request; answers are returned unchanged (payload bytes,
+    /// or the sandboxer's status with its code and message).
+    pub fn call(
+        &self,
+        service: &str,
+        method: &str,
+        payload: &[u8],
+        metadata: &[KeyValue],
+        timeout_nano: i64,
+        retry: Retry,
+    ) -> Result<Vec<u8>, Status> {
+        let deadline = u64::try_from(timeout_nano)
+            .ok()
+            .filter(|n| *n > 0)
+            .map(|n| Instant::now() + Duration::from_nanos(n));
+        let timed_out = || {
+            status(
+                Code::DEADLINE_EXCEEDED,
+                format!("{method}: no answer from kuasar-vmm within the request timeout"),
+            )
+        };
+        let mut broken = 0u32;
+        loop {
+            let now = Instant::now();
+            let give_up = deadline.map_or(now + self.window, |d| d.min(now + self.window));
+            let conn = match self.live_conn(give_up) {
+                Ok(c) => c,
+                Err(e) => {
+                    let expired = deadline.is_some_and(|d| Instant::now() >= d);
+                    if retry == Retry::UntilAnswered && !expired {
+                        log!("warn", "{method}: still waiting for kuasar-vmm: {e}");
+                        continue;
+                    }
+                    return Err(if expired {
+                        timed_out()
+                    } else {
+                        self.unreachable(&e)
+                    });
+                }
+            };
+            let remaining = match deadline {
+                None => 0,
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(timed_out());
+                    }
+                    i64::try_from(left.as_nanos()).unwrap_or(i64::MAX)
+                }
+            };
+            match conn.call(
+                service,
+                method,
+                payload.to_vec(),
+                metadata.to_vec(),
+                remaining,
+            ) {
+                Ok(p) => return Ok(p),
+                Err(CallError::Status(s)) => return Err(s),
+                Err(CallError::Timeout) => return Err(timed_out()),
+                Err(CallError::Broken(reason)) => {
+                    self.drop_conn(&conn);
+                    broken += 1;
+                    log!(
+                        "warn",
+                        "{method}: connection to kuasar-vmm lost ({reason}), retrying"
+                    );
+                    match retry {
+                        Retry::Once if broken >= 2 => {
+                            return Err(status(
+                                Code::UNAVAILABLE,
+                                format!(
+                                    "connection to kuasar-vmm at {} lost: {reason}",
+                                    self.path.display()
+                                ),
+                            ))
+                        }
+                        Retry::Once => {}
+                        Retry::UntilAnswered => {
+                            if broken > 1 {
+                                // Connects but drops us: do not spin.
+                                std::thread::sleep(
+                                    BACKOFF_START.saturating_mul(broken).min(BACKOFF_MAX),
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
