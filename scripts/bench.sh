@@ -35,11 +35,11 @@ command -v cpio >/dev/null || die "cpio missing (run: make deps)"
 BUSYBOX=$(command -v busybox) || die "busybox missing (run: make deps)"
 
 WORK=$(mktemp -d /tmp/kuasar-bench.XXXXXX)
-BARE_PID=""
+QEMU_BARE=""
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
-  if [ -n "$BARE_PID" ]; then kill -KILL "$BARE_PID" 2>/dev/null || true; fi
+  if [ -n "$QEMU_BARE" ]; then kill -KILL "$QEMU_BARE" 2>/dev/null || true; fi
   "$REPO_ROOT/scripts/containerd.sh" stop "$DIR" >/dev/null 2>&1 || rc=1
   rm -rf "$WORK"
   exit "$rc"
@@ -101,7 +101,7 @@ vmm_rss=$(mem "$vmm" Rss); vmm_pss=$(mem "$vmm" Pss)
 qemu_rss=$(mem "${qemus[0]}" Rss); qemu_pss=$(mem "${qemus[0]}" Pss)
 
 # The machine options the sandboxer used, for the bare boot.
-machine="microvm,acpi=on" accel="tcg,tb-size=16" cpu="max" memory=256 smp=1 tsc=""
+machine="microvm,acpi=on" accel="tcg,tb-size=16" cpu="max" memory=256 smp=1 append=""
 mapfile -d '' qargs < "/proc/${qemus[0]}/cmdline"
 for ((i = 0; i < ${#qargs[@]} - 1; i++)); do
   case ${qargs[i]} in
@@ -110,7 +110,7 @@ for ((i = 0; i < ${#qargs[@]} - 1; i++)); do
     -cpu) cpu=${qargs[i + 1]} ;;
     -m) memory=${qargs[i + 1]} ;;
     -smp) smp=${qargs[i + 1]} ;;
-    -append) tsc=$(grep -o 'tsc_early_khz=[0-9]*' <<<"${qargs[i + 1]}" || true) ;;
+    -append) append=${qargs[i + 1]} ;;
   esac
 done
 for id in "${ids[@]}"; do
@@ -126,10 +126,10 @@ for id in "${ids[@]}"; do
 done
 
 # --- (c) bare QEMU boot ------------------------------------------------------------------------
-if [ -z "$tsc" ]; then
-  khz=$(dmesg 2>/dev/null | sed -n 's/.*tsc: Refined TSC clocksource calibration: \([0-9]*\)\.\([0-9]*\) MHz.*/\1\2/p' | tail -1)
-  [ -n "$khz" ] || khz=$(dmesg 2>/dev/null | sed -n 's/.*tsc: Detected \([0-9]*\)\.\([0-9]*\) MHz.*/\1\2/p' | tail -1)
-  [ -n "$khz" ] && tsc="tsc_early_khz=$khz"
+# The guest kernel command line the sandboxer used (else the one of docs/design.md).
+if [ -z "$append" ]; then
+  khz=$(dmesg 2>/dev/null | sed -n 's/.*tsc: Detected \([0-9]*\)\.\([0-9]*\) MHz.*/\1\2/p' | tail -1)
+  append="console=ttyS0 quiet panic=-1 cryptomgr.notests${khz:+ tsc_early_khz=$khz}"
 fi
 bare=$WORK/bare
 mkdir -p "$bare/bin" "$bare/dev" "$bare/proc"
@@ -146,27 +146,27 @@ chmod 0755 "$bare/init"
 
 bare_times=()
 for ((i = 1; i <= N; i++)); do
-  console=$WORK/console-$i.log
-  : > "$console"
+  # The console goes to a pipe that is read without polling (polling would steal CPU from
+  # the emulated guest).
   t0=$(now_ms)
-  "$QEMU_BIN" -name "kuasar-bench-bare-$i" -machine "$machine" -accel "$accel" -cpu "$cpu" \
-    -m "$memory" -smp "$smp" -nodefaults -no-user-config -nographic -no-reboot \
-    -kernel "$IMAGE_DIR/vmlinux" -initrd "$WORK/bare.cpio" \
-    -append "console=ttyS0 quiet panic=-1 cryptomgr.notests $tsc" \
-    -serial "file:$console" </dev/null >"$WORK/qemu-$i.log" 2>&1 &
-  BARE_PID=$!
-  seen=0
-  for ((j = 0; j < 6000; j++)); do
-    if grep -q "$MARKER" "$console" 2>/dev/null; then seen=1; break; fi
-    alive "$BARE_PID" || break
-    sleep 0.005
+  coproc BARE { exec "$QEMU_BIN" -name "kuasar-bench-bare-$i" -machine "$machine" \
+    -accel "$accel" -cpu "$cpu" -m "$memory" -smp "$smp" -nodefaults -no-user-config \
+    -nographic -no-reboot -kernel "$IMAGE_DIR/vmlinux" -initrd "$WORK/bare.cpio" \
+    -append "$append" -serial stdio </dev/null 2>"$WORK/qemu-$i.log"; }
+  QEMU_BARE=$BARE_PID
+  exec {console}<&"${BARE[0]}"
+  seen=0 start=$SECONDS
+  while [ $((SECONDS - start)) -lt 60 ] && IFS= read -r -t 60 line <&"$console"; do
+    echo "$line" >> "$WORK/console-$i.log"
+    if [[ $line == *"$MARKER"* ]]; then seen=1; break; fi
   done
   t1=$(now_ms)
-  for ((j = 0; j < 200; j++)); do alive "$BARE_PID" || break; sleep 0.01; done
-  kill -KILL "$BARE_PID" 2>/dev/null || true
-  wait "$BARE_PID" 2>/dev/null || true
-  BARE_PID=""
-  [ "$seen" = 1 ] || die "bare boot #$i: no marker on the console (see $console, $WORK/qemu-$i.log)"
+  for ((j = 0; j < 200; j++)); do alive "$QEMU_BARE" || break; sleep 0.01; done
+  kill -KILL "$QEMU_BARE" 2>/dev/null || true
+  wait "$QEMU_BARE" 2>/dev/null || true
+  exec {console}<&-
+  QEMU_BARE=""
+  [ "$seen" = 1 ] || die "bare boot #$i: no marker on the console (see $WORK/console-$i.log, $WORK/qemu-$i.log)"
   bare_times+=($((t1 - t0)))
   log "bare boot #$i: $((t1 - t0)) ms"
 done
@@ -186,6 +186,7 @@ printf '%-52s %9s ms   (%s)\n' "(a) ctr run --rm ... echo hello (wall)" "$run_me
 printf '%-52s %9s ms   (%s)\n' "(b) guest boot to agent ready (sandboxer log)" "$boot_med" "${boot_times[*]:-none}"
 printf '%-52s %9s ms   (%s)\n' "(c) bare QEMU boot, spawn to console marker" "$bare_med" "${bare_times[*]}"
 printf '%-52s %12s   %s\n' "ratio (a) / (c)" "$ratio" "$verdict"
+echo "bare boot: -machine $machine -accel $accel -cpu $cpu -m $memory -smp $smp -append '$append'"
 echo
 printf '%-34s %10s %10s\n' "memory" "RSS MB" "PSS MB"
 printf '%-34s %10s %10s\n' "----------------------------------" "----------" "----------"
