@@ -7,6 +7,7 @@ mod container;
 mod error;
 mod init;
 mod process;
+mod proxy;
 mod reaper;
 mod runc;
 mod service;

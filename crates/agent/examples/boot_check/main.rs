@@ -7,6 +7,7 @@
 //! scripts/build-guest.sh /var/lib/kuasar
 //! cargo run -p kuasar-agent --example boot_check -- [--image-dir DIR] [--keep] [--append PARAMS]
 //! cargo run -p kuasar-agent --example boot_check -- --boots 5   # boot-to-Ping timings only
+//! cargo run -p kuasar-agent --example boot_check -- --reconnect-gap-ms 0   # instant reconnect
 //! ```
 //! QEMU is killed and the work directory removed whatever happens (`--keep`
 //! keeps the directory, with console.log, for inspection). Needs root,
@@ -116,9 +117,18 @@ async fn boot_and_ping(
     Ok((c, ping, t0.elapsed().as_millis(), tsc))
 }
 
-async fn run(vm: &mut Vm, image_dir: &Path, extra: &str) -> Res<()> {
+/// Command line options.
+struct Opts {
+    image_dir: PathBuf,
+    keep: bool,
+    extra: String,
+    boots: usize,
+    reconnect_gap_ms: u64,
+}
+
+async fn run(vm: &mut Vm, opts: &Opts) -> Res<()> {
     let dir = vm.dir.clone();
-    let (c, ping, boot_ms, tsc) = boot_and_ping(vm, image_dir, extra).await?;
+    let (c, ping, boot_ms, tsc) = boot_and_ping(vm, &opts.image_dir, &opts.extra).await?;
     println!(
         "boot: QEMU spawn -> Ping answered in {boot_ms} ms (agent {}, kernel {}, tsc_early_khz={tsc})",
         ping.agent_version, ping.kernel_release
@@ -198,7 +208,7 @@ async fn run(vm: &mut Vm, image_dir: &Path, extra: &str) -> Res<()> {
     pending.abort();
     let _ = pending.await;
     drop(c);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(opts.reconnect_gap_ms)).await;
     let t = Instant::now();
     let c = connect(
         &dir.join("agent.sock"),
@@ -411,25 +421,34 @@ async fn run(vm: &mut Vm, image_dir: &Path, extra: &str) -> Res<()> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let mut image_dir = PathBuf::from("/var/lib/kuasar");
-    let mut keep = false;
-    let mut extra = String::new();
-    let mut boots = 0usize;
+    let mut opts = Opts {
+        image_dir: PathBuf::from("/var/lib/kuasar"),
+        keep: false,
+        extra: String::new(),
+        boots: 0,
+        reconnect_gap_ms: 200,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
+        let mut value = || args.next().unwrap_or_default();
         match a.as_str() {
-            "--image-dir" => image_dir = args.next().map(PathBuf::from).unwrap_or(image_dir),
-            "--keep" => keep = true,
-            "--append" => extra = args.next().unwrap_or_default(),
-            "--boots" => boots = args.next().and_then(|n| n.parse().ok()).unwrap_or(5),
+            "--image-dir" => opts.image_dir = PathBuf::from(value()),
+            "--keep" => opts.keep = true,
+            "--append" => opts.extra = value(),
+            "--boots" => opts.boots = value().parse().unwrap_or(5),
+            "--reconnect-gap-ms" => opts.reconnect_gap_ms = value().parse().unwrap_or(200),
             _ => {
-                eprintln!("usage: boot_check [--image-dir DIR] [--keep] [--append KERNEL_PARAMS] [--boots N]");
+                eprintln!(
+                    "usage: boot_check [--image-dir DIR] [--keep] [--append KERNEL_PARAMS] \
+                     [--boots N] [--reconnect-gap-ms MS]"
+                );
                 std::process::exit(2);
             }
         }
     }
     let dir = std::env::temp_dir().join(format!("kuasar-boot-check-{}", std::process::id()));
-    if boots > 0 {
+    if opts.boots > 0 {
+        let boots = opts.boots;
         let mut times = Vec::new();
         for i in 0..boots {
             let mut vm = Vm {
@@ -437,7 +456,7 @@ async fn main() {
                 qemu: None,
                 keep: false,
             };
-            match boot_and_ping(&mut vm, &image_dir, &extra).await {
+            match boot_and_ping(&mut vm, &opts.image_dir, &opts.extra).await {
                 Ok((_, _, ms, _)) => {
                     println!("boot {}: QEMU spawn -> Ping answered in {ms} ms", i + 1);
                     times.push(ms);
@@ -461,9 +480,9 @@ async fn main() {
     let mut vm = Vm {
         dir,
         qemu: None,
-        keep,
+        keep: opts.keep,
     };
-    let res = run(&mut vm, &image_dir, &extra).await;
+    let res = run(&mut vm, &opts).await;
     if let Err(e) = &res {
         eprintln!("FAILED: {e}");
         let console = std::fs::read_to_string(vm.dir.join("console.log")).unwrap_or_default();

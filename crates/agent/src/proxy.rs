@@ -1,0 +1,391 @@
+//! The virtio-serial <-> ttrpc server proxy.
+//!
+//! ttrpc's server wants a listening socket, so it listens on a Unix socket in
+//! the guest and one thread moves ttrpc frames between the port and a
+//! connection to that socket (a "session"). The port is non-blocking: while
+//! no host is connected reads return EOF, writes `EAGAIN`, poll `POLLHUP`.
+//!
+//! A virtio-serial port has no reliable connection boundary: a host that
+//! disconnects and reconnects at once may never be seen hung up. So the proxy
+//! also reads the frames: a new ttrpc client starts its stream ids at 1 again,
+//! so a request whose stream id is not above the session's highest starts a
+//! new session. Ending a session closes its server connection (the server
+//! then cancels the requests still pending on it, so they cannot consume a
+//! process's output) and drops its unsent replies. Replies are written whole
+//! (the driver takes up to 32 KiB per write), so a reply never straddles two
+//! host connections unless it is larger than that.
+use std::fs::File;
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use tracing::{debug, info, warn};
+
+/// ttrpc's frame header: length (u32 BE), stream id (u32 BE), type, flags.
+const HEADER_LEN: usize = 10;
+/// ttrpc's largest frame payload.
+const MAX_PAYLOAD: usize = 4 << 20;
+const TYPE_REQUEST: u8 = 1;
+/// The most a virtio-serial port write takes at once.
+const PORT_WRITE_MAX: usize = 32 << 10;
+/// Stop reading a side while this much is waiting to be written.
+const HIGH_WATER: usize = MAX_PAYLOAD + HEADER_LEN;
+/// How often a disconnected port is polled for a new host connection.
+const RECONNECT_POLL: Duration = Duration::from_millis(10);
+const READ_CHUNK: usize = 64 << 10;
+
+/// A parsed frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub total_len: usize,
+    pub stream_id: u32,
+    pub kind: u8,
+}
+
+/// The header at the start of `buf`; `Ok(None)` if incomplete, `Err` if the
+/// length is beyond ttrpc's limit (the byte stream is not ttrpc).
+pub fn parse_header(buf: &[u8]) -> Result<Option<Header>, ()> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len > MAX_PAYLOAD {
+        return Err(());
+    }
+    Ok(Some(Header {
+        total_len: HEADER_LEN + len,
+        stream_id: u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]),
+        kind: buf[8],
+    }))
+}
+
+/// Splits whole frames off the front of a byte buffer.
+#[derive(Default)]
+pub struct Framer {
+    buf: Vec<u8>,
+}
+
+impl Framer {
+    pub fn extend(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn clear(&mut self) {
+        self.buf.clear();
+    }
+
+    /// The next whole frame with its header; `Err` when the stream is broken.
+    pub fn next_frame(&mut self) -> Result<Option<(Header, Vec<u8>)>, ()> {
+        let Some(h) = parse_header(&self.buf)? else {
+            return Ok(None);
+        };
+        if self.buf.len() < h.total_len {
+            return Ok(None);
+        }
+        let rest = self.buf.split_off(h.total_len);
+        Ok(Some((h, std::mem::replace(&mut self.buf, rest))))
+    }
+}
+
+/// Which session a request from the host belongs to.
+#[derive(Default)]
+pub struct SessionTracker {
+    max_stream: Option<u32>,
+}
+
+impl SessionTracker {
+    /// True when `h` starts a new session (a new client reuses stream ids).
+    pub fn is_new_session(&mut self, h: &Header) -> bool {
+        if h.kind != TYPE_REQUEST {
+            return false;
+        }
+        let new = self.max_stream.is_some_and(|max| h.stream_id <= max);
+        if new {
+            self.max_stream = Some(h.stream_id);
+        } else {
+            self.max_stream = Some(self.max_stream.map_or(h.stream_id, |m| m.max(h.stream_id)));
+        }
+        new
+    }
+
+    pub fn reset(&mut self) {
+        self.max_stream = None;
+    }
+}
+
+/// Frames waiting to be written, the front one possibly partly written.
+#[derive(Default)]
+struct Outbox {
+    frames: std::collections::VecDeque<Vec<u8>>,
+    offset: usize,
+    bytes: usize,
+}
+
+impl Outbox {
+    fn push(&mut self, frame: Vec<u8>) {
+        self.bytes += frame.len();
+        self.frames.push_back(frame);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    fn clear(&mut self) {
+        *self = Outbox::default();
+    }
+
+    /// Writes what `dst` takes, at most `max` bytes per write and never more
+    /// than the rest of the front frame.
+    fn flush(&mut self, mut dst: impl Write, max: usize) -> std::io::Result<()> {
+        while let Some(front) = self.frames.front() {
+            let end = front.len().min(self.offset + max);
+            match dst.write(&front[self.offset..end]) {
+                Ok(n) => {
+                    self.offset += n;
+                    self.bytes -= n;
+                    if self.offset == front.len() {
+                        self.frames.pop_front();
+                        self.offset = 0;
+                    }
+                }
+                Err(e) if is_transient(&e) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_transient(e: &std::io::Error) -> bool {
+    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted)
+}
+
+/// Reads what is available into `framer`; `Ok(false)` at EOF.
+fn fill(mut src: impl Read, framer: &mut Framer, scratch: &mut [u8]) -> std::io::Result<bool> {
+    match src.read(scratch) {
+        Ok(0) => Ok(false),
+        Ok(n) => {
+            framer.extend(&scratch[..n]);
+            Ok(true)
+        }
+        Err(e) if is_transient(&e) => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
+/// Serves host connections on `port` forever.
+pub fn run(port: &File, port_path: &Path, server: &Path) {
+    let mut first = true;
+    loop {
+        // Nobody connected: the port polls readable (EOF) and hung up.
+        while poll_port(port).contains(PollFlags::POLLHUP) {
+            std::thread::sleep(RECONNECT_POLL);
+        }
+        if first {
+            info!(port = %port_path.display(), "host channel open");
+            first = false;
+        } else {
+            info!("host reconnected");
+        }
+        serve_host(port, server);
+        info!("host disconnected");
+    }
+}
+
+fn poll_port(port: &File) -> PollFlags {
+    let mut fds = [PollFd::new(port.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(_) => fds[0].revents().unwrap_or(PollFlags::empty()),
+        Err(e) => {
+            if e != Errno::EINTR {
+                warn!("poll port: {e}");
+            }
+            std::thread::sleep(RECONNECT_POLL);
+            PollFlags::POLLHUP
+        }
+    }
+}
+
+fn connect(server: &Path) -> UnixStream {
+    loop {
+        match UnixStream::connect(server).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
+            Ok(s) => return s,
+            Err(e) => warn!("connect {}: {e}", server.display()),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Moves frames until the host hangs up.
+fn serve_host(port: &File, server: &Path) {
+    let mut sock = connect(server);
+    let mut tracker = SessionTracker::default();
+    let (mut from_host, mut from_server) = (Framer::default(), Framer::default());
+    let (mut to_server, mut to_host) = (Outbox::default(), Outbox::default());
+    let mut scratch = vec![0u8; READ_CHUNK];
+    loop {
+        let mut pev = PollFlags::empty();
+        if from_host.len() + to_server.bytes < HIGH_WATER {
+            pev |= PollFlags::POLLIN;
+        }
+        if !to_host.is_empty() {
+            pev |= PollFlags::POLLOUT;
+        }
+        let mut sev = PollFlags::empty();
+        if from_server.len() + to_host.bytes < HIGH_WATER {
+            sev |= PollFlags::POLLIN;
+        }
+        if !to_server.is_empty() {
+            sev |= PollFlags::POLLOUT;
+        }
+        let mut fds = [
+            PollFd::new(port.as_fd(), pev),
+            PollFd::new(sock.as_fd(), sev),
+        ];
+        match poll(&mut fds, PollTimeout::from(1000u16)) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => {
+                warn!("poll: {e}");
+                return;
+            }
+        }
+        let pr = fds[0].revents().unwrap_or(PollFlags::empty());
+        let sr = fds[1].revents().unwrap_or(PollFlags::empty());
+        if pr.contains(PollFlags::POLLHUP) {
+            return;
+        }
+        let mut new_session = false;
+        if pr.contains(PollFlags::POLLIN) {
+            match fill(port, &mut from_host, &mut scratch) {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    warn!("read port: {e}");
+                    return;
+                }
+            }
+            loop {
+                match from_host.next_frame() {
+                    Ok(Some((h, frame))) => {
+                        if tracker.is_new_session(&h) {
+                            debug!(stream = h.stream_id, "new host session");
+                            new_session = true;
+                            to_server.clear();
+                            to_host.clear();
+                            from_server.clear();
+                        }
+                        to_server.push(frame);
+                    }
+                    Ok(None) => break,
+                    Err(()) => {
+                        warn!("host sent a malformed frame; resetting the session");
+                        from_host.clear();
+                        to_server.clear();
+                        tracker.reset();
+                        new_session = true;
+                        break;
+                    }
+                }
+            }
+        }
+        if new_session {
+            // Closing the old connection cancels its pending requests.
+            sock = connect(server);
+            continue;
+        }
+        if pr.contains(PollFlags::POLLOUT) {
+            if let Err(e) = to_host.flush(port, PORT_WRITE_MAX) {
+                warn!("write port: {e}");
+                return;
+            }
+        }
+        let mut server_gone = false;
+        if sr.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
+            match fill(&sock, &mut from_server, &mut scratch) {
+                Ok(true) => {}
+                Ok(false) | Err(_) => server_gone = true,
+            }
+            while let Ok(Some((_, frame))) = from_server.next_frame() {
+                to_host.push(frame);
+            }
+        }
+        if sr.contains(PollFlags::POLLOUT) && to_server.flush(&sock, usize::MAX).is_err() {
+            server_gone = true;
+        }
+        if server_gone {
+            warn!("ttrpc server closed the proxied connection; reconnecting");
+            from_server.clear();
+            to_server.clear();
+            sock = connect(server);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(stream: u32, kind: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = (payload.len() as u32).to_be_bytes().to_vec();
+        f.extend(stream.to_be_bytes());
+        f.extend([kind, 0]);
+        f.extend(payload);
+        f
+    }
+
+    #[test]
+    fn framer_splits_frames_across_reads() {
+        let mut fr = Framer::default();
+        let a = frame(1, TYPE_REQUEST, b"hello");
+        let b = frame(3, TYPE_REQUEST, b"");
+        let all: Vec<u8> = a.iter().chain(b.iter()).copied().collect();
+        fr.extend(&all[..7]);
+        assert_eq!(fr.next_frame(), Ok(None));
+        fr.extend(&all[7..]);
+        let (h, f) = fr.next_frame().unwrap().unwrap();
+        assert_eq!((h.stream_id, h.total_len, f), (1, 15, a));
+        let (h, f) = fr.next_frame().unwrap().unwrap();
+        assert_eq!((h.stream_id, f), (3, b));
+        assert_eq!(fr.next_frame(), Ok(None));
+        let mut bad = Framer::default();
+        bad.extend(&[0xff; 10]);
+        assert_eq!(bad.next_frame(), Err(()));
+    }
+
+    #[test]
+    fn a_reused_stream_id_starts_a_new_session() {
+        let h = |stream_id, kind| Header {
+            total_len: HEADER_LEN,
+            stream_id,
+            kind,
+        };
+        let mut t = SessionTracker::default();
+        assert!(!t.is_new_session(&h(1, TYPE_REQUEST)));
+        assert!(!t.is_new_session(&h(3, TYPE_REQUEST)));
+        assert!(!t.is_new_session(&h(3, 3))); // data frames never do
+        assert!(!t.is_new_session(&h(7, TYPE_REQUEST)));
+        assert!(t.is_new_session(&h(1, TYPE_REQUEST)));
+        assert!(!t.is_new_session(&h(3, TYPE_REQUEST)));
+    }
+
+    #[test]
+    fn outbox_writes_whole_frames_in_bounded_pieces() {
+        let mut o = Outbox::default();
+        o.push(vec![1; 5]);
+        o.push(vec![2; 3]);
+        let mut out: Vec<u8> = Vec::new();
+        o.flush(&mut out, 4).unwrap();
+        assert_eq!(out, [1, 1, 1, 1, 1, 2, 2, 2]);
+        assert!(o.is_empty());
+        assert_eq!(o.bytes, 0);
+    }
+}
