@@ -73,6 +73,17 @@ fn check(cond: bool, what: String) -> Res<()> {
 }
 
 async fn create(c: &AgentClient, dir: &Path, id: &str, args: &[&str], stdin: bool) -> Res<u32> {
+    create_with(c, dir, id, args, stdin, false).await
+}
+
+async fn create_with(
+    c: &AgentClient,
+    dir: &Path,
+    id: &str,
+    args: &[&str],
+    stdin: bool,
+    terminal: bool,
+) -> Res<u32> {
     make_rootfs(&dir.join("shared").join(id).join("rootfs"))?;
     let req = CreateContainerRequest {
         container_id: id.into(),
@@ -80,7 +91,8 @@ async fn create(c: &AgentClient, dir: &Path, id: &str, args: &[&str], stdin: boo
         rootfs_path: format!("/run/kuasar/shared/{id}/rootfs"),
         stdin,
         stdout: true,
-        stderr: true,
+        stderr: !terminal,
+        terminal,
         ..Default::default()
     };
     let r = c
@@ -330,6 +342,13 @@ async fn run(vm: &mut Vm, opts: &Opts) -> Res<()> {
         read_all(&c, "c2", "tty1", true).await?.is_empty(),
         "tty exec has no separate stderr".into(),
     )?;
+    create_with(&c, &dir, "c4", &["sh", "-c", "tty; exit 4"], false, true).await?;
+    let out = read_all(&c, "c4", "", false).await?;
+    let status = wait(&c, "c4", "").await?;
+    check(
+        out.starts_with("/dev/pts/") && status == 4,
+        format!("tty container output {out:?}, exit status {status}"),
+    )?;
 
     // 6. Stats, signal, removal, errors.
     let s = c
@@ -354,7 +373,7 @@ async fn run(vm: &mut Vm, opts: &Opts) -> Res<()> {
         .map_err(|e| format!("signal: {e}"))?;
     let status = wait(&c, "c2", "").await?;
     check(status == 137, format!("c2 killed, exit status {status}"))?;
-    for id in ["c1", "c2"] {
+    for id in ["c1", "c2", "c4"] {
         let cr = ContainerRequest {
             container_id: id.into(),
             ..Default::default()
@@ -482,7 +501,13 @@ async fn main() {
         qemu: None,
         keep: opts.keep,
     };
-    let res = run(&mut vm, &opts).await;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    let res = tokio::select! {
+        res = run(&mut vm, &opts) => res,
+        _ = tokio::signal::ctrl_c() => Err("interrupted".to_string()),
+        _ = term.recv() => Err("terminated".to_string()),
+    };
     if let Err(e) = &res {
         eprintln!("FAILED: {e}");
         let console = std::fs::read_to_string(vm.dir.join("console.log")).unwrap_or_default();

@@ -1,5 +1,6 @@
 //! The VM side of boot_check: the work directory, the rootfs and spec of a
 //! test container, and QEMU started with the command line of docs/design.md.
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -136,6 +137,14 @@ pub fn boot(image_dir: &Path, dir: &Path, tsc_khz: u64, extra: &str) -> Res<Chil
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(|e| e.to_string())?)
         .stderr(log);
+    // SAFETY: prctl is async-signal-safe and only touches the child itself.
+    unsafe {
+        cmd.pre_exec(|| {
+            // QEMU dies with us, even if we are killed.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
     cmd.spawn().map_err(|e| format!("spawn qemu: {e}"))
 }
 
