@@ -139,13 +139,48 @@ pub fn read_stats(cgroup: &Path) -> Stats {
 /// An exec slot: reserved while `runc exec` runs, then the process.
 type ExecSlot = Option<Arc<Process>>;
 
+/// How many execs a container keeps; beyond that the oldest exited ones are
+/// forgotten (the protocol has no call to delete an exec).
+pub const MAX_EXECS: usize = 256;
+
+#[derive(Default)]
+struct Execs {
+    slots: HashMap<String, (u64, ExecSlot)>,
+    seq: u64,
+}
+
+impl Execs {
+    fn insert(&mut self, id: &str, slot: ExecSlot) {
+        self.seq += 1;
+        self.slots.insert(id.to_string(), (self.seq, slot));
+    }
+
+    /// Forgets the oldest exited execs while there are more than `max`.
+    fn prune(&mut self, max: usize) {
+        if self.slots.len() <= max {
+            return;
+        }
+        let mut exited: Vec<(u64, String)> = self
+            .slots
+            .iter()
+            .filter(|(_, (_, s))| s.as_ref().is_some_and(|p| p.exited().is_some()))
+            .map(|(id, (seq, _))| (*seq, id.clone()))
+            .collect();
+        exited.sort();
+        let excess = self.slots.len() - max;
+        for (_, id) in exited.into_iter().take(excess) {
+            self.slots.remove(&id);
+        }
+    }
+}
+
 pub struct Container {
     pub id: String,
     pub bundle: PathBuf,
     pub init: Arc<Process>,
     /// The init process's cgroup v2 directory, read at creation.
     pub cgroup: Option<PathBuf>,
-    execs: Mutex<HashMap<String, ExecSlot>>,
+    execs: Mutex<Execs>,
 }
 
 impl Container {
@@ -155,11 +190,11 @@ impl Container {
             bundle,
             init,
             cgroup,
-            execs: Mutex::new(HashMap::new()),
+            execs: Mutex::new(Execs::default()),
         }
     }
 
-    fn execs(&self) -> MutexGuard<'_, HashMap<String, ExecSlot>> {
+    fn execs(&self) -> MutexGuard<'_, Execs> {
         self.execs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -168,9 +203,9 @@ impl Container {
         if exec_id.is_empty() {
             return Ok(self.init.clone());
         }
-        match self.execs().get(exec_id) {
-            Some(Some(p)) => Ok(p.clone()),
-            Some(None) => Err(Error::NotFound(format!(
+        match self.execs().slots.get(exec_id) {
+            Some((_, Some(p))) => Ok(p.clone()),
+            Some((_, None)) => Err(Error::NotFound(format!(
                 "exec {exec_id} of container {} is still being created",
                 self.id
             ))),
@@ -184,13 +219,13 @@ impl Container {
     /// Reserves an exec id; fails if it is taken.
     pub fn reserve_exec(&self, exec_id: &str) -> Result<()> {
         let mut execs = self.execs();
-        if execs.contains_key(exec_id) {
+        if execs.slots.contains_key(exec_id) {
             return Err(Error::AlreadyExists(format!(
                 "exec {exec_id} already exists in container {}",
                 self.id
             )));
         }
-        execs.insert(exec_id.to_string(), None);
+        execs.insert(exec_id, None);
         Ok(())
     }
 
@@ -199,10 +234,11 @@ impl Container {
         let mut execs = self.execs();
         match process {
             Some(p) => {
-                execs.insert(exec_id.to_string(), Some(p));
+                execs.insert(exec_id, Some(p));
+                execs.prune(MAX_EXECS);
             }
             None => {
-                execs.remove(exec_id);
+                execs.slots.remove(exec_id);
             }
         }
     }
@@ -274,6 +310,42 @@ mod tests {
         assert_eq!(v["args"][0], "ls");
         assert!(rewrite_process(br#"{"args":[]}"#, false).is_err());
         assert!(rewrite_process(b"{", false).is_err());
+    }
+
+    #[tokio::test]
+    async fn exited_execs_are_pruned_oldest_first() {
+        use crate::reaper::ExitInfo;
+        use tokio::sync::oneshot;
+        let (io, _) = crate::process::make_stdio(false, false, false).unwrap();
+        let init = Arc::new(Process::new(1, io, oneshot::channel().1));
+        let c = Container::new("c", PathBuf::from("/b"), init, None);
+        let mut senders = Vec::new();
+        for i in 0..5 {
+            let (tx, rx) = oneshot::channel();
+            let (io, _) = crate::process::make_stdio(false, false, false).unwrap();
+            let id = format!("e{i}");
+            c.reserve_exec(&id).unwrap();
+            c.finish_exec(&id, Some(Arc::new(Process::new(100 + i, io, rx))));
+            senders.push(tx);
+        }
+        // e0, e1 and e3 exit; e2 and e4 keep running.
+        for i in [0, 1, 3] {
+            let tx = std::mem::replace(&mut senders[i], oneshot::channel().0);
+            tx.send(ExitInfo {
+                status: 0,
+                at_ns: 0,
+            })
+            .unwrap();
+        }
+        tokio::task::yield_now().await;
+        while c.process("e3").unwrap().exited().is_none() {
+            tokio::task::yield_now().await;
+        }
+        c.execs().prune(3);
+        assert!(c.process("e0").is_err() && c.process("e1").is_err());
+        for id in ["e2", "e3", "e4"] {
+            assert!(c.process(id).is_ok(), "{id}");
+        }
     }
 
     #[test]
