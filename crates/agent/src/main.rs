@@ -42,6 +42,10 @@ fn main() {
         init::ensure_console();
     }
     init_logging();
+    tracing::debug!(
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "early setup done"
+    );
     if let Err(e) = early {
         error!("guest setup failed: {e}");
         std::process::exit(1);
@@ -52,12 +56,12 @@ fn main() {
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let channel = channel::parse_channel(&cmdline);
     if pid1 {
-        init::enable_controllers();
         let vsock = matches!(channel, channel::Channel::Vsock(_));
         let setup = std::thread::Builder::new()
             .name("guest-setup".into())
             .spawn(move || {
                 init::load_modules(Path::new(init::MODULES_LIST), vsock);
+                init::enable_controllers();
                 init::mount_shared();
                 ready_tx.send_replace(true);
                 info!("guest ready");
