@@ -11,8 +11,9 @@ use ttrpc::Code;
 
 /// Bound on every agent call that does not wait for a process by design.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// Largest stdout/stderr chunk asked of the guest in one call.
-pub const READ_CHUNK: u32 = 64 * 1024;
+/// Largest stdout/stderr chunk asked of the guest in one call; replies up to
+/// this size cross a host reconnect intact.
+pub const READ_CHUNK: u32 = 32 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {

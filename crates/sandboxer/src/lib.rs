@@ -77,6 +77,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let sandboxer = service::SandboxerService::new(registry.clone());
     let tasks = task::TaskService::new(registry.clone());
     let mut server = ttrpc::r#async::Server::new()
+        .set_domain_unix()
         .add_listener(listener.into_raw_fd())
         .context("serve the socket")?
         .register_service(
