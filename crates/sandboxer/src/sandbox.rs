@@ -17,13 +17,16 @@ use crate::host::Host;
 use crate::io::{Pumps, StdioPaths};
 use crate::mount::{self, MountSpec};
 use crate::state::{SandboxRecord, RECORD_VERSION};
-use crate::vmm::qemu::{QemuVm, VmSpec};
+use crate::vmm::qemu::{log_tail, QemuVm, VmSpec};
 use crate::vmm::{StartVmError, Vmm, GUEST_SHARED_DIR};
 
 /// Largest OCI spec (config.json) accepted from a bundle.
 const MAX_SPEC: u64 = 4 << 20;
 /// How long an exited process's output may still take to arrive.
 const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
+/// How much of the guest console a boot error quotes (the directory holding
+/// the whole log is removed with the failed sandbox).
+const CONSOLE_TAIL: usize = 600;
 /// How long the VM gets to quit before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
@@ -202,7 +205,7 @@ impl Sandbox {
                 }
                 Err(crate::agent::AgentError::Timeout { .. }) => Err(StartVmError::BootTimeout {
                     after: timeout,
-                    console: vm.console_log().to_owned(),
+                    console: log_tail(vm.console_log(), CONSOLE_TAIL),
                 }),
                 Err(e) => Err(StartVmError::Agent(e)),
             },
@@ -210,8 +213,8 @@ impl Sandbox {
                 let exit = exit.ok().and_then(|e| *e).unwrap_or(crate::vmm::VmExit::Code(-1));
                 Err(StartVmError::DiedDuringBoot {
                     exit,
-                    console: vm.console_log().to_owned(),
-                    log: crate::vmm::qemu::log_tail(&self.dir.join("qemu.log"), 1024),
+                    console: log_tail(vm.console_log(), CONSOLE_TAIL),
+                    log: log_tail(&self.dir.join("qemu.log"), CONSOLE_TAIL),
                 })
             }
         }

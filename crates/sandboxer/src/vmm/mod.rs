@@ -33,12 +33,14 @@ pub enum StartVmError {
     Exited { exit: VmExit, log: String },
     #[error("the VMM did not create {path} within {after:?}")]
     NoSocket { path: PathBuf, after: Duration },
-    #[error("the guest agent did not come up within {after:?} (guest console: {console})")]
-    BootTimeout { after: Duration, console: PathBuf },
-    #[error("the VMM exited while the guest booted ({exit:?}); guest console: {console}; VMM log: {log}")]
+    #[error(
+        "the guest agent did not come up within {after:?}; guest console ends with: {console}"
+    )]
+    BootTimeout { after: Duration, console: String },
+    #[error("the VMM exited while the guest booted ({exit:?}); guest console ends with: {console}; VMM log: {log}")]
     DiedDuringBoot {
         exit: VmExit,
-        console: PathBuf,
+        console: String,
         log: String,
     },
     #[error("connect to the guest agent")]

@@ -214,9 +214,20 @@ impl Vmm for QemuVm {
     }
 }
 
-/// The last `max` bytes of a log file, lossily decoded, trimmed.
+/// The last `max` bytes of a log file, lossily decoded, lines joined with
+/// " | " so that the text fits in one error message.
 pub fn log_tail(path: &Path, max: usize) -> String {
     let data = std::fs::read(path).unwrap_or_default();
     let start = data.len().saturating_sub(max);
-    String::from_utf8_lossy(&data[start..]).trim().to_owned()
+    let text = String::from_utf8_lossy(&data[start..]);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if lines.is_empty() {
+        "(nothing)".to_owned()
+    } else {
+        lines.join(" | ")
+    }
 }
