@@ -88,8 +88,33 @@ fn tune_allocator() {
     }
 }
 
+/// Closes every inherited fd but stdio and the listener: containerd's
+/// children inherit whatever containerd inherited without CLOEXEC (pipes
+/// of whoever started it), and a long-lived shim must not keep them open.
+fn close_stray_fds(keep: RawFd) {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<RawFd> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+        .collect();
+    // The directory's own fd is closed now (and is EBADF below).
+    for fd in fds {
+        if fd > 2 && fd != keep {
+            // SAFETY: single-threaded start-up; nothing in this process
+            // owns these fds (Rust objects opened so far are all closed).
+            unsafe {
+                libc::close(fd);
+            }
+        }
+    }
+}
+
 pub fn run(args: &Args) -> Result<()> {
     tune_allocator();
+    let fd = listen_fd()?;
+    close_stray_fds(fd);
     // Block the termination signals before any thread exists: every
     // thread inherits the mask, and only the sigwait below takes them.
     let term = sigset(&[libc::SIGTERM, libc::SIGINT]);
@@ -106,7 +131,6 @@ pub fn run(args: &Args) -> Result<()> {
         .socket
         .clone()
         .ok_or_else(|| Error::Usage("serve is internal: it needs -socket".into()))?;
-    let fd = listen_fd()?;
 
     let vmm = Arc::new(Vmm::new(vmm_socket()));
     let relay = Arc::new(TaskRelay::new(

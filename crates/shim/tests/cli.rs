@@ -256,7 +256,18 @@ fn start_serves_relays_and_exits_on_shutdown() {
     let bundle = dir.join("bundle-sb1");
     std::fs::create_dir_all(&bundle).expect("mkdir bundle");
 
+    // A pipe inherited without CLOEXEC (as containerd passes on what it
+    // inherited): the daemon must not keep it open.
+    let mut pipe = [0i32; 2];
+    // SAFETY: pipe(2) fills the two-element array.
+    assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+    let stray = std::fs::read_link(format!("/proc/self/fd/{}", pipe[1])).expect("pipe link");
     let (out, _) = run(&dir, &bundle, &vmm, &shim_args("sb1", "start"));
+    // SAFETY: closing the two fds pipe(2) gave us, used nowhere else.
+    unsafe {
+        libc::close(pipe[0]);
+        libc::close(pipe[1]);
+    }
     let address = started_address(&out);
     let sock = address.strip_prefix("unix://").expect("unix:// address");
     let name = Path::new(sock).file_name().expect("name").to_string_lossy();
@@ -297,6 +308,18 @@ fn start_serves_relays_and_exits_on_shutdown() {
     for fd in 0..3 {
         let t = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).expect("fd");
         assert_eq!(t, Path::new("/dev/null"), "fd {fd}");
+    }
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fds")
+        .flatten()
+    {
+        let target = std::fs::read_link(e.path()).unwrap_or_default();
+        assert_ne!(
+            target,
+            stray,
+            "inherited pipe kept open as fd {:?}",
+            e.file_name()
+        );
     }
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
     assert!(cmdline.starts_with(b"containerd-shim-kuasar-vmm-v2\0"));
