@@ -8,10 +8,12 @@
 //! cargo run -p kuasar-agent --example boot_check -- [--image-dir DIR] [--keep] [--append PARAMS]
 //! cargo run -p kuasar-agent --example boot_check -- --boots 5   # boot-to-Ping timings only
 //! cargo run -p kuasar-agent --example boot_check -- --reconnect-gap-ms 0   # instant reconnect
+//! cargo run -p kuasar-agent --example boot_check -- --bench 10   # OCI runtime op timings only
 //! ```
 //! QEMU is killed and the work directory removed whatever happens (`--keep`
 //! keeps the directory, with console.log, for inspection). Needs root,
 //! busybox-static, runc (for `runc spec`) and qemu-system-x86.
+mod bench;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -135,6 +137,7 @@ struct Opts {
     keep: bool,
     extra: String,
     boots: usize,
+    bench: usize,
     reconnect_gap_ms: u64,
 }
 
@@ -145,6 +148,9 @@ async fn run(vm: &mut Vm, opts: &Opts) -> Res<()> {
         "boot: QEMU spawn -> Ping answered in {boot_ms} ms (agent {}, kernel {}, tsc_early_khz={tsc})",
         ping.agent_version, ping.kernel_release
     );
+    if opts.bench > 0 {
+        return bench::run(&c, &dir, opts.bench).await;
+    }
 
     // 1. A container that prints and exits 7.
     let t = Instant::now();
@@ -445,6 +451,7 @@ async fn main() {
         keep: false,
         extra: String::new(),
         boots: 0,
+        bench: 0,
         reconnect_gap_ms: 200,
     };
     let mut args = std::env::args().skip(1);
@@ -455,11 +462,12 @@ async fn main() {
             "--keep" => opts.keep = true,
             "--append" => opts.extra = value(),
             "--boots" => opts.boots = value().parse().unwrap_or(5),
+            "--bench" => opts.bench = value().parse().unwrap_or(10).max(1),
             "--reconnect-gap-ms" => opts.reconnect_gap_ms = value().parse().unwrap_or(200),
             _ => {
                 eprintln!(
                     "usage: boot_check [--image-dir DIR] [--keep] [--append KERNEL_PARAMS] \
-                     [--boots N] [--reconnect-gap-ms MS]"
+                     [--boots N] [--bench N] [--reconnect-gap-ms MS]"
                 );
                 std::process::exit(2);
             }
