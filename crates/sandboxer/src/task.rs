@@ -262,13 +262,19 @@ impl Task for TaskService {
         _req: task_api::ShutdownRequest,
     ) -> TtrpcResult<Empty> {
         let id = sandbox_id(ctx)?;
+        // The shim exits on OK (and on NotFound): refuse while containers
+        // remain, so that a pod's shim outlives its containers' deletes.
         match self.registry.get(&id) {
-            Ok(sandbox) if !sandbox.is_empty() => {
-                tracing::debug!(sandbox = %id, "shutdown ignored: containers remain");
+            Ok(sandbox) if !sandbox.is_empty() => Err(Error::FailedPrecondition(format!(
+                "sandbox {id} still has containers"
+            ))
+            .into()),
+            Ok(_) => {
+                self.registry.delete(&id).await?;
+                Ok(Empty::new())
             }
-            _ => self.registry.delete(&id).await?,
+            Err(e) => Err(e.into()),
         }
-        Ok(Empty::new())
     }
 
     async fn stats(
