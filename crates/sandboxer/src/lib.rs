@@ -66,13 +66,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("create state directory {}", config.state_dir.display()))?;
     std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("chmod {}", config.state_dir.display()))?;
-    let cleaned = recovery::clean_all(&config.state_dir);
-    if cleaned > 0 {
-        tracing::warn!(cleaned, "sandboxes of an earlier run were cleaned up");
-    }
     let socket = config.socket.clone();
     let host = Arc::new(host::Host::new(config));
+    let cleaned = recovery::clean_all(&host.config.state_dir, &host.publisher).await;
     let registry = Arc::new(Registry::new(host));
+    if !cleaned.is_empty() {
+        tracing::warn!(
+            cleaned = cleaned.len(),
+            "sandboxes of an earlier run were stopped; their containers are reported exited"
+        );
+    }
+    for record in cleaned {
+        registry.insert_stopped(record);
+    }
     let listener = bind(&socket)?;
     let sandboxer = service::SandboxerService::new(registry.clone());
     let tasks = task::TaskService::new(registry.clone());

@@ -45,6 +45,16 @@ impl Registry {
         Ok(sandbox)
     }
 
+    /// Registers a sandbox of an earlier run whose VM is gone, with its
+    /// containers stopped, so that containerd can delete them.
+    pub fn insert_stopped(&self, record: crate::state::SandboxRecord) {
+        if validate_id("sandbox", &record.id).is_err() {
+            return;
+        }
+        let sandbox = Sandbox::stopped(self.host.clone(), record);
+        self.map().insert(sandbox.info.id.clone(), sandbox);
+    }
+
     pub fn get(&self, id: &str) -> Result<Arc<Sandbox>> {
         self.map()
             .get(id)
@@ -62,7 +72,7 @@ impl Registry {
             None => {
                 let dir = self.host.config.state_dir.join(id);
                 if dir.exists() {
-                    crate::recovery::clean_leftover(&dir);
+                    let _ = crate::recovery::clean_leftover(&dir);
                 }
             }
         }

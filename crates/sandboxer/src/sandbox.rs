@@ -16,7 +16,7 @@ use crate::events::timestamp;
 use crate::host::Host;
 use crate::io::{Pumps, StdioPaths};
 use crate::mount::{self, MountSpec};
-use crate::state::{SandboxRecord, RECORD_VERSION};
+use crate::state::{ContainerRecord, SandboxRecord, RECORD_VERSION};
 use crate::vmm::qemu::{log_tail, QemuVm, VmSpec};
 use crate::vmm::{StartVmError, Vmm, GUEST_SHARED_DIR};
 
@@ -64,6 +64,8 @@ pub struct Sandbox {
     /// Serialises VM boot and stop; held across them by design (one VM).
     vm: tokio::sync::Mutex<Option<Box<dyn Vmm>>>,
     agent: RwLock<Option<Agent>>,
+    /// The VMM's pid once it runs (0 before), for the persisted record.
+    vmm_pid: std::sync::atomic::AtomicU32,
     containers: Mutex<HashMap<String, Arc<Container>>>,
 }
 
@@ -79,8 +81,38 @@ impl Sandbox {
                 .as_secs(),
             vm: tokio::sync::Mutex::new(None),
             agent: RwLock::new(None),
+            vmm_pid: std::sync::atomic::AtomicU32::new(0),
             containers: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// A sandbox of an earlier run whose VM is gone: its containers are
+    /// known, stopped, and can only be deleted.
+    pub fn stopped(host: Arc<Host>, record: SandboxRecord) -> Arc<Self> {
+        let sandbox = Sandbox::new(
+            host,
+            SandboxInfo {
+                id: record.id.clone(),
+                namespace: record.namespace,
+                bundle: record.bundle.clone(),
+                ttrpc_address: record.ttrpc_address,
+            },
+        );
+        let now = SystemTime::now();
+        for c in record.containers {
+            let init = Process::new(&c.id, "", StdioPaths::default(), Vec::new());
+            init.set_pid(c.pid);
+            init.set_exited(crate::recovery::LOST_EXIT_STATUS, now);
+            let container = Arc::new(Container {
+                id: c.id.clone(),
+                bundle: record.bundle.clone(),
+                dir: sandbox.dir.join("shared").join(&c.id),
+                init,
+                execs: Mutex::new(HashMap::new()),
+            });
+            sandbox.containers().insert(c.id, container);
+        }
+        sandbox
     }
 
     fn containers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Container>>> {
@@ -114,13 +146,6 @@ impl Sandbox {
             .ok_or_else(|| {
                 Error::FailedPrecondition(format!("sandbox {} has no running VM", self.info.id))
             })
-    }
-
-    pub fn vmm_pid(&self) -> Option<u32> {
-        self.vm
-            .try_lock()
-            .ok()
-            .and_then(|vm| vm.as_ref().and_then(|v| v.pid()))
     }
 
     /// Boots the sandbox's VM unless it runs; returns its agent.
@@ -169,11 +194,12 @@ impl Sandbox {
                     "agent ready"
                 );
                 *self.agent.write().unwrap_or_else(|p| p.into_inner()) = Some(agent.clone());
-                let record = self.record(qemu.pid());
+                self.vmm_pid.store(
+                    qemu.pid().unwrap_or(0),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 *vm = Some(qemu);
-                if let Err(e) = record.save(&self.dir) {
-                    tracing::warn!(sandbox = %self.info.id, "{}", crate::error::chain(&e));
-                }
+                self.save_record();
                 Ok(agent)
             }
             Err(e) => {
@@ -220,15 +246,31 @@ impl Sandbox {
         }
     }
 
-    fn record(&self, vmm_pid: Option<u32>) -> SandboxRecord {
-        SandboxRecord {
+    /// Persists what the sandbox holds now; a failure is logged (the live
+    /// sandbox goes on).
+    fn save_record(&self) {
+        let pid = self.vmm_pid.load(std::sync::atomic::Ordering::Relaxed);
+        let mut containers: Vec<ContainerRecord> = self
+            .containers()
+            .values()
+            .map(|c| ContainerRecord {
+                id: c.id.clone(),
+                pid: c.init.pid(),
+            })
+            .collect();
+        containers.sort_by(|a, b| a.id.cmp(&b.id));
+        let record = SandboxRecord {
             version: RECORD_VERSION,
             id: self.info.id.clone(),
             namespace: self.info.namespace.clone(),
             bundle: self.info.bundle.clone(),
             ttrpc_address: self.info.ttrpc_address.clone(),
-            vmm_pid,
+            vmm_pid: (pid != 0).then_some(pid),
             created_at: self.created_at,
+            containers,
+        };
+        if let Err(e) = record.save(&self.dir) {
+            tracing::warn!(sandbox = %self.info.id, "{}", crate::error::chain(&e));
         }
     }
 
@@ -286,6 +328,7 @@ impl Sandbox {
             execs: Mutex::new(HashMap::new()),
         });
         self.containers().insert(spec.id.clone(), container);
+        self.save_record();
         let rootfs = spec
             .rootfs
             .iter()
@@ -527,6 +570,7 @@ impl Sandbox {
             tracing::warn!(dir = %c.dir.display(), "remove container directory: {e}");
         }
         self.containers().remove(id);
+        self.save_record();
         self.publish(
             topics::TASK_DELETE_EVENT_TOPIC,
             ev::TaskDelete {

@@ -23,6 +23,16 @@ pub struct SandboxRecord {
     pub vmm_pid: Option<u32>,
     /// Seconds since the Unix epoch.
     pub created_at: u64,
+    /// The sandbox's containers, by id.
+    pub containers: Vec<ContainerRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerRecord {
+    pub id: String,
+    /// The init process's pid (in the guest).
+    pub pid: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +131,10 @@ mod tests {
             ttrpc_address: "/run/containerd/containerd.sock.ttrpc".into(),
             vmm_pid: Some(42),
             created_at: 1,
+            containers: vec![ContainerRecord {
+                id: "c1".into(),
+                pid: 7,
+            }],
         }
     }
 
