@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the guest image into OUTDIR (default /var/lib/kuasar), idempotently:
 #   vmlinux          the ELF kernel extracted from Debian's /boot/vmlinuz-<release> (cached)
-#   initramfs.cpio   uncompressed newc: /init (static kuasar-agent), /usr/bin/runc and its
-#                    libraries, the guest's kernel modules, /etc/kuasar/modules (load order)
+#   initramfs.cpio   uncompressed newc: /init (static kuasar-agent), /usr/bin/crun (the
+#                    guest's OCI runtime) and its libraries, the guest's kernel modules,
+#                    /etc/kuasar/modules (load order)
 #   kernel-release   the guest kernel's release string
 # The kernel is the newest installed one that has /lib/modules/<release>.
 # Needs the packages of scripts/install-deps.sh, and cargo. Run as root.
@@ -88,11 +89,17 @@ mknod -m 600 "$STAGE/dev/console" c 5 1
 mknod -m 666 "$STAGE/dev/null" c 1 3
 install -m 0755 "$AGENT" "$STAGE/init"
 
-# runc and the libraries (and loader) it is linked against, at the paths ldd names.
-RUNC=$(readlink -f /usr/bin/runc)
-[ -x "$RUNC" ] || die "runc not found (apt-get install runc)"
-install -m 0755 "$RUNC" "$STAGE/usr/bin/runc"
-for lib in $(ldd "$RUNC" | grep -oE '/[^ ]+' | sort -u); do
+# crun, the agent's OCI runtime, and the libraries (and loader) it is linked against, at
+# the paths ldd names.
+CRUN=$(readlink -f /usr/bin/crun)
+[ -x "$CRUN" ] || die "crun not found (apt-get install crun)"
+install -m 0755 "$CRUN" "$STAGE/usr/bin/crun"
+ldd_out=$(ldd "$CRUN") || die "ldd $CRUN failed"
+! grep -q 'not found' <<< "$ldd_out" || die "$CRUN has unresolved libraries: $ldd_out"
+libs=$(grep -oE '/[^ ]+' <<< "$ldd_out" | sort -u)
+[ -n "$libs" ] || die "ldd found no libraries for $CRUN"
+for lib in $libs; do
+  [ -e "$lib" ] || die "$CRUN needs $lib, which is missing"
   mkdir -p "$STAGE$(dirname "$lib")"
   cp -L "$lib" "$STAGE$lib"
 done
@@ -135,5 +142,5 @@ echo "$RELEASE" > "$OUTDIR/kernel-release"
 size() { du -h --apparent-size "$1" | cut -f1; }
 echo "guest image in $OUTDIR:"
 echo "  vmlinux         $(size "$OUTDIR/vmlinux")  (from $VMLINUZ)"
-echo "  initramfs.cpio  $(size "$OUTDIR/initramfs.cpio")  (agent $(size "$AGENT"), runc $(size "$RUNC"), $(wc -l < "$STAGE/etc/kuasar/modules") modules)"
+echo "  initramfs.cpio  $(size "$OUTDIR/initramfs.cpio")  (agent $(size "$AGENT"), crun $(size "$CRUN"), $(wc -l < "$STAGE/etc/kuasar/modules") modules)"
 echo "  kernel-release  $RELEASE"

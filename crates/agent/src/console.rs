@@ -1,5 +1,5 @@
-//! runc's `--console-socket`: for a process with a terminal, runc creates
-//! the pty and sends its master over this Unix socket (SCM_RIGHTS).
+//! The OCI runtime's `--console-socket`: for a process with a terminal, crun
+//! creates the pty and sends its master over this Unix socket (SCM_RIGHTS).
 use std::io::{self, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -14,7 +14,7 @@ use crate::error::{Context, Error, Result};
 
 /// Where console sockets are made (paths must stay short: 108 bytes).
 const CONSOLE_DIR: &str = "/run/kuasar/console";
-/// How long runc gets to send the pty after it returned.
+/// How long the runtime gets to send the pty after it returned.
 const RECEIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -38,7 +38,7 @@ impl ConsoleSocket {
         &self.path
     }
 
-    /// The pty master runc sent (call after runc returned successfully).
+    /// The pty master the runtime sent (call after it returned successfully).
     pub async fn receive(self) -> Result<OwnedFd> {
         let accept = async {
             let (stream, _) = self.listener.accept().await?;
@@ -51,9 +51,9 @@ impl ConsoleSocket {
             }
         };
         match tokio::time::timeout(RECEIVE_TIMEOUT, accept).await {
-            Ok(res) => res.context("receive pty master from runc"),
+            Ok(res) => res.context("receive pty master from the OCI runtime"),
             Err(_) => Err(Error::Internal(
-                "runc did not send the pty master on the console socket".into(),
+                "the OCI runtime did not send the pty master on the console socket".into(),
             )),
         }
     }

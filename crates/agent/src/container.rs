@@ -136,7 +136,7 @@ pub fn read_stats(cgroup: &Path) -> Stats {
     }
 }
 
-/// An exec slot: reserved while `runc exec` runs, then the process.
+/// An exec slot: reserved while `crun exec` runs, then the process.
 type ExecSlot = Option<Arc<Process>>;
 
 /// How many execs a container keeps; beyond that the oldest exited ones are

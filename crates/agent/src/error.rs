@@ -15,8 +15,13 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0}")]
     Unimplemented(String),
-    #[error("runc {op} failed: {msg}")]
-    Runc { op: String, msg: String },
+    /// The OCI runtime (crun) failed; `msg` is its own error message.
+    #[error("{runtime} {op} failed: {msg}")]
+    Runtime {
+        runtime: String,
+        op: String,
+        msg: String,
+    },
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -36,7 +41,7 @@ impl Error {
             Error::InvalidArgument(_) => ttrpc::Code::INVALID_ARGUMENT,
             Error::FailedPrecondition(_) => ttrpc::Code::FAILED_PRECONDITION,
             Error::Unimplemented(_) => ttrpc::Code::UNIMPLEMENTED,
-            Error::Runc { .. } | Error::Io { .. } | Error::Internal(_) => ttrpc::Code::INTERNAL,
+            Error::Runtime { .. } | Error::Io { .. } | Error::Internal(_) => ttrpc::Code::INTERNAL,
         }
     }
 }
@@ -91,11 +96,12 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        let e = Error::Runc {
+        let e = Error::Runtime {
+            runtime: "crun".into(),
             op: "create".into(),
             msg: "boom".into(),
         };
         assert_eq!(e.code(), ttrpc::Code::INTERNAL);
-        assert_eq!(e.to_string(), "runc create failed: boom");
+        assert_eq!(e.to_string(), "crun create failed: boom");
     }
 }

@@ -22,7 +22,7 @@ const SHARED_OPTIONS: &str = "trans=virtio,version=9p2000.L,msize=524288";
 
 /// Makes `/` a mount of its own (a bind mount of the initramfs, a tmpfs) on
 /// top of the kernel's rootfs, switch_root style: `pivot_root(2)`, which
-/// runc uses, refuses to work when the root is rootfs itself. Binding instead
+/// crun uses, refuses to work when the root is rootfs itself. Binding instead
 /// of copying costs nothing and keeps every file of the initramfs.
 pub fn switch_root() -> Result<()> {
     let staging = Path::new("/.root");

@@ -1,6 +1,7 @@
 //! kuasar-agent: PID 1 of a kuasar sandbox VM. It prepares the guest (mounts,
 //! kernel modules, cgroups), then serves `kuasar.agent.v1.Agent` over the
-//! `kuasar.agent` virtio-serial port and runs containers with runc.
+//! `kuasar.agent` virtio-serial port and runs containers with crun (an OCI
+//! runtime driven through its runc-compatible CLI).
 mod channel;
 mod console;
 mod container;
@@ -9,7 +10,7 @@ mod init;
 mod process;
 mod proxy;
 mod reaper;
-mod runc;
+mod runtime;
 mod service;
 
 use std::path::Path;
@@ -24,9 +25,11 @@ use crate::error::{Context, Error, Result};
 
 /// The ttrpc server's socket inside the guest (the port is proxied to it).
 const SERVER_SOCKET: &str = "/run/kuasar/agent.sock";
-const RUNC: &str = "/usr/bin/runc";
-const RUNC_ROOT: &str = "/run/runc";
-const RUNC_LOGS: &str = "/run/kuasar/runc-logs";
+/// The OCI runtime, its state directory (`--root`) and where its per-call
+/// JSON logs go.
+const OCI_RUNTIME: &str = "/usr/bin/crun";
+const RUNTIME_ROOT: &str = "/run/crun";
+const RUNTIME_LOGS: &str = "/run/kuasar/crun-logs";
 /// How long to wait for the virtio-serial port to show up.
 const PORT_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -105,13 +108,13 @@ async fn serve(
     guest_ready: tokio::sync::watch::Receiver<bool>,
 ) -> Result<()> {
     let reaper = reaper::Reaper::start().context("install SIGCHLD handler")?;
-    let runc = runc::Runc::new(
-        Path::new(RUNC),
-        Path::new(RUNC_ROOT),
-        Path::new(RUNC_LOGS),
+    let runtime = runtime::OciRuntime::new(
+        Path::new(OCI_RUNTIME),
+        Path::new(RUNTIME_ROOT),
+        Path::new(RUNTIME_LOGS),
         reaper.clone(),
     );
-    let agent = Arc::new(service::AgentService::new(reaper, runc, guest_ready));
+    let agent = Arc::new(service::AgentService::new(reaper, runtime, guest_ready));
     std::fs::create_dir_all(service::CONTAINERS_DIR).context("create containers dir")?;
     let address = match channel {
         channel::Channel::Serial => {

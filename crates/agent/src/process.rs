@@ -5,7 +5,6 @@ use std::path::Path;
 use std::process::Stdio;
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
-use nix::sys::signal::Signal;
 use nix::unistd::pipe2;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{oneshot, watch, Mutex};
@@ -22,7 +21,7 @@ pub const DEFAULT_READ: usize = 64 << 10;
 /// Pipe buffer size asked for (best effort; the default is 64 KiB).
 const PIPE_SIZE: libc::c_int = 1 << 20;
 
-/// The child's ends of the stdio pipes, handed to runc.
+/// The child's ends of the stdio pipes, handed to the OCI runtime.
 pub struct ChildStdio {
     pub stdin: Stdio,
     pub stdout: Stdio,
@@ -85,7 +84,7 @@ pub struct ProcessIo {
 }
 
 impl ProcessIo {
-    /// Stdio over a pty master (received from runc's console socket):
+    /// Stdio over a pty master (received on the OCI runtime's console socket):
     /// output is on stdout only; stdin is the master too when asked for.
     pub fn terminal(master: OwnedFd, stdin: bool) -> Result<Self> {
         let out = master.try_clone().context("dup pty master")?;
@@ -102,7 +101,8 @@ impl ProcessIo {
     }
 }
 
-/// The child's stdio for a process with a terminal (runc gives it the pty).
+/// The child's stdio for a process with a terminal (the OCI runtime gives
+/// it the pty).
 pub fn null_stdio() -> ChildStdio {
     ChildStdio {
         stdin: Stdio::null(),
@@ -145,8 +145,8 @@ pub fn make_stdio(stdin: bool, stdout: bool, stderr: bool) -> Result<(ProcessIo,
     Ok((io, child))
 }
 
-/// A process's stdio while runc creates it: pipes, or a console socket on
-/// which runc sends the pty master.
+/// A process's stdio while the OCI runtime creates it: pipes, or a console
+/// socket on which the runtime sends the pty master.
 pub struct ProcessStdio {
     pub child: ChildStdio,
     pub io: PendingIo,
@@ -181,7 +181,7 @@ impl PendingIo {
         }
     }
 
-    /// The process's stdio once runc succeeded.
+    /// The process's stdio once the OCI runtime succeeded.
     pub async fn finish(self, stdin: bool) -> Result<ProcessIo> {
         match self {
             PendingIo::Pipes(io) => Ok(io),
@@ -340,13 +340,6 @@ pub fn validate_signal(signal: u32) -> Result<libc::c_int> {
     Ok(signal as libc::c_int)
 }
 
-/// The name runc understands for a signal (a number works too).
-pub fn signal_arg(signal: u32) -> String {
-    Signal::try_from(signal as i32)
-        .map(|s| s.as_str().to_string())
-        .unwrap_or_else(|_| signal.to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -357,8 +350,6 @@ mod tests {
         assert!(validate_signal(65).is_err());
         assert_eq!(validate_signal(9).unwrap(), 9);
         assert_eq!(validate_signal(34).unwrap(), 34);
-        assert_eq!(signal_arg(15), "SIGTERM");
-        assert_eq!(signal_arg(40), "40");
     }
 
     #[tokio::test]

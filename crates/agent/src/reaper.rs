@@ -1,10 +1,10 @@
 //! The one child reaper of PID 1.
 //!
-//! Every child (runc invocations, and container processes re-parented to the
+//! Every child (OCI runtime invocations, and container processes re-parented to the
 //! agent) is reaped here with `waitpid(-1, WNOHANG)` on SIGCHLD. Whoever wants
 //! the exit status of a pid registers with [`Reaper::watch`]; exits nobody has
 //! asked for yet are kept ("unclaimed") so a process that exits before its pid
-//! is known (pid files are read after runc returns) is not lost. Each recorded
+//! is known (pid files are read after the runtime returns) is not lost. Each recorded
 //! exit gets a sequence number: a watcher only claims exits recorded after
 //! the spawn it cares about ([`Reaper::mark`]), so a stale exit of a reused
 //! pid is never handed out.

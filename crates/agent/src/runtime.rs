@@ -1,5 +1,6 @@
-//! Driving the runc binary. Every invocation is spawned through the reaper
-//! (never `Child::wait`), logs to its own JSON log file, and its error
+//! Driving the guest's OCI runtime, crun, through its runc-compatible CLI.
+//! Every invocation is spawned through the reaper (never `Child::wait`), logs
+//! to its own JSON log file (`--log FILE --log-format json`), and its error
 //! messages are taken from that log (or its stderr) when it fails.
 use std::ffi::OsString;
 use std::fs::File;
@@ -14,18 +15,26 @@ use crate::error::{Context, Error, Result};
 use crate::process::ChildStdio;
 use crate::reaper::Reaper;
 
-pub struct Runc {
+pub struct OciRuntime {
     binary: PathBuf,
+    /// The name errors are reported with (the binary's file name).
+    name: String,
+    /// The runtime's state directory (`--root`): `<root>/<id>/` per container.
     root: PathBuf,
     log_dir: PathBuf,
     reaper: Arc<Reaper>,
     counter: AtomicU64,
 }
 
-impl Runc {
+impl OciRuntime {
     pub fn new(binary: &Path, root: &Path, log_dir: &Path, reaper: Arc<Reaper>) -> Self {
-        Runc {
+        let name = binary
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "OCI runtime".into());
+        OciRuntime {
             binary: binary.to_path_buf(),
+            name,
             root: root.to_path_buf(),
             log_dir: log_dir.to_path_buf(),
             reaper,
@@ -33,7 +42,7 @@ impl Runc {
         }
     }
 
-    /// `runc create`: the container's init gets `stdio` (or a pty sent to
+    /// `create`: the container's init gets `stdio` (or a pty sent to
     /// `console`) and waits for start.
     pub async fn create(
         &self,
@@ -63,7 +72,7 @@ impl Runc {
             .await
     }
 
-    /// `runc exec -d`: the new process gets `stdio` (or a pty sent to `console`).
+    /// `exec --detach`: the new process gets `stdio` (or a pty sent to `console`).
     pub async fn exec(
         &self,
         id: &str,
@@ -88,23 +97,35 @@ impl Runc {
         self.run("exec", args, Some(stdio)).await
     }
 
-    pub async fn kill(&self, id: &str, signal: &str, all: bool) -> Result<()> {
+    /// `kill [--all] <id> <signal number>`.
+    pub async fn kill(&self, id: &str, signal: u32, all: bool) -> Result<()> {
         let mut args: Vec<OsString> = vec!["kill".into()];
         if all {
             args.push("--all".into());
         }
         args.push(id.into());
-        args.push(signal.into());
+        args.push(signal.to_string().into());
         self.run("kill", args, None).await
     }
 
+    /// `delete --force`; a container the runtime does not know is already
+    /// deleted (crun itself succeeds then; this also covers a failure that
+    /// left no state behind).
     pub async fn delete(&self, id: &str) -> Result<()> {
         let args = vec!["delete".into(), "--force".into(), id.into()];
-        self.run("delete", args, None).await
+        match self.run("delete", args, None).await {
+            Err(_) if !self.knows(id) => Ok(()),
+            res => res,
+        }
+    }
+
+    /// Whether the runtime has state for container `id`.
+    fn knows(&self, id: &str) -> bool {
+        self.root.join(id).exists()
     }
 
     async fn run(&self, op: &str, args: Vec<OsString>, stdio: Option<ChildStdio>) -> Result<()> {
-        std::fs::create_dir_all(&self.log_dir).context("create runc log directory")?;
+        std::fs::create_dir_all(&self.log_dir).context("create OCI runtime log directory")?;
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let log = self.log_dir.join(format!("{n}-{op}.json"));
         let err_path = self.log_dir.join(format!("{n}-{op}.stderr"));
@@ -124,7 +145,7 @@ impl Runc {
                 false
             }
             None => {
-                let f = File::create(&err_path).context("create runc stderr file")?;
+                let f = File::create(&err_path).context("create OCI runtime stderr file")?;
                 cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(f);
                 true
             }
@@ -134,14 +155,15 @@ impl Runc {
         // Close the child's ends of the stdio pipes in the agent right away.
         drop(cmd);
         let (pid, exited) = spawned.with_context(|| format!("spawn {}", self.binary.display()))?;
-        let exit = exited
-            .await
-            .map_err(|_| Error::Internal(format!("exit of runc {op} (pid {pid}) was lost")))?;
+        let exit = exited.await.map_err(|_| {
+            Error::Internal(format!("exit of {} {op} (pid {pid}) was lost", self.name))
+        })?;
         debug!(
             ?args,
             status = exit.status,
             elapsed_ms = started.elapsed().as_millis() as u64,
-            "runc"
+            "{}",
+            self.name
         );
         let log_text = std::fs::read_to_string(&log).unwrap_or_default();
         let err_text = if captured_stderr {
@@ -155,21 +177,19 @@ impl Runc {
             return Ok(());
         }
         let mut msg = error_message(&log_text, &err_text);
-        // runc's messages already say "runc <op> failed: ".
-        if let Some(rest) = msg.strip_prefix(&format!("runc {op} failed: ")) {
-            msg = rest.to_string();
-        }
         if msg.is_empty() {
             msg = format!("exit status {}", exit.status);
         }
-        Err(Error::Runc {
+        Err(Error::Runtime {
+            runtime: self.name.clone(),
             op: op.to_string(),
             msg,
         })
     }
 }
 
-/// The error messages of a runc JSON log, or else its stderr text.
+/// The error messages of a JSON log (`{"msg":..,"level":"error",..}` lines),
+/// or else the stderr text.
 pub fn error_message(log: &str, stderr: &str) -> String {
     let msgs: Vec<String> = log
         .lines()
@@ -183,31 +203,25 @@ pub fn error_message(log: &str, stderr: &str) -> String {
     stderr.trim().to_string()
 }
 
-/// Whether a runc error says the container does not exist.
-pub fn is_not_exist(e: &Error) -> bool {
-    matches!(e, Error::Runc { msg, .. } if msg.contains("does not exist") || msg.contains("not exist"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn error_message_from_log_or_stderr() {
-        let log = r#"{"level":"info","msg":"hello","time":"x"}
-{"level":"error","msg":"container \"c1\" does not exist","time":"x"}
+        // crun 1.8's JSON log lines.
+        let log = r#"{"msg":"hello","level":"warning","time":"2026-11-27T03:33:42.781454Z"}
+{"msg":"error opening file `/run/crun/c1/status`: No such file or directory","level":"error","time":"2026-11-27T03:33:42.816737Z"}
 not json
 "#;
         assert_eq!(
             error_message(log, "ignored"),
-            "container \"c1\" does not exist"
+            "error opening file `/run/crun/c1/status`: No such file or directory"
         );
+        let two = r#"{"msg":"a","level":"error"}
+{"msg":"b","level":"error"}"#;
+        assert_eq!(error_message(two, ""), "a; b");
         assert_eq!(error_message("", "  some error\n"), "some error");
         assert_eq!(error_message("", ""), "");
-        let e = Error::Runc {
-            op: "delete".into(),
-            msg: error_message(log, ""),
-        };
-        assert!(is_not_exist(&e));
     }
 }

@@ -13,17 +13,17 @@ use tracing::{info, warn};
 
 use crate::container::{parse_cgroup_path, rewrite_process, rewrite_spec, validate_id, Container};
 use crate::error::{Context, Error, Result};
-use crate::process::{signal_arg, validate_signal, Process, ProcessStdio};
+use crate::process::{validate_signal, Process, ProcessStdio};
 use crate::reaper::Reaper;
-use crate::runc::{is_not_exist, Runc};
+use crate::runtime::OciRuntime;
 
 /// Where container bundles live: `<dir>/<id>/config.json`.
 pub const CONTAINERS_DIR: &str = "/run/kuasar/containers";
 
-/// A container slot: reserved while `runc create` runs, then the container.
+/// A container slot: reserved while `crun create` runs, then the container.
 type Slot = Option<Arc<Container>>;
 
-/// The service; requests that drive runc run in tasks of their own, so a
+/// The service; requests that drive crun run in tasks of their own, so a
 /// request dropped half-way (client timeout, disconnect) never leaves a
 /// half-made container or exec behind.
 pub struct AgentService {
@@ -32,7 +32,7 @@ pub struct AgentService {
 
 struct Inner {
     reaper: Arc<Reaper>,
-    runc: Runc,
+    runtime: OciRuntime,
     containers_dir: PathBuf,
     containers: Mutex<HashMap<String, Slot>>,
     /// Becomes true once the guest is fully set up (modules, shared mount).
@@ -40,11 +40,15 @@ struct Inner {
 }
 
 impl AgentService {
-    pub fn new(reaper: Arc<Reaper>, runc: Runc, guest_ready: watch::Receiver<bool>) -> Self {
+    pub fn new(
+        reaper: Arc<Reaper>,
+        runtime: OciRuntime,
+        guest_ready: watch::Receiver<bool>,
+    ) -> Self {
         AgentService {
             inner: Arc::new(Inner {
                 reaper,
-                runc,
+                runtime,
                 containers_dir: PathBuf::from(CONTAINERS_DIR),
                 containers: Mutex::new(HashMap::new()),
                 guest_ready,
@@ -137,7 +141,7 @@ impl Inner {
         let pid_file = bundle.join("init.pid");
         let mark = self.reaper.mark();
         let res = self
-            .runc
+            .runtime
             .create(id, bundle, &pid_file, child, io.console_path())
             .await;
         let io = match res {
@@ -147,10 +151,8 @@ impl Inner {
         let io = match io {
             Ok(io) => io,
             Err(e) => {
-                if let Err(de) = self.runc.delete(id).await {
-                    if !is_not_exist(&de) {
-                        warn!(id, "cleanup after failed create: {de}");
-                    }
+                if let Err(de) = self.runtime.delete(id).await {
+                    warn!(id, "cleanup after failed create: {de}");
                 }
                 return Err(e);
             }
@@ -197,7 +199,7 @@ impl Inner {
             ProcessStdio::new(req.terminal, req.stdin, req.stdout, req.stderr)?;
         let mark = self.reaper.mark();
         let res = self
-            .runc
+            .runtime
             .exec(&c.id, &json_path, &pid_file, child, io.console_path())
             .await;
         let _ = std::fs::remove_file(&json_path);
@@ -218,18 +220,14 @@ impl Inner {
                 ));
             }
             validate_signal(req.signal)?;
-            return self.runc.kill(&c.id, &signal_arg(req.signal), true).await;
+            return self.runtime.kill(&c.id, req.signal, true).await;
         }
         c.process(&req.exec_id)?.kill(req.signal)
     }
 
     async fn remove(&self, id: &str) -> Result<()> {
         let c = self.container(id)?;
-        match self.runc.delete(id).await {
-            Ok(()) => {}
-            Err(e) if is_not_exist(&e) => {}
-            Err(e) => return Err(e),
-        }
+        self.runtime.delete(id).await?;
         self.map().remove(id);
         if let Err(e) = std::fs::remove_dir_all(&c.bundle) {
             warn!(id, "remove bundle: {e}");
@@ -292,7 +290,7 @@ impl Agent for AgentService {
         let res = self
             .detached(|i| async move {
                 let c = i.container(&req.container_id)?;
-                i.runc.start(&c.id).await?;
+                i.runtime.start(&c.id).await?;
                 Ok(c.init.pid as u32)
             })
             .await;

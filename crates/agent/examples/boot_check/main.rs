@@ -1,7 +1,8 @@
 //! Boots the guest image with the QEMU command line of docs/design.md and
 //! drives kuasar-agent over the virtio-serial channel: Ping, a container
 //! (`echo hello; uname -r; exit 7`), a long-running container with stdin,
-//! an exec, a host reconnect, signals, ListPids/Stats and removal.
+//! an exec, a host reconnect, terminals, cgroup limits, signals,
+//! ListPids/Stats, removal and the OCI runtime's (crun's) errors.
 //!
 //! ```text
 //! scripts/build-guest.sh /var/lib/kuasar
@@ -12,7 +13,8 @@
 //! ```
 //! QEMU is killed and the work directory removed whatever happens (`--keep`
 //! keeps the directory, with console.log, for inspection). Needs root,
-//! busybox-static, runc (for `runc spec`) and qemu-system-x86.
+//! busybox-static, runc (for `runc spec`, a containerd-like default spec) and
+//! qemu-system-x86.
 mod bench;
 mod vm;
 
@@ -86,10 +88,21 @@ async fn create_with(
     stdin: bool,
     terminal: bool,
 ) -> Res<u32> {
+    create_spec(c, dir, id, make_spec(dir, args)?, stdin, terminal).await
+}
+
+async fn create_spec(
+    c: &AgentClient,
+    dir: &Path,
+    id: &str,
+    spec_json: Vec<u8>,
+    stdin: bool,
+    terminal: bool,
+) -> Res<u32> {
     make_rootfs(&dir.join("shared").join(id).join("rootfs"))?;
     let req = CreateContainerRequest {
         container_id: id.into(),
-        spec_json: make_spec(dir, args)?,
+        spec_json,
         rootfs_path: format!("/run/kuasar/shared/{id}/rootfs"),
         stdin,
         stdout: true,
@@ -356,7 +369,81 @@ async fn run(vm: &mut Vm, opts: &Opts) -> Res<()> {
         format!("tty container output {out:?}, exit status {status}"),
     )?;
 
-    // 6. Stats, signal, removal, errors.
+    // 6. cgroup limits: the values reach the container's cgroup (seen through
+    // a cgroup namespace) and are enforced: forks beyond pids.max fail, a
+    // process growing past memory.max is OOM-killed.
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&make_spec(&dir, &["sh", "-c", LIMITS_SCRIPT])?)
+            .map_err(|e| e.to_string())?;
+    spec["linux"]["resources"]["memory"] = serde_json::json!({ "limit": 32 << 20 });
+    spec["linux"]["resources"]["pids"] = serde_json::json!({ "limit": 8 });
+    if let Some(ns) = spec["linux"]["namespaces"].as_array_mut() {
+        ns.push(serde_json::json!({ "type": "cgroup" }));
+    }
+    let spec = serde_json::to_vec(&spec).map_err(|e| e.to_string())?;
+    create_spec(&c, &dir, "c5", spec, false, false).await?;
+    let out = read_all(&c, "c5", "", false).await?;
+    let status = wait(&c, "c5", "").await?;
+    check(
+        out == format!("{}\n8\nforks=2\npids=7\nawk=137\n", 32 << 20) && status == 0,
+        format!("c5 limits output {out:?}, exit status {status}"),
+    )?;
+    let s = c
+        .stats(
+            ctx(),
+            &ContainerRequest {
+                container_id: "c5".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| format!("stats c5: {e}"))?;
+    check(
+        s.memory_limit_bytes == 32 << 20,
+        format!("c5 stats memory limit {}", s.memory_limit_bytes),
+    )?;
+
+    // 7. A signal to all of a container's processes, by number (a real-time
+    // one: no name), through the OCI runtime's `kill --all`.
+    create(
+        &c,
+        &dir,
+        "c6",
+        &[
+            "sh",
+            "-c",
+            "trap 'echo got-40; exit 3' 40; echo ready; sleep 1000 & wait",
+        ],
+        false,
+    )
+    .await?;
+    let r6 = ReadStreamRequest {
+        container_id: "c6".into(),
+        len: 100,
+        ..Default::default()
+    };
+    let ready = c
+        .read_stdout(ctx(), &r6)
+        .await
+        .map_err(|e| format!("read c6: {e}"))?;
+    check(ready.data == b"ready\n", "c6 ready".into())?;
+    let sig = SignalProcessRequest {
+        container_id: "c6".into(),
+        signal: 40,
+        all: true,
+        ..Default::default()
+    };
+    c.signal_process(ctx(), &sig)
+        .await
+        .map_err(|e| format!("signal all: {e}"))?;
+    let out = read_all(&c, "c6", "", false).await?;
+    let status = wait(&c, "c6", "").await?;
+    check(
+        out == "got-40\n" && status == 3,
+        format!("c6 signal 40 to all: output {out:?}, exit status {status}"),
+    )?;
+
+    // 8. Stats, signal, removal, errors.
     let s = c
         .stats(ctx(), &cr)
         .await
@@ -379,7 +466,7 @@ async fn run(vm: &mut Vm, opts: &Opts) -> Res<()> {
         .map_err(|e| format!("signal: {e}"))?;
     let status = wait(&c, "c2", "").await?;
     check(status == 137, format!("c2 killed, exit status {status}"))?;
-    for id in ["c1", "c2", "c4"] {
+    for id in ["c1", "c2", "c4", "c5", "c6"] {
         let cr = ContainerRequest {
             container_id: id.into(),
             ..Default::default()
@@ -425,12 +512,14 @@ async fn run(vm: &mut Vm, opts: &Opts) -> Res<()> {
         matches!(&res, Err(kuasar_api::ttrpc::Error::RpcStatus(s)) if s.code() == kuasar_api::ttrpc::Code::INVALID_ARGUMENT),
         "bad spec JSON is InvalidArgument".into(),
     )?;
-    // runc's own failure comes back as Internal with runc's message, and
-    // leaves no container behind.
+    // The OCI runtime's own failure comes back as Internal with crun's
+    // message, and leaves no container behind.
     let res = create(&c, &dir, "c3", &["/no/such/binary"], false).await;
     check(
-        matches!(&res, Err(e) if e.contains("runc create failed") && e.contains("no such file")),
-        format!("runc failure reported: {res:?}"),
+        matches!(&res, Err(e) if e.contains("crun create failed: ")
+            && e.contains("/no/such/binary")
+            && e.to_lowercase().contains("no such file")),
+        format!("crun failure reported: {res:?}"),
     )?;
     let cr3 = ContainerRequest {
         container_id: "c3".into(),
@@ -443,6 +532,16 @@ async fn run(vm: &mut Vm, opts: &Opts) -> Res<()> {
     )?;
     Ok(())
 }
+
+/// c5's script: prints memory.max and pids.max; a shell forks sleeps until
+/// a fork fails (the shell, its 6 sleeps and c5's init make 8: the shell
+/// exits 2), then awk grows past memory.max. (`read` is a builtin.)
+const LIMITS_SCRIPT: &str = "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/pids.max
+sh -c 'i=0; while [ $i -lt 12 ]; do sleep 2 & i=$((i+1)); done' 2>/dev/null; echo forks=$?
+read n < /sys/fs/cgroup/pids.current; echo pids=$n
+sleep 3
+awk 'BEGIN { x = sprintf(\"%60000000s\", \"\"); print length(x) }'; echo awk=$?
+";
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
