@@ -108,12 +108,17 @@ async fn serve(
     guest_ready: tokio::sync::watch::Receiver<bool>,
 ) -> Result<()> {
     let reaper = reaper::Reaper::start().context("install SIGCHLD handler")?;
-    let runtime = runtime::OciRuntime::new(
+    let mut runtime = runtime::OciRuntime::new(
         Path::new(OCI_RUNTIME),
         Path::new(RUNTIME_ROOT),
         Path::new(RUNTIME_LOGS),
         reaper.clone(),
     );
+    if std::process::id() == 1 {
+        if let Err(e) = runtime.seal_binary() {
+            warn!("{e} (crun copies itself at every call instead)");
+        }
+    }
     let agent = Arc::new(service::AgentService::new(reaper, runtime, guest_ready));
     std::fs::create_dir_all(service::CONTAINERS_DIR).context("create containers dir")?;
     let address = match channel {

@@ -2,13 +2,25 @@
 //! Every invocation is spawned through the reaper (never `Child::wait`), logs
 //! to its own JSON log file (`--log FILE --log-format json`), and its error
 //! messages are taken from that log (or its stderr) when it fails.
+//!
+//! Against CVE-2019-5736 (a container overwriting the runtime binary through
+//! `/proc/<pid>/exe`) crun copies itself into a sealed memfd and re-executes
+//! that copy at every start, unless it already runs from such a memfd.
+//! Under emulation that copy and second exec (a second load of its ten
+//! libraries) cost a lot on every call, so the agent makes the sealed copy
+//! once ([`OciRuntime::seal_binary`]) and runs crun from it: the same
+//! protection (no write can reach the copy), made once.
 use std::ffi::OsString;
 use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use tracing::debug;
 
 use crate::error::{Context, Error, Result};
@@ -24,6 +36,13 @@ pub struct OciRuntime {
     log_dir: PathBuf,
     reaper: Arc<Reaper>,
     counter: AtomicU64,
+    /// The sealed copy of the binary that is run instead, when made.
+    sealed: Option<File>,
+}
+
+/// The seals crun looks for on the binary it runs from (all four, exactly).
+fn runtime_seals() -> SealFlag {
+    SealFlag::F_SEAL_SEAL | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_WRITE
 }
 
 impl OciRuntime {
@@ -39,6 +58,32 @@ impl OciRuntime {
             log_dir: log_dir.to_path_buf(),
             reaper,
             counter: AtomicU64::new(0),
+            sealed: None,
+        }
+    }
+
+    /// Copies the binary into a sealed memfd that every later call runs
+    /// (see the module documentation). Without it crun still protects
+    /// itself, at every call.
+    pub fn seal_binary(&mut self) -> Result<()> {
+        let mut src =
+            File::open(&self.binary).with_context(|| format!("open {}", self.binary.display()))?;
+        let flags = MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING;
+        let mut copy = File::from(memfd_create(c"oci-runtime", flags).context("memfd_create")?);
+        std::io::copy(&mut src, &mut copy)
+            .with_context(|| format!("copy {}", self.binary.display()))?;
+        fcntl(copy.as_raw_fd(), FcntlArg::F_ADD_SEALS(runtime_seals()))
+            .context("seal the runtime's copy")?;
+        self.sealed = Some(copy);
+        Ok(())
+    }
+
+    /// What to execute: the sealed copy (through the child's own fd table:
+    /// the fd is close-on-exec, but exec opens the file first), or the binary.
+    fn program(&self) -> PathBuf {
+        match &self.sealed {
+            Some(f) => PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())),
+            None => self.binary.clone(),
         }
     }
 
@@ -129,8 +174,10 @@ impl OciRuntime {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let log = self.log_dir.join(format!("{n}-{op}.json"));
         let err_path = self.log_dir.join(format!("{n}-{op}.stderr"));
-        let mut cmd = Command::new(&self.binary);
-        cmd.arg("--root")
+        let mut cmd = Command::new(self.program());
+        // crun looks at its argv[0] (a `crun-<handler>` name picks a handler).
+        cmd.arg0(&self.binary)
+            .arg("--root")
             .arg(&self.root)
             .arg("--log")
             .arg(&log)
@@ -206,6 +253,30 @@ pub fn error_message(log: &str, stderr: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runs_from_the_sealed_copy() {
+        let mut rt = OciRuntime::new(
+            Path::new("/bin/sh"),
+            Path::new("/nonexistent"),
+            Path::new("/nonexistent"),
+            Arc::new(Reaper::default()),
+        );
+        rt.seal_binary().unwrap();
+        let fd = rt.sealed.as_ref().unwrap().as_raw_fd();
+        let seals = fcntl(fd, FcntlArg::F_GET_SEALS).unwrap();
+        assert_eq!(seals, runtime_seals().bits());
+        // Spawned like `run` does: the child runs the copy, with argv[0] the
+        // binary's path.
+        let out = Command::new(rt.program())
+            .arg0("/bin/sh")
+            .args(["-c", "echo $0; readlink /proc/$$/exe"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.starts_with("/bin/sh\n/memfd:oci-runtime"), "{text:?}");
+    }
 
     #[test]
     fn error_message_from_log_or_stderr() {
