@@ -7,6 +7,8 @@
 #   kernel-release   the guest kernel's release string
 # The kernel is the newest installed one that has /lib/modules/<release>.
 # Needs the packages of scripts/install-deps.sh, and cargo. Run as root.
+# Every file lands in OUTDIR by rename(2) of a finished temporary file in OUTDIR, so a VM
+# booting meanwhile reads either the old or the new file, never a partial one.
 set -euo pipefail
 
 OUTDIR=${1:-/var/lib/kuasar}
@@ -43,6 +45,19 @@ VMLINUZ=/boot/vmlinuz-$RELEASE
 log "kernel $RELEASE"
 mkdir -p "$OUTDIR"
 
+# Temporary files live in OUTDIR (same file system, so mv is a rename) and go on exit.
+STAGE=$(mktemp -d)
+VMLINUX_TMP="" CPIO_TMP=""
+trap 'rm -rf "$STAGE"; rm -f ${VMLINUX_TMP:+"$VMLINUX_TMP"} ${CPIO_TMP:+"$CPIO_TMP"}' EXIT
+# put NAME CONTENT: replaces the small file OUTDIR/NAME whole.
+put() {
+  local tmp
+  tmp=$(mktemp "$OUTDIR/.$1.XXXXXX")
+  printf '%s\n' "$2" > "$tmp"
+  chmod 0644 "$tmp"
+  mv -f "$tmp" "$OUTDIR/$1"
+}
+
 # --- agent: static ---------------------------------------------------------------------
 log "building kuasar-agent (static, release)"
 (cd "$ROOT" && RUSTFLAGS="-C target-feature=+crt-static" \
@@ -53,13 +68,14 @@ if readelf -l "$AGENT" | grep -q 'program interpreter'; then
   die "$AGENT is dynamically linked"
 fi
 
-# --- vmlinux: decompress the payload of the bzImage (cached) --------------------------
+# --- vmlinux: decompress the payload of the bzImage (cached; installed with the initramfs)
 stamp="$RELEASE $(stat -c '%s %Y' "$VMLINUZ")"
 if [ -s "$OUTDIR/vmlinux" ] && [ "$(cat "$OUTDIR/vmlinux.source" 2>/dev/null)" = "$stamp" ]; then
   log "vmlinux up to date"
 else
   log "extracting vmlinux from $VMLINUZ"
-  tmp=$(mktemp "$OUTDIR/.vmlinux.XXXXXX")
+  VMLINUX_TMP=$(mktemp "$OUTDIR/.vmlinux.XXXXXX")
+  tmp=$VMLINUX_TMP
   found=0
   # magic (grep -P) : decompressor
   for entry in '\x1f\x8b\x08:gzip -dc' '\xfd\x37\x7a\x58\x5a\x00:xz -dc' \
@@ -75,15 +91,11 @@ else
       fi
     done
   done
-  [ $found = 1 ] || { rm -f "$tmp"; die "no ELF kernel found inside $VMLINUZ"; }
-  chmod 0644 "$tmp"
-  mv -f "$tmp" "$OUTDIR/vmlinux"
-  echo "$stamp" > "$OUTDIR/vmlinux.source"
+  [ $found = 1 ] || die "no ELF kernel found inside $VMLINUZ"
+  chmod 0644 "$VMLINUX_TMP"
 fi
 
 # --- initramfs ---------------------------------------------------------------------------
-STAGE=$(mktemp -d)
-trap 'rm -rf "$STAGE" "${CPIO_TMP:-}"' EXIT
 mkdir -p "$STAGE"/{dev,proc,sys,run,tmp,etc/kuasar,usr/bin}
 mknod -m 600 "$STAGE/dev/console" c 5 1
 mknod -m 666 "$STAGE/dev/null" c 1 3
@@ -130,14 +142,21 @@ find "$STAGE" -exec touch -h -d @0 {} +
 CPIO_TMP=$(mktemp "$OUTDIR/.initramfs.XXXXXX")
 (cd "$STAGE" && find . -mindepth 1 -print0 | LC_ALL=C sort -z |
   cpio --null --create --format=newc --owner=0:0 --reproducible --quiet) > "$CPIO_TMP"
+chmod 0644 "$CPIO_TMP"
+
+# --- install: renames only, kernel and initramfs back to back --------------------------
+if [ -n "$VMLINUX_TMP" ]; then
+  mv -f "$VMLINUX_TMP" "$OUTDIR/vmlinux"
+  VMLINUX_TMP=""
+  put vmlinux.source "$stamp"
+fi
 if cmp -s "$CPIO_TMP" "$OUTDIR/initramfs.cpio"; then
-  rm -f "$CPIO_TMP"
   log "initramfs.cpio unchanged"
 else
-  chmod 0644 "$CPIO_TMP"
   mv -f "$CPIO_TMP" "$OUTDIR/initramfs.cpio"
+  CPIO_TMP=""
 fi
-echo "$RELEASE" > "$OUTDIR/kernel-release"
+put kernel-release "$RELEASE"
 
 size() { du -h --apparent-size "$1" | cut -f1; }
 echo "guest image in $OUTDIR:"
