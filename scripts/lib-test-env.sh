@@ -4,7 +4,9 @@
 # path, so cleaning up never touches the node's own containerd, shims or VMs.
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-KUASAR_BIN_DIR=${KUASAR_BIN_DIR:-$REPO_ROOT/target/release}
+# The release binaries (kuasar-vmm, containerd-shim-kuasar-vmm-v2): $KUASAR_BIN_DIR, else the
+# cargo target dir's release/.
+KUASAR_BIN_DIR=${KUASAR_BIN_DIR:-${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release}
 
 # check_dir DIR: refuses paths a cleanup must never remove.
 check_dir() {

@@ -23,9 +23,21 @@ fn env_path(var: &str) -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
-/// kuasar-vmm and the shim: `$KUASAR_BIN_DIR`, else `<repo>/target/release`.
+/// kuasar-vmm and the shim: `$KUASAR_BIN_DIR`, else `release/` of the
+/// cargo target dir (`$CARGO_TARGET_DIR`, else `<repo>/target`).
 pub fn bin_dir() -> PathBuf {
-    env_path("KUASAR_BIN_DIR").unwrap_or_else(|| repo_root().join("target/release"))
+    env_path("KUASAR_BIN_DIR").unwrap_or_else(|| {
+        env_path("CARGO_TARGET_DIR")
+            .map(|d| {
+                if d.is_relative() {
+                    repo_root().join(d)
+                } else {
+                    d
+                }
+            })
+            .unwrap_or_else(|| repo_root().join("target"))
+            .join("release")
+    })
 }
 
 /// The guest image: `$KUASAR_IMAGE_DIR`, else `/var/lib/kuasar`.
