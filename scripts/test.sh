@@ -92,5 +92,5 @@ run cargo test --workspace --exclude kuasar-e2e
 # The e2e suite drives the release binaries.
 run cargo build --release --workspace --exclude kuasar-agent
 start=$(date +%s)
-run cargo test -p kuasar-e2e -- --test-threads="${KUASAR_E2E_THREADS:-1}"
+run cargo test -p kuasar-e2e --no-fail-fast -- --test-threads="${KUASAR_E2E_THREADS:-1}"
 echo "test.sh: all tests passed (e2e took $(( $(date +%s) - start )) s)" >&2
