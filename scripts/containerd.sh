@@ -49,7 +49,6 @@ version = 3
 root = '$DIR/root'
 state = '$DIR/state'
 temp = '$DIR/tmp'
-plugin_dir = ''
 oom_score = 0
 imports = []
 
