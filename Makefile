@@ -42,8 +42,7 @@ test: deps build guest images
 	scripts/test.sh
 
 check:
-	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	scripts/test.sh check
 
 bench: deps build guest images
 	scripts/bench.sh

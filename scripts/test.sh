@@ -4,6 +4,7 @@
 # services and processes the run started are stopped at the end.
 #
 # Usage: scripts/test.sh          run everything (needs `make build guest images` first)
+#        scripts/test.sh check    formatting and lints only
 #        scripts/test.sh clean    stop every private test/demo/bench environment left behind
 #
 # Env: KUASAR_E2E_THREADS (default 1: the e2e tests count VMs, they run one at a time).
@@ -50,6 +51,17 @@ descendants() {
   done
 }
 
+# ensure_component CARGO_SUBCOMMAND RUSTUP_COMPONENT: rustfmt and clippy, installed if missing.
+ensure_component() {
+  cargo "$1" --version >/dev/null 2>&1 && return 0
+  if command -v rustup >/dev/null; then
+    echo "test.sh: installing the rust component $2" >&2
+    rustup component add "$2" >&2 || true
+  fi
+  cargo "$1" --version >/dev/null 2>&1 \
+    || { echo "test.sh: 'cargo $1' is not available; install the rust component $2" >&2; exit 1; }
+}
+
 if [ "${1:-}" = clean ]; then
   for d in /run/kuasar-test /run/kuasar-demo /run/kuasar-bench /run/kuasar-e2e-*; do
     [ -d "$d" ] || continue
@@ -57,7 +69,14 @@ if [ "${1:-}" = clean ]; then
   done
   exit 0
 fi
-[ $# -eq 0 ] || { echo "usage: $0 [clean]" >&2; exit 2; }
+CHECK_ONLY=0
+case ${1:-} in
+  '') ;;
+  check) CHECK_ONLY=1 ;;
+  *) echo "usage: $0 [check|clean]" >&2; exit 2 ;;
+esac
+ensure_component fmt rustfmt
+ensure_component clippy clippy
 
 CHILD=""
 on_exit() {
@@ -88,6 +107,7 @@ run() {
 clean_stale
 run cargo fmt --all -- --check
 run cargo clippy --workspace --all-targets -- -D warnings
+if [ "$CHECK_ONLY" = 1 ]; then exit 0; fi
 run cargo test --workspace --exclude kuasar-e2e
 # The e2e suite drives the release binaries.
 run cargo build --release --workspace --exclude kuasar-agent
