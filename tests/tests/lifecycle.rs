@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use kuasar_e2e::env::CTR_TIMEOUT;
-use kuasar_e2e::{paths, procs, shared, EnvOptions, BUSYBOX, RUNTIME};
+use kuasar_e2e::{cmd, paths, procs, shared, EnvOptions, BUSYBOX, RUNTIME};
 
 fn env() -> kuasar_e2e::env::Shared {
     shared(EnvOptions { sandboxer: true })
@@ -52,7 +52,7 @@ fn sigkill_from_another_ctr_gives_137() {
     let env = env();
     let id = env.unique_id("kill137");
     let _g = env.guard(&id);
-    let run = env.ctr_spawn(&[
+    let mut run = env.ctr_spawn(&[
         "run",
         "--rm",
         "--runtime",
@@ -62,8 +62,11 @@ fn sigkill_from_another_ctr_gives_137() {
         "sleep",
         "300",
     ]);
-    let running = env.wait_task_status(&id, "RUNNING", CTR_TIMEOUT);
-    if !running {
+    // Until the task runs, or `ctr run` gave up.
+    cmd::wait_until(CTR_TIMEOUT, || {
+        !run.is_running() || env.task_status(&id).as_deref() == Some("RUNNING")
+    });
+    if env.task_status(&id).as_deref() != Some("RUNNING") {
         let out = run.wait(Duration::from_secs(1));
         panic!("task never ran:\n{out}\n{}", env.diagnostics());
     }
