@@ -1,7 +1,7 @@
 //! Boots the guest image with the QEMU command line of docs/design.md and
 //! drives kuasar-agent over the virtio-serial channel: Ping, a container
 //! (`echo hello; uname -r; exit 7`), a long-running container with stdin,
-//! an exec, a host reconnect, terminals, cgroup limits, signals,
+//! an exec, a host reconnect, terminals, cgroup limits, seccomp, signals,
 //! ListPids/Stats, removal and the OCI runtime's (crun's) errors.
 //!
 //! ```text
@@ -403,6 +403,31 @@ async fn run(vm: &mut Vm, opts: &Opts) -> Res<()> {
         format!("c5 stats memory limit {}", s.memory_limit_bytes),
     )?;
 
+    // A seccomp profile (as containerd's default spec has one): crun applies
+    // it with libseccomp; mkdir fails with EPERM where it would work.
+    let mut spec: serde_json::Value = serde_json::from_slice(&make_spec(
+        &dir,
+        &[
+            "sh",
+            "-c",
+            "mkdir /dev/shm/x 2>/dev/null; echo mkdir=$?; echo ok",
+        ],
+    )?)
+    .map_err(|e| e.to_string())?;
+    spec["linux"]["seccomp"] = serde_json::json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{ "names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1 }]
+    });
+    let spec = serde_json::to_vec(&spec).map_err(|e| e.to_string())?;
+    create_spec(&c, &dir, "c7", spec, false, false).await?;
+    let out = read_all(&c, "c7", "", false).await?;
+    let status = wait(&c, "c7", "").await?;
+    check(
+        out == "mkdir=1\nok\n" && status == 0,
+        format!("c7 seccomp output {out:?}, exit status {status}"),
+    )?;
+
     // 7. A signal to all of a container's processes, by number (a real-time
     // one: no name), through the OCI runtime's `kill --all`.
     create(
@@ -466,7 +491,7 @@ async fn run(vm: &mut Vm, opts: &Opts) -> Res<()> {
         .map_err(|e| format!("signal: {e}"))?;
     let status = wait(&c, "c2", "").await?;
     check(status == 137, format!("c2 killed, exit status {status}"))?;
-    for id in ["c1", "c2", "c4", "c5", "c6"] {
+    for id in ["c1", "c2", "c4", "c5", "c6", "c7"] {
         let cr = ContainerRequest {
             container_id: id.into(),
             ..Default::default()
