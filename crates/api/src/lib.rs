@@ -12,7 +12,6 @@ pub mod agent {
     include!(concat!(env!("OUT_DIR"), "/agent/mod.rs"));
     pub use agent::*;
     pub use agent_ttrpc::{create_agent, Agent, AgentClient};
-
 }
 
 /// The shim <-> sandboxer protocol (`kuasar.sandboxer.v1`).
@@ -20,7 +19,6 @@ pub mod sandboxer {
     include!(concat!(env!("OUT_DIR"), "/sandboxer/mod.rs"));
     pub use sandboxer::*;
     pub use sandboxer_ttrpc::{create_sandboxer, Sandboxer, SandboxerClient};
-
 }
 
 /// ttrpc metadata key naming the sandbox a task request belongs to.
