@@ -45,8 +45,12 @@ fn parse_object(what: &str, json: &[u8]) -> Result<serde_json::Map<String, Value
     }
 }
 
+/// The OCI spec version crun 1.8 accepts.
+const CRUN_OCI_VERSION: &str = "1.0.2";
+
 /// Rewrites a container's OCI spec: `root.path` = `rootfs` (keeping
-/// `root.readonly`), `process.terminal` = `terminal`.
+/// `root.readonly`), `process.terminal` = `terminal`, a 1.x `ociVersion`
+/// that crun 1.8 accepts.
 pub fn rewrite_spec(spec_json: &[u8], rootfs: &str, terminal: bool) -> Result<Vec<u8>> {
     if !rootfs.starts_with('/') || rootfs.split('/').any(|c| c == "..") {
         return Err(Error::InvalidArgument(format!(
@@ -68,6 +72,15 @@ pub fn rewrite_spec(spec_json: &[u8], rootfs: &str, terminal: bool) -> Result<Ve
             process.insert("terminal".into(), Value::Bool(terminal));
         }
         _ => return Err(Error::InvalidArgument("spec has no process object".into())),
+    }
+    // crun 1.8 (Debian 12) refuses any ociVersion without "1.0" in it, while
+    // containerd 2.x writes "1.2.1". The field selects nothing in crun: name
+    // the last version it accepts. Other major versions stay refused.
+    match spec.get("ociVersion").and_then(Value::as_str) {
+        Some(v) if v.starts_with("1.") && !v.contains("1.0") => {
+            spec.insert("ociVersion".into(), Value::String(CRUN_OCI_VERSION.into()));
+        }
+        _ => {}
     }
     serde_json::to_vec_pretty(&Value::Object(spec))
         .map_err(|e| Error::Internal(format!("serialize spec: {e}")))
@@ -291,9 +304,13 @@ mod tests {
         assert_eq!(v["process"]["terminal"], false);
         assert_eq!(v["hostname"], "h");
 
-        let spec = br#"{"process":{"args":["sh"]}}"#;
+        let spec = br#"{"ociVersion":"1.2.1","process":{"args":["sh"]}}"#;
         let v: Value = serde_json::from_slice(&rewrite_spec(spec, "/r", false).unwrap()).unwrap();
         assert_eq!(v["root"]["readonly"], false);
+        assert_eq!(v["ociVersion"], "1.0.2");
+        let spec = br#"{"ociVersion":"2.0.0","process":{"args":["sh"]}}"#;
+        let v: Value = serde_json::from_slice(&rewrite_spec(spec, "/r", false).unwrap()).unwrap();
+        assert_eq!(v["ociVersion"], "2.0.0");
 
         assert!(rewrite_spec(b"not json", "/r", false).is_err());
         assert!(rewrite_spec(b"[1]", "/r", false).is_err());
