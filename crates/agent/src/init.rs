@@ -143,15 +143,53 @@ pub fn module_order(list: &str, vsock: bool) -> Vec<&str> {
     others.into_iter().chain(vsock_mods).collect()
 }
 
-/// Loads the modules listed in `list`; already loaded is fine.
-pub fn load_modules(list: &Path, vsock: bool) {
+/// Which modules to load: those containers need (up to and including the
+/// 9p filesystem) or the others (networking, overlay, PCI, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModuleSet {
+    ForContainers,
+    Rest,
+}
+
+/// Splits a load order after the 9p filesystem module: what must be loaded
+/// before the shared directory can be mounted, and the rest.
+pub fn split_after_shared_fs(order: Vec<&str>) -> (Vec<&str>, Vec<&str>) {
+    match order.iter().position(|p| p.ends_with("/fs/9p/9p.ko")) {
+        Some(i) => {
+            let mut first = order;
+            let rest = first.split_off(i + 1);
+            (first, rest)
+        }
+        None => (order, Vec::new()),
+    }
+}
+
+/// Moves the calling thread to SCHED_IDLE: it runs only when nothing else
+/// wants the CPU.
+pub fn become_idle_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler only reads `param`, which lives across the
+    // call; pid 0 names the calling thread.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    if rc != 0 {
+        warn!("SCHED_IDLE: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// Loads one set of the modules listed in `list`; already loaded is fine.
+pub fn load_modules(list: &Path, vsock: bool, set: ModuleSet) {
     let Ok(text) = std::fs::read_to_string(list) else {
         warn!("no module list at {}", list.display());
         return;
     };
+    let (first, rest) = split_after_shared_fs(module_order(&text, vsock));
+    let paths = match set {
+        ModuleSet::ForContainers => first,
+        ModuleSet::Rest => rest,
+    };
     let started = Instant::now();
     let mut loaded = 0;
-    for path in module_order(&text, vsock) {
+    for path in paths {
         let t = Instant::now();
         let res = File::open(path)
             .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
@@ -168,6 +206,7 @@ pub fn load_modules(list: &Path, vsock: bool) {
         }
     }
     info!(
+        ?set,
         loaded,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "modules loaded"
@@ -225,6 +264,17 @@ pub fn mount_shared() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_after_9p() {
+        let order = vec!["/m/virtio.ko", "/m/fs/9p/9p.ko", "/m/overlay.ko"];
+        let (first, rest) = split_after_shared_fs(order);
+        assert_eq!(first, ["/m/virtio.ko", "/m/fs/9p/9p.ko"]);
+        assert_eq!(rest, ["/m/overlay.ko"]);
+        let (first, rest) = split_after_shared_fs(vec!["/m/a.ko"]);
+        assert_eq!(first, ["/m/a.ko"]);
+        assert!(rest.is_empty());
+    }
 
     #[test]
     fn vsock_modules_last_unless_vsock() {

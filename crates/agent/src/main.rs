@@ -63,11 +63,16 @@ fn main() {
         let setup = std::thread::Builder::new()
             .name("guest-setup".into())
             .spawn(move || {
-                init::load_modules(Path::new(init::MODULES_LIST), vsock);
+                let list = Path::new(init::MODULES_LIST);
+                init::load_modules(list, vsock, init::ModuleSet::ForContainers);
                 init::enable_controllers();
                 init::mount_shared();
                 ready_tx.send_replace(true);
                 info!("guest ready");
+                // The rest (networking, overlay, ...) must not slow the first
+                // container down: load it only when the vCPU is otherwise idle.
+                init::become_idle_priority();
+                init::load_modules(list, vsock, init::ModuleSet::Rest);
             });
         if let Err(e) = setup {
             error!("spawn guest setup: {e}");

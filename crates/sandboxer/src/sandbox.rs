@@ -67,6 +67,8 @@ pub struct Sandbox {
     /// The VMM's pid once it runs (0 before), for the persisted record.
     vmm_pid: std::sync::atomic::AtomicU32,
     containers: Mutex<HashMap<String, Arc<Container>>>,
+    /// Guest-side removals of deleted containers still running, by id.
+    removals: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
 }
 
 impl Sandbox {
@@ -83,6 +85,7 @@ impl Sandbox {
             agent: RwLock::new(None),
             vmm_pid: std::sync::atomic::AtomicU32::new(0),
             containers: Mutex::new(HashMap::new()),
+            removals: Mutex::new(HashMap::new()),
         })
     }
 
@@ -289,6 +292,14 @@ impl Sandbox {
         }
         let oci = read_spec(Path::new(&spec.bundle))?;
         let agent = self.ensure_vm().await?;
+        let pending = self
+            .removals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&spec.id);
+        if let Some(removal) = pending {
+            let _ = removal.await;
+        }
         let dir = self.dir.join("shared").join(&spec.id);
         let rootfs = dir.join("rootfs");
         let prepared = prepare_rootfs(&spec, &rootfs);
@@ -557,11 +568,27 @@ impl Sandbox {
             return Ok((p.pid(), status, at));
         }
         if let Ok(agent) = self.agent() {
-            if let Err(e) = agent.remove_container(id).await {
-                if !e.is_not_found() {
-                    return Err(e.into());
+            // Every process of the container has exited: what is left in the
+            // guest is the runtime's bookkeeping. Remove it off the request's
+            // path; a new container with this id waits for it.
+            let sandbox = self.info.id.clone();
+            let cid = id.to_owned();
+            let removal = tokio::spawn(async move {
+                match agent.remove_container(&cid).await {
+                    Ok(()) => {}
+                    Err(e) if e.is_not_found() => {}
+                    // The VM stopped meanwhile: nothing is left to remove.
+                    Err(e @ crate::agent::AgentError::Transport { .. }) => {
+                        tracing::debug!(%sandbox, container = %cid, "remove from the guest: {e}")
+                    }
+                    Err(e) => {
+                        tracing::warn!(%sandbox, container = %cid, "remove from the guest: {e}")
+                    }
                 }
-            }
+            });
+            let mut removals = self.removals.lock().unwrap_or_else(|p| p.into_inner());
+            removals.retain(|_, h| !h.is_finished());
+            removals.insert(id.to_owned(), removal);
         }
         for process in c.all_processes() {
             process.pumps.lock().await.abort();
