@@ -229,15 +229,23 @@ impl Container {
         }
     }
 
-    /// Reserves an exec id; fails if it is taken.
+    /// Reserves an exec id; fails if a live exec holds it. The id of an exec
+    /// that has exited can be used again (containerd deletes an exec when it
+    /// ends, and the protocol has no call for that).
     pub fn reserve_exec(&self, exec_id: &str) -> Result<()> {
         let mut execs = self.execs();
-        if execs.slots.contains_key(exec_id) {
+        let reusable = match execs.slots.get(exec_id) {
+            None => true,
+            Some((_, Some(p))) => p.exited().is_some(),
+            Some((_, None)) => false,
+        };
+        if !reusable {
             return Err(Error::AlreadyExists(format!(
                 "exec {exec_id} already exists in container {}",
                 self.id
             )));
         }
+        execs.slots.remove(exec_id);
         execs.insert(exec_id, None);
         Ok(())
     }

@@ -77,14 +77,16 @@ pub struct Agent {
 macro_rules! call {
     ($self:ident, $method:ident, $name:literal, $req:expr, $timeout:expr) => {{
         let timeout: Option<Duration> = $timeout;
+        // ttrpc's own timer is set a little later than ours, so that a
+        // timeout is always reported as ours (AgentError::Timeout).
         let ctx: Context = match timeout {
-            Some(t) => context::with_timeout(t.as_nanos() as i64),
+            Some(t) => context::with_timeout((t + Duration::from_secs(1)).as_nanos() as i64),
             None => context::Context::default(),
         };
         let req = $req;
         let fut = $self.client.$method(ctx, &req);
         let res = match timeout {
-            Some(t) => tokio::time::timeout(t + Duration::from_millis(100), fut)
+            Some(t) => tokio::time::timeout(t, fut)
                 .await
                 .map_err(|_| AgentError::Timeout {
                     method: $name,

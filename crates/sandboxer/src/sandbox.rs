@@ -27,6 +27,8 @@ const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 /// How much of the guest console a boot error quotes (the directory holding
 /// the whole log is removed with the failed sandbox).
 const CONSOLE_TAIL: usize = 600;
+/// How long a broken agent channel waits to learn whether the VMM exited.
+const VMM_EXIT_WAIT: Duration = Duration::from_secs(1);
 /// How long the VM gets to quit before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
@@ -226,26 +228,42 @@ impl Sandbox {
         let mut exited = vm.exited();
         let address = vm.agent_address();
         let connect = Agent::connect(&address, deadline);
-        tokio::select! {
-            res = connect => match res {
-                Ok((agent, pong)) => {
-                    tracing::debug!(sandbox = %self.info.id, kernel = %pong.kernel_release, agent = %pong.agent_version, "agent answered");
-                    Ok(agent)
-                }
-                Err(crate::agent::AgentError::Timeout { .. }) => Err(StartVmError::BootTimeout {
-                    after: timeout,
-                    console: log_tail(vm.console_log(), CONSOLE_TAIL),
-                }),
-                Err(e) => Err(StartVmError::Agent(e)),
-            },
-            exit = exited.wait_for(|e| e.is_some()) => {
-                let exit = exit.ok().and_then(|e| *e).unwrap_or(crate::vmm::VmExit::Code(-1));
-                Err(StartVmError::DiedDuringBoot {
-                    exit,
-                    console: log_tail(vm.console_log(), CONSOLE_TAIL),
-                    log: log_tail(&self.dir.join("qemu.log"), CONSOLE_TAIL),
-                })
+        // Either the agent answers (or fails), or the VMM exits first.
+        let answered = tokio::select! {
+            res = connect => Some(res),
+            _ = exited.wait_for(|e| e.is_some()) => None,
+        };
+        match answered {
+            Some(Ok((agent, pong))) => {
+                tracing::debug!(sandbox = %self.info.id, kernel = %pong.kernel_release, agent = %pong.agent_version, "agent answered");
+                Ok(agent)
             }
+            Some(Err(crate::agent::AgentError::Timeout { .. })) => Err(StartVmError::BootTimeout {
+                after: timeout,
+                console: log_tail(vm.console_log(), CONSOLE_TAIL),
+            }),
+            Some(Err(e)) => {
+                // A channel that broke is most often a VMM that exited: say
+                // so when it did.
+                let _ = tokio::time::timeout(VMM_EXIT_WAIT, exited.wait_for(|e| e.is_some())).await;
+                let exit = *exited.borrow();
+                match exit {
+                    Some(exit) => Err(self.died_during_boot(vm, exit)),
+                    None => Err(StartVmError::Agent(e)),
+                }
+            }
+            None => {
+                let exit = (*exited.borrow()).unwrap_or(crate::vmm::VmExit::Code(-1));
+                Err(self.died_during_boot(vm, exit))
+            }
+        }
+    }
+
+    fn died_during_boot(&self, vm: &dyn Vmm, exit: crate::vmm::VmExit) -> StartVmError {
+        StartVmError::DiedDuringBoot {
+            exit,
+            console: log_tail(vm.console_log(), CONSOLE_TAIL),
+            log: log_tail(&self.dir.join("qemu.log"), CONSOLE_TAIL),
         }
     }
 
