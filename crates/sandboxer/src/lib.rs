@@ -33,8 +33,15 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("start the async runtime")?;
-    runtime.block_on(serve(config))
+    let result = runtime.block_on(serve(config));
+    // Tasks blocked on a fifo (a stdin nobody opened) must not hold the exit.
+    runtime.shutdown_timeout(SHUTDOWN_GRACE);
+    result
 }
+
+/// How long stopping may take: connections still open (every shim keeps
+/// one) and blocked tasks are dropped after it.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Binds the socket owner-only: created under a restrictive umask, then
 /// chmod'ed, so that no other user can ever connect.
@@ -106,7 +113,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         sandboxes = registry.len(),
         "shutting down; VMs keep running"
     );
-    let _ = server.shutdown().await;
+    if tokio::time::timeout(SHUTDOWN_GRACE, server.shutdown()).await.is_err() {
+        tracing::debug!("connections still open at exit");
+    }
     let _ = std::fs::remove_file(&socket);
     Ok(())
 }
