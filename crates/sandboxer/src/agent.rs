@@ -251,6 +251,23 @@ impl Agent {
         Ok(res.data)
     }
 
+    pub async fn resize_tty(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        width: u32,
+        height: u32,
+    ) -> Result<(), AgentError> {
+        let req = ResizeTtyRequest {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            width,
+            height,
+            ..Default::default()
+        };
+        call!(self, resize_tty, "ResizeTty", req, Some(CALL_TIMEOUT)).map(drop)
+    }
+
     pub async fn list_pids(&self, container_id: &str) -> Result<Vec<u32>, AgentError> {
         let req = ContainerRequest {
             container_id: container_id.to_owned(),

@@ -113,7 +113,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         sandboxes = registry.len(),
         "shutting down; VMs keep running"
     );
-    if tokio::time::timeout(SHUTDOWN_GRACE, server.shutdown()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, server.shutdown())
+        .await
+        .is_err()
+    {
         tracing::debug!("connections still open at exit");
     }
     let _ = std::fs::remove_file(&socket);

@@ -640,6 +640,17 @@ impl Sandbox {
         Ok(())
     }
 
+    pub async fn resize_pty(&self, id: &str, exec_id: &str, width: u32, height: u32) -> Result<()> {
+        let (_, p) = self.process(id, exec_id)?;
+        if !p.stdio.terminal {
+            return Err(Error::FailedPrecondition(format!(
+                "process {} has no terminal",
+                p.id()
+            )));
+        }
+        Ok(self.agent()?.resize_tty(id, exec_id, width, height).await?)
+    }
+
     pub async fn pids(&self, id: &str) -> Result<Vec<u32>> {
         self.container(id)?;
         Ok(self.agent()?.list_pids(id).await?)

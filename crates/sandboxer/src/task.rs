@@ -335,10 +335,13 @@ impl Task for TaskService {
 
     async fn resize_pty(
         &self,
-        _: &TtrpcContext,
-        _: task_api::ResizePtyRequest,
+        ctx: &TtrpcContext,
+        req: task_api::ResizePtyRequest,
     ) -> TtrpcResult<Empty> {
-        Err(Error::Unimplemented("resizing a terminal".into()).into())
+        self.sandbox(ctx)?
+            .resize_pty(&req.id, &req.exec_id, req.width, req.height)
+            .await?;
+        Ok(Empty::new())
     }
 
     async fn update(&self, _: &TtrpcContext, _: task_api::UpdateTaskRequest) -> TtrpcResult<Empty> {
