@@ -71,6 +71,8 @@ pub struct Sandbox {
     containers: Mutex<HashMap<String, Arc<Container>>>,
     /// Guest-side removals of deleted containers still running, by id.
     removals: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    /// Set once the sandbox is being stopped on request.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl Sandbox {
@@ -88,6 +90,7 @@ impl Sandbox {
             vmm_pid: std::sync::atomic::AtomicU32::new(0),
             containers: Mutex::new(HashMap::new()),
             removals: Mutex::new(HashMap::new()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -154,7 +157,7 @@ impl Sandbox {
     }
 
     /// Boots the sandbox's VM unless it runs; returns its agent.
-    async fn ensure_vm(&self) -> Result<Agent> {
+    async fn ensure_vm(self: &Arc<Self>) -> Result<Agent> {
         let mut vm = self.vm.lock().await;
         if let Some(v) = vm.as_ref() {
             if let Some(exit) = *v.exited().borrow() {
@@ -203,6 +206,7 @@ impl Sandbox {
                     qemu.pid().unwrap_or(0),
                     std::sync::atomic::Ordering::Relaxed,
                 );
+                self.watch_vm(qemu.exited());
                 *vm = Some(qemu);
                 self.save_record();
                 Ok(agent)
@@ -667,7 +671,61 @@ impl Sandbox {
 
     /// Stops the VM and frees everything the sandbox holds. Processes still
     /// running are reported as killed.
+    /// Follows the VMM: when it exits without being asked to, the
+    /// sandbox's processes are reported killed and what the VM held on the
+    /// host is released at once.
+    fn watch_vm(
+        self: &Arc<Self>,
+        mut exited: tokio::sync::watch::Receiver<Option<crate::vmm::VmExit>>,
+    ) {
+        let sandbox = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let _ = exited.wait_for(|e| e.is_some()).await;
+            let exit = *exited.borrow();
+            if let Some(sandbox) = sandbox.upgrade() {
+                sandbox.vm_died(exit).await;
+            }
+        });
+    }
+
+    async fn vm_died(&self, exit: Option<crate::vmm::VmExit>) {
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        tracing::error!(sandbox = %self.info.id, ?exit, "the VM exited unexpectedly");
+        *self.agent.write().unwrap_or_else(|p| p.into_inner()) = None;
+        let containers: Vec<_> = self.containers().values().cloned().collect();
+        for c in &containers {
+            for p in c.all_processes() {
+                p.pumps.lock().await.abort();
+                if matches!(p.state(), ProcState::Running | ProcState::Created) {
+                    self.report_exit(&p, 137, SystemTime::now()).await;
+                }
+            }
+        }
+        // Keep state.json and the logs until containerd deletes the sandbox;
+        // the mounts, the shared directory and the sockets go now.
+        for path in [
+            self.dir.join("shared"),
+            self.dir.join("agent.sock"),
+            self.dir.join("qmp.sock"),
+        ] {
+            let res = if path.is_dir() {
+                mount::remove_dir(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            if let Err(e) = res {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %path.display(), "release: {e}");
+                }
+            }
+        }
+    }
+
     pub async fn shutdown(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let mut vm = self.vm.lock().await;
         let containers: Vec<_> = self.containers().drain().map(|(_, c)| c).collect();
         for c in &containers {
