@@ -267,3 +267,63 @@ fn three_sandboxes_one_sandboxer() {
         "the sandboxer stays up"
     );
 }
+
+#[test]
+fn a_dying_vm_stops_only_its_own_tasks() {
+    let env = env();
+    let dead = env.unique_id("dies");
+    let alive = env.unique_id("lives");
+    let (_g1, out) = env.run_vm_detached(&dead, &["sleep", "300"]);
+    assert!(out.success(), "{out}\n{}", env.diagnostics());
+    let (_g2, out) = env.run_vm_detached(&alive, &["sleep", "300"]);
+    assert!(out.success(), "{out}\n{}", env.diagnostics());
+    for id in [&dead, &alive] {
+        assert!(
+            env.wait_task_status(id, "RUNNING", Duration::from_secs(30)),
+            "{id} not RUNNING\n{}",
+            env.diagnostics()
+        );
+    }
+    let marker = format!("kuasar-{dead},");
+    let qemu = procs::find(env.dir(), &[procs::QEMU])
+        .into_iter()
+        .find(|p| p.cmdline.contains(&marker))
+        .unwrap_or_else(|| panic!("no QEMU for {dead}\n{}", env.diagnostics()));
+    procs::signal(qemu.pid, 9);
+
+    assert!(
+        env.wait_task_status(&dead, "STOPPED", Duration::from_secs(10)),
+        "task of the killed VM not STOPPED: {:?}\n{}",
+        env.task_status(&dead),
+        env.diagnostics()
+    );
+    // What the VM held on the host is released before containerd deletes it.
+    let dir = env.state_dir().join(&dead);
+    assert!(
+        cmd::wait_until(Duration::from_secs(10), || {
+            ["shared", "agent.sock", "qmp.sock"]
+                .iter()
+                .all(|f| !dir.join(f).exists())
+        }),
+        "{} still holds resources",
+        dir.display()
+    );
+    // The other sandbox is untouched.
+    assert_eq!(env.task_status(&alive).as_deref(), Some("RUNNING"));
+    let exec = env.ctr(&["tasks", "exec", "--exec-id", "still", &alive, "echo", "up"]);
+    assert!(exec.success() && exec.stdout.trim() == "up", "{exec}");
+
+    let rm = env.ctr(&["tasks", "rm", &dead]);
+    assert!(rm.success(), "{rm}");
+    assert!(
+        rm.combined().contains("255") || rm.combined().contains("137"),
+        "exit status of a killed VM: {rm}"
+    );
+    env.ctr(&["containers", "rm", &dead]).expect_success();
+    env.ctr(&["tasks", "kill", "-s", "SIGKILL", &alive])
+        .expect_success();
+    assert!(env.wait_task_status(&alive, "STOPPED", Duration::from_secs(30)));
+    env.ctr(&["tasks", "rm", &alive]).expect_success();
+    env.ctr(&["containers", "rm", &alive]).expect_success();
+    env.assert_clean();
+}
