@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::config::{Accelerator, Channel, Config};
 use crate::events::Publisher;
-use crate::vmm::host as probe;
+use crate::vmm::probe;
 use crate::vmm::qemu::{Accel, AgentChannel};
 
 pub struct Host {

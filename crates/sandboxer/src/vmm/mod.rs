@@ -5,7 +5,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-pub mod host;
+pub mod probe;
 pub mod qemu;
 
 /// How the VMM process ended: the exit code, or the signal that killed it.

@@ -1,4 +1,4 @@
-//! What the host offers a VMM: a KVM that really runs guests, the TSC rate.
+//! Probes of what the host offers a VMM: a KVM that really runs guests, the TSC rate.
 use std::path::Path;
 
 /// True when `/dev/kvm` can run a stock guest kernel: the device exists, the
