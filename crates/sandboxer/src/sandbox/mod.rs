@@ -1,15 +1,16 @@
 //! One sandbox: its VM, its agent connection, its containers.
+mod vm;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kuasar_api::agent::{CreateContainerRequest, ExecProcessRequest, StatsResponse};
 use kuasar_api::containerd::events::task as ev;
 use kuasar_api::containerd::topics;
 
 use crate::agent::Agent;
-use crate::config::ConfigError;
 use crate::container::{validate_id, Container, ProcState, Process};
 use crate::error::{Error, Result};
 use crate::events::timestamp;
@@ -17,20 +18,12 @@ use crate::host::Host;
 use crate::io::{Pumps, StdioPaths};
 use crate::mount::{self, MountSpec};
 use crate::state::{ContainerRecord, SandboxRecord, RECORD_VERSION};
-use crate::vmm::qemu::{log_tail, QemuVm, VmSpec};
-use crate::vmm::{StartVmError, Vmm, GUEST_SHARED_DIR};
+use crate::vmm::{Vmm, GUEST_SHARED_DIR};
 
 /// Largest OCI spec (config.json) accepted from a bundle.
 const MAX_SPEC: u64 = 4 << 20;
 /// How long an exited process's output may still take to arrive.
 const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
-/// How much of the guest console a boot error quotes (the directory holding
-/// the whole log is removed with the failed sandbox).
-const CONSOLE_TAIL: usize = 600;
-/// How long a broken agent channel waits to learn whether the VMM exited.
-const VMM_EXIT_WAIT: Duration = Duration::from_secs(1);
-/// How long the VM gets to quit before it is killed.
-const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// Who a sandbox belongs to, as the shim registered it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -154,149 +147,6 @@ impl Sandbox {
             .ok_or_else(|| {
                 Error::FailedPrecondition(format!("sandbox {} has no running VM", self.info.id))
             })
-    }
-
-    /// Boots the sandbox's VM unless it runs; returns its agent.
-    async fn ensure_vm(self: &Arc<Self>) -> Result<Agent> {
-        let mut vm = self.vm.lock().await;
-        if let Some(v) = vm.as_ref() {
-            if let Some(exit) = *v.exited().borrow() {
-                return Err(Error::FailedPrecondition(format!(
-                    "the VM of sandbox {} has exited ({exit:?})",
-                    self.info.id
-                )));
-            }
-            return self.agent();
-        }
-        let started = Instant::now();
-        let config = &self.host.config;
-        config.check_files().map_err(|e| match e {
-            ConfigError::Missing { what, path } => StartVmError::Missing { what, path },
-            other => StartVmError::Prepare {
-                path: config.image_dir.clone(),
-                source: std::io::Error::other(other.to_string()),
-            },
-        })?;
-        std::fs::create_dir_all(&self.dir).map_err(|source| StartVmError::Prepare {
-            path: self.dir.clone(),
-            source,
-        })?;
-        let spec = VmSpec::from_config(
-            self.info.id.clone(),
-            self.host.accel,
-            self.host.agent_channel(),
-            self.host.tsc_khz,
-            &config.qemu,
-            config.kernel_path(),
-            config.initrd_path(),
-            self.dir.clone(),
-        );
-        let mut qemu: Box<dyn Vmm> = Box::new(QemuVm::new(config.qemu.binary.clone(), spec));
-        let timeout = Duration::from_secs(config.qemu.boot_timeout_secs);
-        match self.boot(qemu.as_mut(), started + timeout, timeout).await {
-            Ok(agent) => {
-                tracing::info!(
-                    sandbox = %self.info.id,
-                    pid = qemu.pid().unwrap_or(0),
-                    boot_ms = started.elapsed().as_millis() as u64,
-                    "agent ready"
-                );
-                *self.agent.write().unwrap_or_else(|p| p.into_inner()) = Some(agent.clone());
-                self.vmm_pid.store(
-                    qemu.pid().unwrap_or(0),
-                    std::sync::atomic::Ordering::Relaxed,
-                );
-                self.watch_vm(qemu.exited());
-                *vm = Some(qemu);
-                self.save_record();
-                Ok(agent)
-            }
-            Err(e) => {
-                tracing::warn!(sandbox = %self.info.id, "VM start failed: {}", crate::error::chain(&e));
-                let _ = qemu.stop(Duration::ZERO).await;
-                if let Err(e) = mount::remove_dir(&self.dir) {
-                    tracing::warn!(dir = %self.dir.display(), "remove sandbox directory: {e}");
-                }
-                Err(e.into())
-            }
-        }
-    }
-
-    async fn boot(
-        &self,
-        vm: &mut dyn Vmm,
-        deadline: Instant,
-        timeout: Duration,
-    ) -> Result<Agent, StartVmError> {
-        vm.start().await?;
-        let mut exited = vm.exited();
-        let address = vm.agent_address();
-        let connect = Agent::connect(&address, deadline);
-        // Either the agent answers (or fails), or the VMM exits first.
-        let answered = tokio::select! {
-            res = connect => Some(res),
-            _ = exited.wait_for(|e| e.is_some()) => None,
-        };
-        match answered {
-            Some(Ok((agent, pong))) => {
-                tracing::debug!(sandbox = %self.info.id, kernel = %pong.kernel_release, agent = %pong.agent_version, "agent answered");
-                Ok(agent)
-            }
-            Some(Err(crate::agent::AgentError::Timeout { .. })) => Err(StartVmError::BootTimeout {
-                after: timeout,
-                console: log_tail(vm.console_log(), CONSOLE_TAIL),
-            }),
-            Some(Err(e)) => {
-                // A channel that broke is most often a VMM that exited: say
-                // so when it did.
-                let _ = tokio::time::timeout(VMM_EXIT_WAIT, exited.wait_for(|e| e.is_some())).await;
-                let exit = *exited.borrow();
-                match exit {
-                    Some(exit) => Err(self.died_during_boot(vm, exit)),
-                    None => Err(StartVmError::Agent(e)),
-                }
-            }
-            None => {
-                let exit = (*exited.borrow()).unwrap_or(crate::vmm::VmExit::Code(-1));
-                Err(self.died_during_boot(vm, exit))
-            }
-        }
-    }
-
-    fn died_during_boot(&self, vm: &dyn Vmm, exit: crate::vmm::VmExit) -> StartVmError {
-        StartVmError::DiedDuringBoot {
-            exit,
-            console: log_tail(vm.console_log(), CONSOLE_TAIL),
-            log: log_tail(&self.dir.join("qemu.log"), CONSOLE_TAIL),
-        }
-    }
-
-    /// Persists what the sandbox holds now; a failure is logged (the live
-    /// sandbox goes on).
-    fn save_record(&self) {
-        let pid = self.vmm_pid.load(std::sync::atomic::Ordering::Relaxed);
-        let mut containers: Vec<ContainerRecord> = self
-            .containers()
-            .values()
-            .map(|c| ContainerRecord {
-                id: c.id.clone(),
-                pid: c.init.pid(),
-            })
-            .collect();
-        containers.sort_by(|a, b| a.id.cmp(&b.id));
-        let record = SandboxRecord {
-            version: RECORD_VERSION,
-            id: self.info.id.clone(),
-            namespace: self.info.namespace.clone(),
-            bundle: self.info.bundle.clone(),
-            ttrpc_address: self.info.ttrpc_address.clone(),
-            vmm_pid: (pid != 0).then_some(pid),
-            created_at: self.created_at,
-            containers,
-        };
-        if let Err(e) = record.save(&self.dir) {
-            tracing::warn!(sandbox = %self.info.id, "{}", crate::error::chain(&e));
-        }
     }
 
     async fn publish<E: protobuf::MessageFull>(&self, topic: &str, event: E) {
@@ -667,85 +517,6 @@ impl Sandbox {
 
     pub fn init_pid(&self, id: &str) -> Result<u32> {
         Ok(self.container(id)?.init.pid())
-    }
-
-    /// Stops the VM and frees everything the sandbox holds. Processes still
-    /// running are reported as killed.
-    /// Follows the VMM: when it exits without being asked to, the
-    /// sandbox's processes are reported killed and what the VM held on the
-    /// host is released at once.
-    fn watch_vm(
-        self: &Arc<Self>,
-        mut exited: tokio::sync::watch::Receiver<Option<crate::vmm::VmExit>>,
-    ) {
-        let sandbox = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let _ = exited.wait_for(|e| e.is_some()).await;
-            let exit = *exited.borrow();
-            if let Some(sandbox) = sandbox.upgrade() {
-                sandbox.vm_died(exit).await;
-            }
-        });
-    }
-
-    async fn vm_died(&self, exit: Option<crate::vmm::VmExit>) {
-        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
-            return;
-        }
-        tracing::error!(sandbox = %self.info.id, ?exit, "the VM exited unexpectedly");
-        *self.agent.write().unwrap_or_else(|p| p.into_inner()) = None;
-        let containers: Vec<_> = self.containers().values().cloned().collect();
-        for c in &containers {
-            for p in c.all_processes() {
-                p.pumps.lock().await.abort();
-                if matches!(p.state(), ProcState::Running | ProcState::Created) {
-                    self.report_exit(&p, 137, SystemTime::now()).await;
-                }
-            }
-        }
-        // Keep state.json and the logs until containerd deletes the sandbox;
-        // the mounts, the shared directory and the sockets go now.
-        for path in [
-            self.dir.join("shared"),
-            self.dir.join("agent.sock"),
-            self.dir.join("qmp.sock"),
-        ] {
-            let res = if path.is_dir() {
-                mount::remove_dir(&path)
-            } else {
-                std::fs::remove_file(&path)
-            };
-            if let Err(e) = res {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(path = %path.display(), "release: {e}");
-                }
-            }
-        }
-    }
-
-    pub async fn shutdown(&self) {
-        self.stopping
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        let mut vm = self.vm.lock().await;
-        let containers: Vec<_> = self.containers().drain().map(|(_, c)| c).collect();
-        for c in &containers {
-            for p in c.all_processes() {
-                p.pumps.lock().await.abort();
-                if p.state() == ProcState::Running {
-                    self.report_exit(&p, 137, SystemTime::now()).await;
-                }
-            }
-        }
-        *self.agent.write().unwrap_or_else(|p| p.into_inner()) = None;
-        if let Some(mut v) = vm.take() {
-            if let Err(e) = v.stop(STOP_GRACE).await {
-                tracing::error!(sandbox = %self.info.id, "{e}");
-            }
-        }
-        if let Err(e) = mount::remove_dir(&self.dir) {
-            tracing::warn!(dir = %self.dir.display(), "remove sandbox directory: {e}");
-        }
-        tracing::info!(sandbox = %self.info.id, "sandbox stopped");
     }
 }
 
