@@ -159,7 +159,12 @@ impl Sandbox {
     /// Creates a container (booting the VM first when it is the first).
     pub async fn create_container(self: &Arc<Self>, spec: CreateSpec) -> Result<u32> {
         validate_id("container", &spec.id)?;
-        if self.containers().contains_key(&spec.id) {
+        if let Some(c) = self.containers().get(&spec.id) {
+            // The shim resends a request once after a lost connection: the
+            // same container again is that, not a conflict.
+            if c.bundle == spec.bundle && c.init.stdio == spec.stdio {
+                return Ok(c.init.pid());
+            }
             return Err(Error::AlreadyExists(format!("container {}", spec.id)));
         }
         let oci = read_spec(Path::new(&spec.bundle))?;
@@ -247,6 +252,10 @@ impl Sandbox {
     /// Starts a container's init process or a registered exec.
     pub async fn start(self: &Arc<Self>, id: &str, exec_id: &str) -> Result<u32> {
         let (_, process) = self.process(id, exec_id)?;
+        if process.state() != ProcState::Created && process.pid() != 0 {
+            // A resent Start (see create_container).
+            return Ok(process.pid());
+        }
         if process.state() != ProcState::Created {
             return Err(Error::FailedPrecondition(format!(
                 "process {} of container {id} was already started",
@@ -361,7 +370,11 @@ impl Sandbox {
         }
         {
             let mut execs = c.execs.lock().unwrap_or_else(|p| p.into_inner());
-            if execs.contains_key(exec_id) {
+            if let Some(p) = execs.get(exec_id) {
+                if p.spec == spec && p.stdio == stdio {
+                    // A resent Exec (see create_container).
+                    return Ok(());
+                }
                 return Err(Error::AlreadyExists(format!(
                     "exec {exec_id} of container {id}"
                 )));
