@@ -78,8 +78,4 @@ impl Registry {
         }
         Ok(())
     }
-
-    pub fn all(&self) -> Vec<Arc<Sandbox>> {
-        self.map().values().cloned().collect()
-    }
 }

@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::*;
-use crate::config::ConfigError;
 use crate::vmm::qemu::{log_tail, QemuVm, VmSpec};
 use crate::vmm::StartVmError;
 
@@ -31,13 +30,8 @@ impl Sandbox {
         }
         let started = Instant::now();
         let config = &self.host.config;
-        config.check_files().map_err(|e| match e {
-            ConfigError::Missing { what, path } => StartVmError::Missing { what, path },
-            other => StartVmError::Prepare {
-                path: config.image_dir.clone(),
-                source: std::io::Error::other(other.to_string()),
-            },
-        })?;
+        // QemuVm::start checks that the binary, kernel and initramfs still
+        // exist (they may vanish after start-up) and names the missing one.
         std::fs::create_dir_all(&self.dir).map_err(|source| StartVmError::Prepare {
             path: self.dir.clone(),
             source,
