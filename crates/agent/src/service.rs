@@ -446,4 +446,32 @@ impl Agent for AgentService {
             ..Default::default()
         })
     }
+
+    async fn setup_sandbox(
+        &self,
+        _: &TtrpcContext,
+        req: SetupSandboxRequest,
+    ) -> TtrpcResult<Empty> {
+        let res = (|| {
+            if !req.hostname.is_empty() {
+                nix::unistd::sethostname(&req.hostname).map_err(|e| {
+                    Error::InvalidArgument(format!("host name {:?}: {e}", req.hostname))
+                })?;
+            }
+            Ok(())
+        })();
+        reply("SetupSandbox", res)?;
+        Ok(Empty::default())
+    }
+
+    async fn update_container(
+        &self,
+        _: &TtrpcContext,
+        _req: UpdateContainerRequest,
+    ) -> TtrpcResult<Empty> {
+        reply(
+            "UpdateContainer",
+            Err(Error::Unimplemented("UpdateContainer".into())),
+        )
+    }
 }

@@ -283,6 +283,31 @@ impl Agent {
         };
         call!(self, stats, "Stats", req, Some(CALL_TIMEOUT))
     }
+
+    pub async fn setup_sandbox(&self, req: SetupSandboxRequest) -> Result<(), AgentError> {
+        call!(self, setup_sandbox, "SetupSandbox", req, Some(CALL_TIMEOUT))?;
+        Ok(())
+    }
+
+    pub async fn update_container(
+        &self,
+        container_id: &str,
+        resources_json: Vec<u8>,
+    ) -> Result<(), AgentError> {
+        let req = UpdateContainerRequest {
+            container_id: container_id.to_owned(),
+            resources_json,
+            ..Default::default()
+        };
+        call!(
+            self,
+            update_container,
+            "UpdateContainer",
+            req,
+            Some(CALL_TIMEOUT)
+        )?;
+        Ok(())
+    }
 }
 
 fn process_request(container_id: &str, exec_id: &str) -> ProcessRequest {

@@ -17,6 +17,7 @@ use crate::events::timestamp;
 use crate::host::Host;
 use crate::io::{Pumps, StdioPaths};
 use crate::mount::{self, MountSpec};
+use crate::pod::{self, PodConfig};
 use crate::state::{ContainerRecord, SandboxRecord, RECORD_VERSION};
 use crate::vmm::{Vmm, GUEST_SHARED_DIR};
 
@@ -66,6 +67,8 @@ pub struct Sandbox {
     removals: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     /// Set once the sandbox is being stopped on request.
     stopping: std::sync::atomic::AtomicBool,
+    /// The Kubernetes pod this sandbox runs, once known (CRI only).
+    pod: Mutex<Option<PodConfig>>,
 }
 
 impl Sandbox {
@@ -84,6 +87,7 @@ impl Sandbox {
             containers: Mutex::new(HashMap::new()),
             removals: Mutex::new(HashMap::new()),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            pod: Mutex::new(None),
         })
     }
 
@@ -114,6 +118,15 @@ impl Sandbox {
             sandbox.containers().insert(c.id, container);
         }
         sandbox
+    }
+
+    /// Records the pod this sandbox runs; the VM boots to its measure.
+    pub fn set_pod(&self, pod: PodConfig) {
+        *self.pod.lock().unwrap_or_else(|p| p.into_inner()) = Some(pod);
+    }
+
+    pub fn pod(&self) -> Option<PodConfig> {
+        self.pod.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn containers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Container>>> {
@@ -168,6 +181,12 @@ impl Sandbox {
             return Err(Error::AlreadyExists(format!("container {}", spec.id)));
         }
         let oci = read_spec(Path::new(&spec.bundle))?;
+        let oci_value: serde_json::Value = serde_json::from_slice(&oci).map_err(|e| {
+            Error::InvalidArgument(format!("OCI spec of container {}: {e}", spec.id))
+        })?;
+        if let Some(pod) = pod::from_sandbox_spec(&oci_value)? {
+            self.set_pod(pod);
+        }
         let agent = self.ensure_vm().await?;
         let pending = self
             .removals

@@ -36,7 +36,8 @@ impl Sandbox {
             path: self.dir.clone(),
             source,
         })?;
-        let spec = VmSpec::from_config(
+        let pod = self.pod();
+        let mut spec = VmSpec::from_config(
             self.info.id.clone(),
             self.host.accel,
             self.host.agent_channel(),
@@ -46,9 +47,18 @@ impl Sandbox {
             config.initrd_path(),
             self.dir.clone(),
         );
+        if let Some(pod) = &pod {
+            let size = crate::pod::vm_size(&pod.resources, &config.qemu)?;
+            spec.vcpus = size.vcpus;
+            spec.memory_mib = size.memory_mib;
+        }
         let mut qemu: Box<dyn Vmm> = Box::new(QemuVm::new(config.qemu.binary.clone(), spec));
         let timeout = Duration::from_secs(config.qemu.boot_timeout_secs);
-        match self.boot(qemu.as_mut(), started + timeout, timeout).await {
+        let booted = match self.boot(qemu.as_mut(), started + timeout, timeout).await {
+            Ok(agent) => self.setup_guest(&agent, pod.as_ref()).await.map(|()| agent),
+            Err(e) => Err(Error::from(e)),
+        };
+        match booted {
             Ok(agent) => {
                 tracing::info!(
                     sandbox = %self.info.id,
@@ -72,9 +82,20 @@ impl Sandbox {
                 if let Err(e) = mount::remove_dir(&self.dir) {
                     tracing::warn!(dir = %self.dir.display(), "remove sandbox directory: {e}");
                 }
-                Err(e.into())
+                Err(e)
             }
         }
+    }
+
+    /// Gives the freshly booted guest what the pod needs before its first
+    /// container: host name, network, DNS.
+    async fn setup_guest(&self, agent: &Agent, pod: Option<&PodConfig>) -> Result<()> {
+        let Some(pod) = pod else { return Ok(()) };
+        let req = kuasar_api::agent::SetupSandboxRequest {
+            hostname: pod.hostname.clone(),
+            ..Default::default()
+        };
+        agent.setup_sandbox(req).await.map_err(Error::from)
     }
 
     async fn boot(
