@@ -20,6 +20,7 @@ pub mod recovery;
 pub mod registry;
 pub mod sandbox;
 pub mod service;
+pub mod spec;
 pub mod state;
 pub mod task;
 pub mod vmm;

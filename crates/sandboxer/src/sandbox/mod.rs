@@ -181,7 +181,7 @@ impl Sandbox {
             return Err(Error::AlreadyExists(format!("container {}", spec.id)));
         }
         let oci = read_spec(Path::new(&spec.bundle))?;
-        let oci_value: serde_json::Value = serde_json::from_slice(&oci).map_err(|e| {
+        let mut oci_value: serde_json::Value = serde_json::from_slice(&oci).map_err(|e| {
             Error::InvalidArgument(format!("OCI spec of container {}: {e}", spec.id))
         })?;
         if let Some(pod) = pod::from_sandbox_spec(&oci_value)? {
@@ -198,7 +198,14 @@ impl Sandbox {
         }
         let dir = self.dir.join("shared").join(&spec.id);
         let rootfs = dir.join("rootfs");
-        let prepared = prepare_rootfs(&spec, &rootfs);
+        let binds = crate::spec::for_guest(
+            &mut oci_value,
+            &dir.join("mounts"),
+            &format!("{GUEST_SHARED_DIR}/{}/mounts", spec.id),
+        )?;
+        let oci = serde_json::to_vec(&oci_value)
+            .map_err(|e| Error::InvalidArgument(format!("OCI spec: {e}")))?;
+        let prepared = prepare_rootfs(&spec, &rootfs).and_then(|()| crate::spec::share(&binds));
         let created = match prepared {
             Ok(()) => agent
                 .create_container(CreateContainerRequest {
