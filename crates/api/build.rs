@@ -3,12 +3,11 @@
 //! `<proto>_async/` (used only with the `async` feature).
 use std::path::{Path, PathBuf};
 
-fn generate(proto: &str, dir: &Path, async_all: bool) {
-    let file = format!("protos/{proto}.proto");
+fn generate(inputs: &[String], dir: &Path, async_all: bool) {
     std::fs::create_dir_all(dir).expect("create output directory");
     ttrpc_codegen::Codegen::new()
         .out_dir(dir)
-        .inputs([&file])
+        .inputs(inputs)
         .include("protos")
         .rust_protobuf()
         .customize(ttrpc_codegen::Customize {
@@ -22,17 +21,37 @@ fn generate(proto: &str, dir: &Path, async_all: bool) {
 
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR is set by cargo"));
-    for proto in ["agent", "sandboxer"] {
-        println!("cargo:rerun-if-changed=protos/{proto}.proto");
+    // containerd's runtime sandbox API as of containerd 2.1 (newer than the
+    // copy containerd-shim-protos 0.10 carries: SandboxMetrics, annotations).
+    let containerd: Vec<String> = [
+        "containerd/sandbox",
+        "containerd/types/metrics",
+        "containerd/types/mount",
+        "containerd/types/platform",
+    ]
+    .iter()
+    .map(|p| format!("protos/{p}.proto"))
+    .collect();
+    for (proto, inputs) in [
+        ("agent", vec!["protos/agent.proto".to_owned()]),
+        ("sandboxer", vec!["protos/sandboxer.proto".to_owned()]),
+        ("sandbox", containerd),
+        ("cri_pod", vec!["protos/cri_pod.proto".to_owned()]),
+    ] {
+        for input in &inputs {
+            println!("cargo:rerun-if-changed={input}");
+        }
         let dir = out.join(proto);
-        generate(proto, &dir, false);
+        generate(&inputs, &dir, false);
         let async_dir = out.join(format!("{proto}_async"));
-        generate(proto, &async_dir, true);
-        std::fs::copy(
-            async_dir.join(format!("{proto}_ttrpc.rs")),
-            dir.join(format!("{proto}_ttrpc_async.rs")),
-        )
-        .expect("copy async service");
+        generate(&inputs, &async_dir, true);
+        let service = async_dir.join(format!("{proto}_ttrpc.rs"));
+        if !service.exists() {
+            // Messages only.
+            continue;
+        }
+        std::fs::copy(service, dir.join(format!("{proto}_ttrpc_async.rs")))
+            .expect("copy async service");
         // The generated mod.rs names only the message module; add the services.
         let mod_rs = dir.join("mod.rs");
         let mut text = std::fs::read_to_string(&mod_rs).expect("read generated mod.rs");

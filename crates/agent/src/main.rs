@@ -12,6 +12,7 @@ mod proxy;
 mod reaper;
 mod runtime;
 mod service;
+mod sysctl;
 
 use std::path::Path;
 use std::sync::Arc;

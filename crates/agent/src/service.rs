@@ -96,7 +96,13 @@ impl Inner {
     async fn create(&self, req: CreateContainerRequest) -> Result<u32> {
         let id = req.container_id.as_str();
         validate_id("container", id)?;
-        let spec = rewrite_spec(&req.spec_json, &req.rootfs_path, req.terminal)?;
+        let mut spec_value: serde_json::Value = serde_json::from_slice(&req.spec_json)
+            .map_err(|e| Error::InvalidArgument(format!("spec: {e}")))?;
+        let sysctls = crate::sysctl::take_pod_sysctls(&mut spec_value)?;
+        let spec_json = serde_json::to_vec(&spec_value)
+            .map_err(|e| Error::InvalidArgument(format!("spec: {e}")))?;
+        let spec = rewrite_spec(&spec_json, &req.rootfs_path, req.terminal)?;
+        crate::sysctl::apply(&sysctls)?;
         // The shared directory is mounted once the guest is set up.
         let mut ready = self.guest_ready.clone();
         let _ = ready.wait_for(|r| *r).await;

@@ -21,6 +21,20 @@ pub mod sandboxer {
     pub use sandboxer_ttrpc::{create_sandboxer, Sandboxer, SandboxerClient};
 }
 
+/// containerd's shim sandbox API (`containerd.runtime.sandbox.v1`, as of
+/// containerd 2.1), served by kuasar-vmm for the `shim` sandboxer mode.
+pub mod sandbox {
+    include!(concat!(env!("OUT_DIR"), "/sandbox/mod.rs"));
+    pub use sandbox::*;
+}
+
+/// The pod configuration of the Kubernetes CRI (`runtime.v1`, the subset
+/// kuasar-vmm reads).
+pub mod cri {
+    include!(concat!(env!("OUT_DIR"), "/cri_pod/mod.rs"));
+    pub use cri_pod::*;
+}
+
 /// ttrpc metadata key naming the sandbox a task request belongs to.
 pub const SANDBOX_ID_METADATA: &str = "kuasar-sandbox-id";
 /// ttrpc metadata key carrying the containerd namespace of a task request.

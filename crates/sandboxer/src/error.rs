@@ -21,6 +21,8 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0} is not supported by kuasar-vmm")]
     Unimplemented(String),
+    #[error("{0}")]
+    Internal(String),
     #[error("start the sandbox's VM")]
     StartVm(#[from] StartVmError),
     #[error("guest agent")]
@@ -54,7 +56,9 @@ impl Error {
             Error::Agent(AgentError::Status { code, .. }) => *code,
             Error::Agent(AgentError::Timeout { .. }) => Code::DEADLINE_EXCEEDED,
             Error::Agent(_) => Code::UNAVAILABLE,
-            Error::StartVm(_) | Error::Mount(_) | Error::Io { .. } => Code::INTERNAL,
+            Error::StartVm(_) | Error::Mount(_) | Error::Io { .. } | Error::Internal(_) => {
+                Code::INTERNAL
+            }
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod pod;
 pub mod recovery;
 pub mod registry;
 pub mod sandbox;
+pub mod sandbox_api;
 pub mod service;
 pub mod spec;
 pub mod state;
@@ -100,7 +101,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         )
         .register_service(kuasar_api::containerd::shim_async::create_task(Arc::new(
             tasks,
-        )));
+        )))
+        .register_service(kuasar_api::sandbox::sandbox_ttrpc_async::create_sandbox(
+            Arc::new(sandbox_api::SandboxService::new(registry.clone())),
+        ));
     server.start().await.context("start the ttrpc server")?;
     tracing::info!(socket = %socket.display(), "kuasar-vmm ready");
     notify_ready();

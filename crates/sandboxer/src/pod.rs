@@ -56,14 +56,7 @@ pub fn from_sandbox_spec(spec: &Value) -> Result<Option<PodConfig>> {
         .iter()
         .find(|n| n.get("type").and_then(Value::as_str) == Some("network"));
     let netns = match net {
-        None => {
-            return Err(Error::InvalidArgument(
-                "the pod asks for the host's network (hostNetwork: true): a microVM has a \
-                 network stack of its own and cannot join the node's; run such pods with a \
-                 runc RuntimeClass"
-                    .into(),
-            ))
-        }
+        None => return Err(host_network()),
         Some(n) => n
             .get("path")
             .and_then(Value::as_str)
@@ -104,6 +97,74 @@ pub fn from_sandbox_spec(spec: &Value) -> Result<Option<PodConfig>> {
             memory_limit_bytes: parse_u64(SANDBOX_MEMORY)?,
         },
     }))
+}
+
+/// The largest CreateSandbox `options` accepted.
+const MAX_OPTIONS: usize = 1 << 20;
+
+/// Reads the pod's configuration from a CreateSandbox request (the `shim`
+/// sandboxer mode): the netns path CNI prepared and, in `options`, CRI's
+/// PodSandboxConfig.
+pub fn from_create_sandbox(netns_path: &str, options: Option<(&str, &[u8])>) -> Result<PodConfig> {
+    use kuasar_api::cri::{NamespaceMode, PodSandboxConfig};
+    use kuasar_api::protobuf::Message;
+
+    let mut pod = PodConfig {
+        netns: (!netns_path.is_empty()).then(|| PathBuf::from(netns_path)),
+        ..Default::default()
+    };
+    let Some((type_url, value)) = options else {
+        return Ok(pod);
+    };
+    if type_url.is_empty() && value.is_empty() {
+        return Ok(pod);
+    }
+    if !type_url.ends_with("PodSandboxConfig") {
+        return Err(Error::InvalidArgument(format!(
+            "CreateSandbox options of type {type_url:?}: expected CRI's runtime.v1.PodSandboxConfig"
+        )));
+    }
+    if value.len() > MAX_OPTIONS {
+        return Err(Error::InvalidArgument(format!(
+            "CreateSandbox options are {} bytes; at most {MAX_OPTIONS} are accepted",
+            value.len()
+        )));
+    }
+    let config = PodSandboxConfig::parse_from_bytes(value).map_err(|e| {
+        Error::InvalidArgument(format!(
+            "CreateSandbox options are not a PodSandboxConfig: {e}"
+        ))
+    })?;
+    let linux = config.linux.as_ref();
+    let network = linux
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|s| s.namespace_options.as_ref())
+        .map(|n| n.network.enum_value_or_default());
+    if network == Some(NamespaceMode::NODE) {
+        return Err(host_network());
+    }
+    pod.hostname = config.hostname.clone();
+    if let Some(r) = linux.and_then(|l| l.resources.as_ref()) {
+        let overhead = linux.and_then(|l| l.overhead.as_ref());
+        let plus = |a: i64, b: Option<i64>| a.max(0).saturating_add(b.unwrap_or(0).max(0));
+        pod.resources = PodResources {
+            cpu_period: r.cpu_period.max(0) as u64,
+            cpu_quota: plus(r.cpu_quota, overhead.map(|o| o.cpu_quota)),
+            memory_limit_bytes: plus(
+                r.memory_limit_in_bytes,
+                overhead.map(|o| o.memory_limit_in_bytes),
+            ) as u64,
+        };
+    }
+    Ok(pod)
+}
+
+fn host_network() -> Error {
+    Error::InvalidArgument(
+        "the pod asks for the host's network (hostNetwork: true): a microVM has a network \
+         stack of its own and cannot join the node's; run such pods with a runc RuntimeClass"
+            .into(),
+    )
 }
 
 /// The VM a pod gets.
@@ -163,6 +224,59 @@ mod tests {
         });
         let err = from_sandbox_spec(&spec).unwrap_err().to_string();
         assert!(err.contains("hostNetwork"), "{err}");
+    }
+
+    fn encoded(config: &kuasar_api::cri::PodSandboxConfig) -> Vec<u8> {
+        use kuasar_api::protobuf::Message;
+        config.write_to_bytes().unwrap()
+    }
+
+    #[test]
+    fn create_sandbox_options_give_the_pod() {
+        use kuasar_api::cri::*;
+        let mut config = PodSandboxConfig::new();
+        config.hostname = "web-0".into();
+        let linux = config.linux.mut_or_insert_default();
+        let r = linux.resources.mut_or_insert_default();
+        r.cpu_period = 100_000;
+        r.cpu_quota = 200_000;
+        r.memory_limit_in_bytes = 256 << 20;
+        linux.overhead.mut_or_insert_default().memory_limit_in_bytes = 64 << 20;
+        let bytes = encoded(&config);
+        let url = "type.googleapis.com/runtime.v1.PodSandboxConfig";
+        let pod = from_create_sandbox("/var/run/netns/cni-2", Some((url, &bytes))).unwrap();
+        assert_eq!(pod.netns, Some(PathBuf::from("/var/run/netns/cni-2")));
+        assert_eq!(pod.hostname, "web-0");
+        assert_eq!(pod.resources.cpu_quota, 200_000);
+        assert_eq!(pod.resources.memory_limit_bytes, 320 << 20);
+    }
+
+    #[test]
+    fn create_sandbox_refuses_host_network_and_bad_options() {
+        use kuasar_api::cri::*;
+        let mut config = PodSandboxConfig::new();
+        config
+            .linux
+            .mut_or_insert_default()
+            .security_context
+            .mut_or_insert_default()
+            .namespace_options
+            .mut_or_insert_default()
+            .network = NamespaceMode::NODE.into();
+        let bytes = encoded(&config);
+        let err = from_create_sandbox("", Some(("runtime.v1.PodSandboxConfig", &bytes)))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("hostNetwork"), "{err}");
+        let err = from_create_sandbox("", Some(("x.Other", b"")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("x.Other"), "{err}");
+        let err = from_create_sandbox("", Some(("runtime.v1.PodSandboxConfig", b"\xff\xff")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a PodSandboxConfig"), "{err}");
+        assert_eq!(from_create_sandbox("", None).unwrap(), PodConfig::default());
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //! - a namespace given by a host path is the pod's: the VM is the pod, so
 //!   IPC and UTS are the VM's own (the agent sets the pod's host name), and a
 //!   shared PID namespace becomes a new one (the guest's root PID namespace
-//!   holds the agent). The network namespace is the agent's concern.
+//!   holds the agent). Likewise the pod's network namespace is the VM's
+//!   root one, where the pod's NIC is.
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, MsFlags};
@@ -115,7 +116,9 @@ pub fn for_guest(spec: &mut Value, host_dir: &Path, guest_dir: &str) -> Result<V
                     shares_uts = true;
                     false
                 }
-                "network" => true,
+                // The pod's network is the VM's: its NIC carries the pod's
+                // address (see net/).
+                "network" => false,
                 _ => {
                     if let Some(o) = ns.as_object_mut() {
                         o.remove("path");
@@ -244,7 +247,7 @@ mod tests {
         for_guest(&mut spec, Path::new("/h"), "/g").unwrap();
         let ns = spec["linux"]["namespaces"].as_array().unwrap();
         let kinds: Vec<&str> = ns.iter().map(|n| n["type"].as_str().unwrap()).collect();
-        assert_eq!(kinds, ["pid", "mount", "network"]);
+        assert_eq!(kinds, ["pid", "mount"]);
         assert!(ns[0].get("path").is_none(), "a new PID namespace");
         assert!(spec.get("hostname").is_none(), "UTS is the VM's");
     }

@@ -54,6 +54,19 @@ fn sandbox_id(ctx: &TtrpcContext) -> Result<String, Error> {
         })
 }
 
+/// The containerd namespace and ttrpc address a shim put in a request's
+/// metadata (empty when absent).
+pub fn metadata_of(ctx: &TtrpcContext) -> (String, String) {
+    (
+        metadata(ctx, NAMESPACE_METADATA)
+            .unwrap_or_default()
+            .to_owned(),
+        metadata(ctx, TTRPC_ADDRESS_METADATA)
+            .unwrap_or_default()
+            .to_owned(),
+    )
+}
+
 fn status_of(state: ProcState) -> (Status, u32, Option<SystemTime>) {
     match state {
         ProcState::Created => (Status::CREATED, 0, None),

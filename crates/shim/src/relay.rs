@@ -1,11 +1,14 @@
-//! containerd's task service, relayed request by request to kuasar-vmm.
+//! containerd's task service and its shim sandbox service, relayed request
+//! by request to kuasar-vmm.
 //!
 //! Each request is forwarded unchanged (same message, same timeout, the
-//! caller's metadata kept) to the sandboxer's `containerd.task.v2.Task`,
+//! caller's metadata kept) to the sandboxer's `containerd.task.v2.Task` or
+//! `containerd.runtime.sandbox.v1.Sandbox`,
 //! with three metadata entries added: `kuasar-sandbox-id`,
 //! `kuasar-namespace`, `kuasar-ttrpc-address`. Answers, statuses included,
 //! come back unchanged, except: `Connect` reports this process as
-//! `shim_pid`, and `Shutdown` ends this process once answered.
+//! `shim_pid`, and `Shutdown` / `ShutdownSandbox` end this process once
+//! answered.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,6 +17,8 @@ use kuasar_api::containerd::api::Empty;
 use kuasar_api::containerd::shim::shim::*;
 use kuasar_api::containerd::shim::shim_ttrpc::{create_task, Task};
 use kuasar_api::protobuf::Message;
+use kuasar_api::sandbox::sandbox::*;
+use kuasar_api::sandbox::sandbox_ttrpc::{create_sandbox, Sandbox};
 use kuasar_api::ttrpc::proto::KeyValue;
 use kuasar_api::ttrpc::{self, Code, MethodHandler, TtrpcContext};
 use kuasar_api::{NAMESPACE_METADATA, SANDBOX_ID_METADATA, TTRPC_ADDRESS_METADATA};
@@ -25,6 +30,8 @@ use crate::sandboxer::{status, Retry, Vmm, TASK_SERVICE};
 /// a v3 client sends the same messages under the v3 name).
 pub const TASK_V2: &str = "containerd.task.v2.Task";
 pub const TASK_V3: &str = "containerd.task.v3.Task";
+/// containerd's shim sandbox service (the `shim` sandboxer mode).
+pub const SANDBOX_V1: &str = "containerd.runtime.sandbox.v1.Sandbox";
 
 /// Called once the sandboxer accepted `Shutdown`: ends the process soon.
 pub type OnShutdown = Box<dyn Fn() + Send + Sync>;
@@ -81,13 +88,24 @@ impl TaskRelay {
         req: &Req,
         retry: Retry,
     ) -> ttrpc::Result<Resp> {
+        self.forward_to(TASK_SERVICE, ctx, method, req, retry)
+    }
+
+    fn forward_to<Req: Message, Resp: Message>(
+        &self,
+        service: &str,
+        ctx: &TtrpcContext,
+        method: &str,
+        req: &Req,
+        retry: Retry,
+    ) -> ttrpc::Result<Resp> {
         let payload = req.write_to_bytes().map_err(|e| {
             ttrpc::Error::RpcStatus(status(Code::INTERNAL, format!("encode {method}: {e}")))
         })?;
         let md = self.metadata(ctx);
         let out = self
             .vmm
-            .call(TASK_SERVICE, method, &payload, &md, ctx.timeout_nano, retry)
+            .call(service, method, &payload, &md, ctx.timeout_nano, retry)
             .map_err(|s| {
                 log!("debug", "{method}: {:?}: {}", s.code(), s.message);
                 ttrpc::Error::RpcStatus(s)
@@ -198,10 +216,90 @@ impl Task for TaskRelay {
     }
 }
 
+impl TaskRelay {
+    fn sandbox_call<Req: Message, Resp: Message>(
+        &self,
+        ctx: &TtrpcContext,
+        method: &str,
+        req: Req,
+    ) -> ttrpc::Result<Resp> {
+        log!("debug", "{method}");
+        self.forward_to(SANDBOX_V1, ctx, method, &req, Retry::Once)
+    }
+}
+
+impl Sandbox for TaskRelay {
+    fn create_sandbox(
+        &self,
+        ctx: &TtrpcContext,
+        req: CreateSandboxRequest,
+    ) -> ttrpc::Result<CreateSandboxResponse> {
+        self.sandbox_call(ctx, "CreateSandbox", req)
+    }
+    fn start_sandbox(
+        &self,
+        ctx: &TtrpcContext,
+        req: StartSandboxRequest,
+    ) -> ttrpc::Result<StartSandboxResponse> {
+        self.sandbox_call(ctx, "StartSandbox", req)
+    }
+    fn platform(
+        &self,
+        ctx: &TtrpcContext,
+        req: PlatformRequest,
+    ) -> ttrpc::Result<PlatformResponse> {
+        self.sandbox_call(ctx, "Platform", req)
+    }
+    fn stop_sandbox(
+        &self,
+        ctx: &TtrpcContext,
+        req: StopSandboxRequest,
+    ) -> ttrpc::Result<StopSandboxResponse> {
+        self.sandbox_call(ctx, "StopSandbox", req)
+    }
+    fn wait_sandbox(
+        &self,
+        ctx: &TtrpcContext,
+        req: WaitSandboxRequest,
+    ) -> ttrpc::Result<WaitSandboxResponse> {
+        // Blocks for the sandbox's whole life, across sandboxer restarts.
+        log!("debug", "WaitSandbox {}", req.sandbox_id);
+        self.forward_to(SANDBOX_V1, ctx, "WaitSandbox", &req, Retry::UntilAnswered)
+    }
+    fn sandbox_status(
+        &self,
+        ctx: &TtrpcContext,
+        req: SandboxStatusRequest,
+    ) -> ttrpc::Result<SandboxStatusResponse> {
+        self.sandbox_call(ctx, "SandboxStatus", req)
+    }
+    fn ping_sandbox(&self, ctx: &TtrpcContext, req: PingRequest) -> ttrpc::Result<PingResponse> {
+        self.sandbox_call(ctx, "PingSandbox", req)
+    }
+    fn shutdown_sandbox(
+        &self,
+        ctx: &TtrpcContext,
+        req: ShutdownSandboxRequest,
+    ) -> ttrpc::Result<ShutdownSandboxResponse> {
+        let resp = self.sandbox_call(ctx, "ShutdownSandbox", req)?;
+        log!("info", "ShutdownSandbox accepted by kuasar-vmm: exiting");
+        (self.on_shutdown)();
+        Ok(resp)
+    }
+    fn sandbox_metrics(
+        &self,
+        ctx: &TtrpcContext,
+        req: SandboxMetricsRequest,
+    ) -> ttrpc::Result<SandboxMetricsResponse> {
+        self.sandbox_call(ctx, "SandboxMetrics", req)
+    }
+}
+
 /// The method map served by the shim: every Task method under both the
-/// v2 and the v3 service name.
+/// v2 and the v3 service name, and the sandbox service.
 pub fn services(relay: Arc<TaskRelay>) -> HashMap<String, Box<dyn MethodHandler + Send + Sync>> {
     let mut methods = create_task(relay.clone());
+    methods.extend(create_sandbox(relay.clone()));
     let v2_prefix = format!("/{TASK_V2}/");
     let v3_prefix = format!("/{TASK_V3}/");
     for (name, handler) in create_task(relay) {
@@ -245,7 +343,21 @@ mod tests {
                 assert!(m.contains_key(&format!("/{svc}/{meth}")), "/{svc}/{meth}");
             }
         }
-        assert_eq!(m.len(), 2 * methods.len());
+        let sandbox_methods = [
+            "CreateSandbox",
+            "StartSandbox",
+            "Platform",
+            "StopSandbox",
+            "WaitSandbox",
+            "SandboxStatus",
+            "PingSandbox",
+            "ShutdownSandbox",
+            "SandboxMetrics",
+        ];
+        for meth in sandbox_methods {
+            assert!(m.contains_key(&format!("/{SANDBOX_V1}/{meth}")), "{meth}");
+        }
+        assert_eq!(m.len(), 2 * methods.len() + sandbox_methods.len());
         assert_eq!(TASK_SERVICE, TASK_V2);
     }
 }

@@ -1,5 +1,8 @@
 //! One sandbox: its VM, its agent connection, its containers.
+mod lifecycle;
 mod vm;
+
+pub use lifecycle::PodStatus;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -69,6 +72,11 @@ pub struct Sandbox {
     stopping: std::sync::atomic::AtomicBool,
     /// The Kubernetes pod this sandbox runs, once known (CRI only).
     pod: Mutex<Option<PodConfig>>,
+    /// Set when containerd drives the sandbox through the sandbox API
+    /// (CreateSandbox ... ShutdownSandbox) rather than a pause container.
+    managed: std::sync::atomic::AtomicBool,
+    /// The sandbox's end (exit status, when) once its VM stopped or died.
+    exit: tokio::sync::watch::Sender<Option<(u32, SystemTime)>>,
 }
 
 impl Sandbox {
@@ -88,6 +96,8 @@ impl Sandbox {
             removals: Mutex::new(HashMap::new()),
             stopping: std::sync::atomic::AtomicBool::new(false),
             pod: Mutex::new(None),
+            managed: std::sync::atomic::AtomicBool::new(false),
+            exit: tokio::sync::watch::channel(None).0,
         })
     }
 
@@ -172,6 +182,12 @@ impl Sandbox {
     /// Creates a container (booting the VM first when it is the first).
     pub async fn create_container(self: &Arc<Self>, spec: CreateSpec) -> Result<u32> {
         validate_id("container", &spec.id)?;
+        if self.exit.borrow().is_some() {
+            return Err(Error::FailedPrecondition(format!(
+                "sandbox {} is stopped: no container can be created in it",
+                self.info.id
+            )));
+        }
         if let Some(c) = self.containers().get(&spec.id) {
             // The shim resends a request once after a lost connection: the
             // same container again is that, not a conflict.

@@ -199,6 +199,7 @@ impl Sandbox {
             return;
         }
         tracing::error!(sandbox = %self.info.id, ?exit, "the VM exited unexpectedly");
+        self.mark_exited(255);
         *self.agent.write().unwrap_or_else(|p| p.into_inner()) = None;
         let containers: Vec<_> = self.containers().values().cloned().collect();
         for c in &containers {
@@ -243,6 +244,7 @@ impl Sandbox {
             }
         }
         *self.agent.write().unwrap_or_else(|p| p.into_inner()) = None;
+        self.mark_exited(0);
         if let Some(mut v) = vm.take() {
             if let Err(e) = v.stop(STOP_GRACE).await {
                 tracing::error!(sandbox = %self.info.id, "{e}");

@@ -1,0 +1,269 @@
+//! containerd's shim sandbox API (`containerd.runtime.sandbox.v1.Sandbox`),
+//! served to the shims for containerd's `shim` sandboxer mode: the pod's
+//! life without a pause container. Converts messages to domain calls on the
+//! sandbox and back; no logic of its own.
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use kuasar_api::sandbox::metrics::Metric;
+use kuasar_api::sandbox::platform::Platform;
+use kuasar_api::sandbox::sandbox::*;
+use kuasar_api::sandbox::sandbox_ttrpc_async::Sandbox as SandboxApi;
+use ttrpc::r#async::TtrpcContext;
+
+use crate::error::Error;
+use crate::events::timestamp;
+use crate::registry::Registry;
+use crate::sandbox::{Sandbox, SandboxInfo};
+use crate::task::metadata_of;
+
+/// containerd's names for a sandbox's state.
+pub const STATE_READY: &str = "SANDBOX_READY";
+pub const STATE_NOT_READY: &str = "SANDBOX_NOTREADY";
+/// How long StopSandbox lets the VM quit before killing it, unless asked.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+const STOP_GRACE_MAX: Duration = Duration::from_secs(30);
+
+pub struct SandboxService {
+    registry: Arc<Registry>,
+}
+
+impl SandboxService {
+    pub fn new(registry: Arc<Registry>) -> Self {
+        SandboxService { registry }
+    }
+
+    fn get(&self, id: &str) -> Result<Arc<Sandbox>, Error> {
+        self.registry.get(id)
+    }
+}
+
+type TtrpcResult<T> = ttrpc::Result<T>;
+
+fn timestamp_of(
+    t: SystemTime,
+) -> protobuf::MessageField<protobuf::well_known_types::timestamp::Timestamp> {
+    let ts = timestamp(t);
+    protobuf::MessageField::some(protobuf::well_known_types::timestamp::Timestamp {
+        seconds: ts.seconds,
+        nanos: ts.nanos,
+        ..Default::default()
+    })
+}
+
+#[async_trait]
+impl SandboxApi for SandboxService {
+    async fn create_sandbox(
+        &self,
+        ctx: &TtrpcContext,
+        req: CreateSandboxRequest,
+    ) -> TtrpcResult<CreateSandboxResponse> {
+        let options = req
+            .options
+            .as_ref()
+            .map(|a| (a.type_url.as_str(), a.value.as_slice()));
+        let pod = crate::pod::from_create_sandbox(&req.netns_path, options)?;
+        let (namespace, ttrpc_address) = metadata_of(ctx);
+        let sandbox = self.registry.register(SandboxInfo {
+            id: req.sandbox_id.clone(),
+            namespace,
+            bundle: req.bundle_path.clone(),
+            ttrpc_address,
+        })?;
+        sandbox.create_pod(pod)?;
+        tracing::info!(sandbox = %req.sandbox_id, netns = %req.netns_path, "sandbox created");
+        Ok(CreateSandboxResponse::new())
+    }
+
+    async fn start_sandbox(
+        &self,
+        _: &TtrpcContext,
+        req: StartSandboxRequest,
+    ) -> TtrpcResult<StartSandboxResponse> {
+        let sandbox = self.get(&req.sandbox_id)?;
+        let (pid, created) = sandbox.start_pod().await?;
+        Ok(StartSandboxResponse {
+            pid,
+            created_at: timestamp_of(created),
+            ..Default::default()
+        })
+    }
+
+    async fn platform(
+        &self,
+        _: &TtrpcContext,
+        req: PlatformRequest,
+    ) -> TtrpcResult<PlatformResponse> {
+        self.get(&req.sandbox_id)?;
+        Ok(PlatformResponse {
+            platform: protobuf::MessageField::some(Platform {
+                os: "linux".into(),
+                architecture: std::env::consts::ARCH
+                    .replace("x86_64", "amd64")
+                    .replace("aarch64", "arm64"),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
+    async fn stop_sandbox(
+        &self,
+        _: &TtrpcContext,
+        req: StopSandboxRequest,
+    ) -> TtrpcResult<StopSandboxResponse> {
+        let sandbox = match self.get(&req.sandbox_id) {
+            Ok(s) => s,
+            // Stopping a sandbox that is gone is done.
+            Err(Error::NotFound(_)) => return Ok(StopSandboxResponse::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let grace = match req.timeout_secs {
+            0 => STOP_GRACE,
+            s => Duration::from_secs(s.into()).min(STOP_GRACE_MAX),
+        };
+        sandbox.stop_pod(grace).await?;
+        Ok(StopSandboxResponse::new())
+    }
+
+    async fn wait_sandbox(
+        &self,
+        _: &TtrpcContext,
+        req: WaitSandboxRequest,
+    ) -> TtrpcResult<WaitSandboxResponse> {
+        let sandbox = self.get(&req.sandbox_id)?;
+        let (status, at) = sandbox.wait_pod().await;
+        Ok(WaitSandboxResponse {
+            exit_status: status,
+            exited_at: timestamp_of(at),
+            ..Default::default()
+        })
+    }
+
+    async fn sandbox_status(
+        &self,
+        _: &TtrpcContext,
+        req: SandboxStatusRequest,
+    ) -> TtrpcResult<SandboxStatusResponse> {
+        let sandbox = self.get(&req.sandbox_id)?;
+        let s = sandbox.pod_status();
+        let mut resp = SandboxStatusResponse {
+            sandbox_id: req.sandbox_id.clone(),
+            pid: s.pid,
+            state: if s.ready {
+                STATE_READY
+            } else {
+                STATE_NOT_READY
+            }
+            .into(),
+            created_at: timestamp_of(s.created_at),
+            ..Default::default()
+        };
+        if let Some(at) = s.exited_at {
+            resp.exited_at = timestamp_of(at);
+        }
+        if req.verbose {
+            resp.info.insert("vmm".into(), "qemu".into());
+            resp.info
+                .insert("dir".into(), sandbox.dir.display().to_string());
+        }
+        Ok(resp)
+    }
+
+    async fn ping_sandbox(&self, _: &TtrpcContext, req: PingRequest) -> TtrpcResult<PingResponse> {
+        self.get(&req.sandbox_id)?;
+        Ok(PingResponse::new())
+    }
+
+    async fn shutdown_sandbox(
+        &self,
+        _: &TtrpcContext,
+        req: ShutdownSandboxRequest,
+    ) -> TtrpcResult<ShutdownSandboxResponse> {
+        // Idempotent: shutting down an unknown sandbox succeeds.
+        self.registry.delete(&req.sandbox_id).await?;
+        tracing::info!(sandbox = %req.sandbox_id, "sandbox shut down");
+        Ok(ShutdownSandboxResponse::new())
+    }
+
+    async fn sandbox_metrics(
+        &self,
+        _: &TtrpcContext,
+        req: SandboxMetricsRequest,
+    ) -> TtrpcResult<SandboxMetricsResponse> {
+        let sandbox = self.get(&req.sandbox_id)?;
+        let pid = sandbox.pod_status().pid;
+        let data = vmm_metrics(pid).map_err(|e| Error::Internal(format!("encode metrics: {e}")))?;
+        Ok(SandboxMetricsResponse {
+            metrics: protobuf::MessageField::some(Metric {
+                timestamp: timestamp_of(SystemTime::now()),
+                id: req.sandbox_id.clone(),
+                data: protobuf::MessageField::some(data),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+}
+
+/// The VMM process's footprint as containerd's cgroup v1 metrics: memory
+/// usage = its RSS, CPU usage = its user + system time.
+fn vmm_metrics(pid: u32) -> protobuf::Result<protobuf::well_known_types::any::Any> {
+    use kuasar_api::containerd::cgroups::metrics::{
+        CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics,
+    };
+    let (rss, cpu_ns) = if pid == 0 {
+        (0, 0)
+    } else {
+        proc_usage(pid).unwrap_or((0, 0))
+    };
+    let metrics = Metrics {
+        memory: Some(MemoryStat {
+            usage: Some(MemoryEntry {
+                usage: rss,
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        })
+        .into(),
+        cpu: Some(CPUStat {
+            usage: Some(CPUUsage {
+                total: cpu_ns,
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    };
+    let any = crate::events::pack(&metrics)?;
+    Ok(protobuf::well_known_types::any::Any {
+        type_url: any.type_url,
+        value: any.value,
+        ..Default::default()
+    })
+}
+
+/// RSS bytes and CPU time (ns) of a process, from /proc.
+fn proc_usage(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces) start at ") ".
+    let rest = &stat[stat.rfind(") ")? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some((rss_kb * 1024, ticks * 1_000_000_000 / hz))
+}
