@@ -159,12 +159,16 @@ pub fn vm_size(
     host: HostCapacity,
 ) -> Result<VmSize> {
     let mut memory_mib = u64::from(qemu.memory_mib);
+    let limit_mib = resources.memory_limit_bytes.div_ceil(MIB);
+    let proportional_mib = limit_mib
+        .saturating_mul(u64::from(sizing.memory_overhead_percent))
+        .div_ceil(100);
     if resources.memory_limit_bytes > 0 {
-        let asked = resources
-            .memory_limit_bytes
-            .div_ceil(MIB)
-            .saturating_add(sizing.memory_overhead_mib);
-        memory_mib = memory_mib.max(asked);
+        memory_mib = memory_mib.max(
+            limit_mib
+                .saturating_add(sizing.memory_overhead_mib)
+                .saturating_add(proportional_mib),
+        );
     }
     let mut vcpus = u64::from(qemu.vcpus);
     if resources.cpu_quota > 0 && resources.cpu_period > 0 {
@@ -175,10 +179,9 @@ pub fn vm_size(
     }
     if memory_mib > host.memory_mib {
         return Err(Error::ResourceExhausted(format!(
-            "the pod needs a VM of {memory_mib} MiB (memory limit {} MiB + {} MiB guest \
-             overhead, at least qemu.memory_mib = {}) but the host has {} MiB",
-            resources.memory_limit_bytes.div_ceil(MIB),
-            sizing.memory_overhead_mib,
+            "the pod needs a VM of {memory_mib} MiB (memory limit {limit_mib} MiB + {} MiB \
+             guest overhead, at least qemu.memory_mib = {}) but the host has {} MiB",
+            sizing.memory_overhead_mib.saturating_add(proportional_mib),
             qemu.memory_mib,
             host.memory_mib
         )));
@@ -259,6 +262,7 @@ mod tests {
         };
         let sizing = SizingConfig {
             memory_overhead_mib: 128,
+            memory_overhead_percent: 0,
             vcpu_overhead: 0,
         };
         let host = HostCapacity {
@@ -303,6 +307,18 @@ mod tests {
         // 64 MiB + 128 MiB is below the default 256 MiB.
         let size = vm_size(&pod(0, 0, 64 * MIB), &qemu, &sizing, host).unwrap();
         assert_eq!(size.memory_mib, 256);
+    }
+
+    #[test]
+    fn a_percentage_of_the_limit_is_added() {
+        let (qemu, mut sizing, host) = sizing();
+        sizing.memory_overhead_percent = 4;
+        // 1000 + 128 + 40.
+        let size = vm_size(&pod(0, 0, 1000 * MIB), &qemu, &sizing, host).unwrap();
+        assert_eq!(size.memory_mib, 1168);
+        // 4% of 768 MiB is 30.72 MiB: rounded up.
+        let size = vm_size(&pod(0, 0, 768 * MIB), &qemu, &sizing, host).unwrap();
+        assert_eq!(size.memory_mib, 768 + 128 + 31);
     }
 
     #[test]
