@@ -323,3 +323,46 @@ fn update_container_resources_and_metrics() {
     drop(guard);
     env.assert_clean();
 }
+
+#[test]
+fn container_limits_reach_its_guest_cgroup() {
+    let env = env();
+    let id = env.unique_id("cgroup");
+    let _g = env.guard(&id);
+    let limit = (48 * MIB).to_string();
+    let out = env.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--memory-limit",
+        &limit,
+        "--cpu-quota",
+        "50000",
+        "--cpu-period",
+        "100000",
+        // ctr's default spec has no cgroup mount (CRI's has).
+        "--mount",
+        "type=cgroup,src=cgroup,dst=/sys/fs/cgroup,options=ro:nosuid:nodev:noexec",
+        BUSYBOX,
+        &id,
+        "sh",
+        "-c",
+        // The container's own cgroup: the mount's root (crun binds it there
+        // without a cgroup namespace) or its path below the mount.
+        "d=/sys/fs/cgroup; [ -e $d/memory.max ] || d=$d$(sed 's/^0:://' /proc/self/cgroup); \
+         cd $d && cat cgroup.controllers memory.max cpu.max pids.current",
+    ]);
+    assert!(out.success(), "{out}\n{}", env.diagnostics());
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    eprintln!("{}", out.stdout);
+    for controller in ["cpu", "memory", "pids"] {
+        assert!(
+            lines[0].split_whitespace().any(|c| c == controller),
+            "{controller} not enabled: {out}"
+        );
+    }
+    assert_eq!(lines[1], limit, "{out}");
+    assert_eq!(lines[2], "50000 100000", "{out}");
+    env.assert_clean();
+}
