@@ -292,9 +292,17 @@ fn update_container_resources_and_metrics() {
     let inactive = json_number(&m, "total_inactive_file").unwrap_or(0);
     assert!(inactive <= usage, "{m}");
 
-    // UpdateTaskRequest { id = 1, resources = 2 (Any) } straight to the
-    // sandboxer (ctr has no `tasks update`); the container is its own
-    // sandbox.
+    // ctr has no `tasks update`: send containerd's UpdateTaskRequest
+    // { id = 1, resources = 2 (Any) } to the container's shim, at the
+    // address containerd keeps in the task's bundle, as containerd does
+    // for CRI's UpdateContainerResources.
+    let bundle = env
+        .dir()
+        .join("state/io.containerd.runtime.v2.task/default")
+        .join(&id);
+    let address = std::fs::read_to_string(bundle.join("address"))
+        .unwrap_or_else(|e| panic!("shim address of {id}: {e}"));
+    let shim = std::path::PathBuf::from(address.trim().trim_start_matches("unix://"));
     let update = |json: &str| {
         let any = Msg::new()
             .string(
@@ -303,16 +311,8 @@ fn update_container_resources_and_metrics() {
             )
             .bytes(2, json.as_bytes());
         let req = Msg::new().string(1, &id).message(2, &any);
-        let md = [("kuasar-sandbox-id", id.as_str())];
-        wire::ttrpc_call(
-            &env.vmm_socket(),
-            TASK_SERVICE,
-            "Update",
-            &req,
-            &md,
-            CTR_TIMEOUT,
-        )
-        .unwrap_or_else(|e| panic!("Update: {e}"))
+        wire::ttrpc_call(&shim, TASK_SERVICE, "Update", &req, &[], CTR_TIMEOUT)
+            .unwrap_or_else(|e| panic!("Update: {e}"))
     };
     let r = update(&format!(r#"{{"memory":{{"limit":{}}}}}"#, 128 * MIB));
     assert_eq!(r.code, code::OK, "{r:?}\n{}", env.diagnostics());
