@@ -125,13 +125,19 @@ fn pod_vm_is_sized_from_its_limits() {
 #[ignore = "a measurement, not a check"]
 fn measure_guest_overhead() {
     let env = env();
-    for mib in [256u64, 1024, 2048, 4096] {
+    for vm in [256u64, 1024, 2048, 4096] {
+        // The pod limit that gives a VM of `vm` MiB with the default overhead.
+        let limit = ((vm - DEFAULT_OVERHEAD_MIB) * 100).div_ceil(100 + DEFAULT_OVERHEAD_PERCENT);
         let id = env.unique_id("measure");
         let _g = env.guard(&id);
-        let g = guest_size(&env, &id, &pod_args(mib * MIB, 0, 0));
+        let g = guest_size(&env, &id, &pod_args(limit * MIB, 0, 0));
         eprintln!(
-            "VM for a {mib} MiB pod: MemTotal {} MiB, MemFree {} MiB, MemAvailable {} MiB",
-            g.total, g.free, g.available
+            "pod of {limit} MiB, VM of ~{vm} MiB: MemTotal {} MiB, MemFree {} MiB, \
+             MemAvailable {} MiB; VM - MemFree = {} MiB",
+            g.total,
+            g.free,
+            g.available,
+            vm.saturating_sub(g.free)
         );
     }
     env.assert_clean();
