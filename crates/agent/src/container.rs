@@ -98,6 +98,23 @@ pub fn rewrite_process(process_json: &[u8], terminal: bool) -> Result<Vec<u8>> {
         .map_err(|e| Error::Internal(format!("serialize process: {e}")))
 }
 
+/// Largest resources JSON an update may carry.
+pub const MAX_RESOURCES_JSON: usize = 64 << 10;
+
+/// Checks an update's OCI LinuxResources (a bounded JSON object) and returns
+/// it re-serialised, as crun will read it.
+pub fn check_resources(json: &[u8]) -> Result<Vec<u8>> {
+    if json.len() > MAX_RESOURCES_JSON {
+        return Err(Error::InvalidArgument(format!(
+            "resources are {} bytes, more than {MAX_RESOURCES_JSON}",
+            json.len()
+        )));
+    }
+    let resources = parse_object("resources", json)?;
+    serde_json::to_vec(&Value::Object(resources))
+        .map_err(|e| Error::Internal(format!("serialize resources: {e}")))
+}
+
 /// The cgroup v2 directory named by a `/proc/<pid>/cgroup` text.
 pub fn parse_cgroup_path(proc_cgroup: &str) -> Option<PathBuf> {
     proc_cgroup.lines().find_map(|l| {
@@ -130,23 +147,51 @@ pub fn parse_pids(procs: &str) -> Vec<u32> {
         .collect()
 }
 
+/// The value of `key` in a flat-keyed cgroup file (`key value` lines:
+/// cpu.stat, memory.stat, memory.events); 0 when missing.
+pub fn parse_keyed(text: &str, key: &str) -> u64 {
+    text.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == key).then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0)
+}
+
 /// Resource usage of a container, from its cgroup (zeros where missing).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Stats {
     pub memory_usage_bytes: u64,
     pub memory_limit_bytes: u64,
+    pub memory_inactive_file_bytes: u64,
     pub cpu_usage_ns: u64,
+    pub cpu_user_ns: u64,
+    pub cpu_system_ns: u64,
     pub pids_current: u64,
+    pub oom_kills: u64,
 }
 
 pub fn read_stats(cgroup: &Path) -> Stats {
     let read = |f: &str| std::fs::read_to_string(cgroup.join(f)).unwrap_or_default();
+    let cpu = read("cpu.stat");
+    let usec = |key| parse_keyed(&cpu, key).saturating_mul(1000);
     Stats {
         memory_usage_bytes: parse_u64(&read("memory.current")),
         memory_limit_bytes: parse_u64(&read("memory.max")),
-        cpu_usage_ns: parse_cpu_usage_ns(&read("cpu.stat")),
+        memory_inactive_file_bytes: parse_keyed(&read("memory.stat"), "inactive_file"),
+        cpu_usage_ns: parse_cpu_usage_ns(&cpu),
+        cpu_user_ns: usec("user_usec"),
+        cpu_system_ns: usec("system_usec"),
         pids_current: parse_u64(&read("pids.current")),
+        oom_kills: read_oom_kills(cgroup),
     }
+}
+
+/// How many processes of the cgroup (and its children) the kernel's OOM
+/// killer has killed (memory.events `oom_kill`).
+pub fn read_oom_kills(cgroup: &Path) -> u64 {
+    let text = std::fs::read_to_string(cgroup.join("memory.events")).unwrap_or_default();
+    parse_keyed(&text, "oom_kill")
 }
 
 /// An exec slot: reserved while `crun exec` runs, then the process.
@@ -281,6 +326,13 @@ impl Container {
     pub fn stats(&self) -> Stats {
         self.cgroup.as_deref().map(read_stats).unwrap_or_default()
     }
+
+    /// Whether the kernel's OOM killer has hit the container.
+    pub fn oom_killed(&self) -> bool {
+        self.cgroup
+            .as_deref()
+            .is_some_and(|cg| read_oom_kills(cg) > 0)
+    }
 }
 
 #[cfg(test)]
@@ -325,6 +377,17 @@ mod tests {
         assert!(rewrite_spec(br#"{"root":{}}"#, "/r", false).is_err());
         assert!(rewrite_spec(spec, "relative", false).is_err());
         assert!(rewrite_spec(spec, "/a/../b", false).is_err());
+    }
+
+    #[test]
+    fn resources_check() {
+        let out = check_resources(br#"{"memory":{"limit":33554432}}"#).unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["memory"]["limit"], 33554432);
+        assert!(check_resources(b"[]").is_err());
+        assert!(check_resources(b"").is_err());
+        let big = format!(r#"{{"x":"{}"}}"#, "a".repeat(MAX_RESOURCES_JSON));
+        assert!(check_resources(big.as_bytes()).is_err());
     }
 
     #[test]
@@ -392,5 +455,12 @@ mod tests {
         assert_eq!(parse_u64("max\n"), 0);
         assert_eq!(parse_u64("268435456\n"), 268435456);
         assert_eq!(parse_pids("12\n13\n\n"), vec![12, 13]);
+        let events = "low 0\nhigh 0\nmax 12\noom 2\noom_kill 1\noom_group_kill 0\n";
+        assert_eq!(parse_keyed(events, "oom_kill"), 1);
+        assert_eq!(parse_keyed(events, "oom"), 2);
+        assert_eq!(parse_keyed(events, "nothing"), 0);
+        let stat = "anon 4096\nfile 8192\nactive_file 0\ninactive_file 8192\n";
+        assert_eq!(parse_keyed(stat, "inactive_file"), 8192);
+        assert_eq!(parse_keyed(stat, "file"), 8192);
     }
 }

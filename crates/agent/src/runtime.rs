@@ -142,6 +142,17 @@ impl OciRuntime {
         self.run("exec", args, Some(stdio)).await
     }
 
+    /// `update --resources <file> <id>`: the file holds OCI LinuxResources.
+    pub async fn update(&self, id: &str, resources: &Path) -> Result<()> {
+        let args = vec![
+            "update".into(),
+            "--resources".into(),
+            resources.into(),
+            id.into(),
+        ];
+        self.run("update", args, None).await
+    }
+
     /// `kill [--all] <id> <signal number>`.
     pub async fn kill(&self, id: &str, signal: u32, all: bool) -> Result<()> {
         let mut args: Vec<OsString> = vec!["kill".into()];

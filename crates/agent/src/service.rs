@@ -11,7 +11,9 @@ use kuasar_api::ttrpc::Result as TtrpcResult;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::container::{parse_cgroup_path, rewrite_process, rewrite_spec, validate_id, Container};
+use crate::container::{
+    check_resources, parse_cgroup_path, rewrite_process, rewrite_spec, validate_id, Container,
+};
 use crate::error::{Context, Error, Result};
 use crate::process::{validate_signal, Process, ProcessStdio};
 use crate::reaper::Reaper;
@@ -37,6 +39,8 @@ struct Inner {
     containers: Mutex<HashMap<String, Slot>>,
     /// Becomes true once the guest is fully set up (modules, shared mount).
     guest_ready: watch::Receiver<bool>,
+    /// Numbers the resource files of updates.
+    updates: std::sync::atomic::AtomicU64,
 }
 
 impl AgentService {
@@ -52,6 +56,7 @@ impl AgentService {
                 containers_dir: PathBuf::from(CONTAINERS_DIR),
                 containers: Mutex::new(HashMap::new()),
                 guest_ready,
+                updates: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -231,6 +236,25 @@ impl Inner {
         c.process(&req.exec_id)?.kill(req.signal)
     }
 
+    /// Applies new resources (OCI LinuxResources) with `crun update`.
+    async fn update(&self, id: &str, resources_json: &[u8]) -> Result<()> {
+        let c = self.container(id)?;
+        let resources = check_resources(resources_json)?;
+        if c.init.exited().is_some() {
+            return Err(Error::FailedPrecondition(format!(
+                "container {id} has exited"
+            )));
+        }
+        let n = self
+            .updates
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = c.bundle.join(format!("resources-{n}.json"));
+        std::fs::write(&path, resources).context("write resources.json")?;
+        let res = self.runtime.update(id, &path).await;
+        let _ = std::fs::remove_file(&path);
+        res
+    }
+
     async fn remove(&self, id: &str) -> Result<()> {
         let c = self.container(id)?;
         self.runtime.delete(id).await?;
@@ -350,11 +374,23 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: ProcessRequest,
     ) -> TtrpcResult<WaitProcessResponse> {
-        let res = async { self.process(&req.container_id, &req.exec_id)?.wait().await }.await;
-        let exit = reply("WaitProcess", res)?;
+        let res = async {
+            let c = self.container(&req.container_id)?;
+            let exit = c.process(&req.exec_id)?.wait().await?;
+            // Read once the init process has exited: its cgroup stays until
+            // the container is removed.
+            let oom_killed = req.exec_id.is_empty() && c.oom_killed();
+            if oom_killed {
+                info!(id = %c.id, status = exit.status, "container was OOM killed");
+            }
+            Ok((exit, oom_killed))
+        }
+        .await;
+        let (exit, oom_killed) = reply("WaitProcess", res)?;
         Ok(WaitProcessResponse {
             exit_status: exit.status,
             exited_at_ns: exit.at_ns,
+            oom_killed,
             ..Default::default()
         })
     }
@@ -449,6 +485,10 @@ impl Agent for AgentService {
             memory_limit_bytes: s.memory_limit_bytes,
             cpu_usage_ns: s.cpu_usage_ns,
             pids_current: s.pids_current,
+            memory_inactive_file_bytes: s.memory_inactive_file_bytes,
+            cpu_user_ns: s.cpu_user_ns,
+            cpu_system_ns: s.cpu_system_ns,
+            oom_kills: s.oom_kills,
             ..Default::default()
         })
     }
@@ -473,11 +513,13 @@ impl Agent for AgentService {
     async fn update_container(
         &self,
         _: &TtrpcContext,
-        _req: UpdateContainerRequest,
+        req: UpdateContainerRequest,
     ) -> TtrpcResult<Empty> {
-        reply(
-            "UpdateContainer",
-            Err(Error::Unimplemented("UpdateContainer".into())),
-        )
+        info!(id = %req.container_id, "update container");
+        let res = self
+            .detached(|i| async move { i.update(&req.container_id, &req.resources_json).await })
+            .await;
+        reply("UpdateContainer", res)?;
+        Ok(Empty::default())
     }
 }

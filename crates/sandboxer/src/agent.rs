@@ -193,10 +193,14 @@ impl Agent {
         &self,
         container_id: &str,
         exec_id: &str,
-    ) -> Result<(u32, i64), AgentError> {
+    ) -> Result<ProcessExit, AgentError> {
         let req = process_request(container_id, exec_id);
         let res = call!(self, wait_process, "WaitProcess", req, None)?;
-        Ok((res.exit_status, res.exited_at_ns))
+        Ok(ProcessExit {
+            status: res.exit_status,
+            at_ns: res.exited_at_ns,
+            oom_killed: res.oom_killed,
+        })
     }
 
     pub async fn write_stdin(
@@ -308,6 +312,17 @@ impl Agent {
         )?;
         Ok(())
     }
+}
+
+/// How a process ended, as the agent saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessExit {
+    /// The exit code, or 128 + the signal that ended the process.
+    pub status: u32,
+    /// Nanoseconds since the Unix epoch.
+    pub at_ns: i64,
+    /// The kernel's OOM killer hit the container (init processes only).
+    pub oom_killed: bool,
 }
 
 fn process_request(container_id: &str, exec_id: &str) -> ProcessRequest {

@@ -39,6 +39,7 @@ pub struct Config {
     /// Default log filter (overridden by the `KUASAR_LOG` environment variable).
     pub log_level: String,
     pub qemu: QemuConfig,
+    pub sizing: SizingConfig,
 }
 
 impl Default for Config {
@@ -49,6 +50,7 @@ impl Default for Config {
             image_dir: PathBuf::from("/var/lib/kuasar"),
             log_level: "info".into(),
             qemu: QemuConfig::default(),
+            sizing: SizingConfig::default(),
         }
     }
 }
@@ -103,6 +105,32 @@ impl Default for QemuConfig {
             boot_timeout_secs: 30,
             kernel_params: String::new(),
             tsc_khz: 0,
+        }
+    }
+}
+
+/// How a pod's VM is sized from its resources (CRI's sandbox annotations):
+/// memory = the pod's memory limit + `memory_overhead_mib`, vCPUs =
+/// ceil(CPU quota / period) + `vcpu_overhead`, never below `qemu.memory_mib`
+/// and `qemu.vcpus`, which a pod without limits gets.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SizingConfig {
+    /// What the guest kernel, the agent and crun use besides the containers
+    /// (measured: ~100 MiB of a 256 MiB guest is in use or kept by the kernel).
+    pub memory_overhead_mib: u64,
+    /// What grows with the VM's memory (the kernel's page structures and
+    /// reserves: measured ~3-4%), as a percentage of the pod's memory limit.
+    pub memory_overhead_percent: u32,
+    pub vcpu_overhead: u32,
+}
+
+impl Default for SizingConfig {
+    fn default() -> Self {
+        Self {
+            memory_overhead_mib: 128,
+            memory_overhead_percent: 4,
+            vcpu_overhead: 0,
         }
     }
 }
@@ -167,6 +195,21 @@ impl Config {
         }
         if !(64..=65536).contains(&self.qemu.memory_mib) {
             return Err(invalid("qemu.memory_mib", "must be between 64 and 65536"));
+        }
+        if self.sizing.memory_overhead_mib > 65536 {
+            return Err(invalid(
+                "sizing.memory_overhead_mib",
+                "must be at most 65536",
+            ));
+        }
+        if self.sizing.memory_overhead_percent > 100 {
+            return Err(invalid(
+                "sizing.memory_overhead_percent",
+                "must be at most 100",
+            ));
+        }
+        if self.sizing.vcpu_overhead > 64 {
+            return Err(invalid("sizing.vcpu_overhead", "must be at most 64"));
         }
         if !(1..=600).contains(&self.qemu.boot_timeout_secs) {
             return Err(invalid(
@@ -239,6 +282,18 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().unwrap_err().to_string().contains("socket"));
+    }
+
+    #[test]
+    fn sizing_section() {
+        let c = Config::parse("[sizing]\nmemory_overhead_mib = 96\nvcpu_overhead = 1").unwrap();
+        assert_eq!(c.sizing.memory_overhead_mib, 96);
+        assert_eq!(c.sizing.vcpu_overhead, 1);
+        assert!(Config::parse("[sizing]\nmemory_overhead = 96").is_err());
+        let mut c = Config::default();
+        c.sizing.vcpu_overhead = 100;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("sizing.vcpu_overhead"), "{err}");
     }
 
     #[test]

@@ -19,6 +19,9 @@ pub enum Error {
     AlreadyExists(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// More than the host can give (a pod bigger than the node).
+    #[error("{0}")]
+    ResourceExhausted(String),
     #[error("{0} is not supported by kuasar-vmm")]
     Unimplemented(String),
     #[error("{0}")]
@@ -50,6 +53,7 @@ impl Error {
             Error::NotFound(_) => Code::NOT_FOUND,
             Error::AlreadyExists(_) => Code::ALREADY_EXISTS,
             Error::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
+            Error::ResourceExhausted(_) => Code::RESOURCE_EXHAUSTED,
             Error::Unimplemented(_) => Code::UNIMPLEMENTED,
             // A status the guest agent answered keeps its code (NotFound for
             // an exited process, InvalidArgument for a bad spec, ...).

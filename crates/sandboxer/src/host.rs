@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::config::{Accelerator, Channel, Config};
 use crate::events::Publisher;
+use crate::pod::HostCapacity;
 use crate::vmm::probe;
 use crate::vmm::qemu::{Accel, AgentChannel};
 
@@ -14,6 +15,8 @@ pub struct Host {
     /// True: agents are reached over vsock; false: over virtio-serial.
     pub vsock: bool,
     pub publisher: Publisher,
+    /// The most one VM can have: the host's memory and CPUs.
+    pub capacity: HostCapacity,
     next_cid: AtomicU32,
 }
 
@@ -34,7 +37,15 @@ impl Host {
             Channel::Serial => false,
             Channel::Auto => std::path::Path::new("/dev/vhost-vsock").exists(),
         };
-        tracing::info!(?accel, ?tsc_khz, vsock, "host probed");
+        let capacity = HostCapacity::probe();
+        tracing::info!(
+            ?accel,
+            ?tsc_khz,
+            vsock,
+            memory_mib = capacity.memory_mib,
+            cpus = capacity.cpus,
+            "host probed"
+        );
         // Guest CIDs are host-wide: start from a per-process offset so that
         // two sandboxers (or a restart) are unlikely to collide.
         let first_cid = 3 + (std::process::id() % 1000) * 1000;
@@ -44,6 +55,7 @@ impl Host {
             tsc_khz,
             vsock,
             publisher: Publisher::default(),
+            capacity,
             next_cid: AtomicU32::new(first_cid),
         }
     }

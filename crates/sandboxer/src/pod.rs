@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
+use crate::config::{QemuConfig, SizingConfig};
 use crate::error::{Error, Result};
 
 /// CRI's annotation naming a container's kind ("sandbox" or "container").
@@ -174,12 +175,90 @@ pub struct VmSize {
     pub memory_mib: u32,
 }
 
-/// Sizes the pod's VM from its resources.
-/// TODO(resources): sum of limits + overhead, checked against the host.
-pub fn vm_size(_resources: &PodResources, qemu: &crate::config::QemuConfig) -> Result<VmSize> {
+/// What the host can give one VM at most: its memory and the CPUs the
+/// sandboxer may run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostCapacity {
+    pub memory_mib: u64,
+    pub cpus: u32,
+}
+
+impl HostCapacity {
+    /// Reads `MemTotal` of /proc/meminfo and the CPUs this process may use.
+    pub fn probe() -> Self {
+        let memory_mib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|t| parse_mem_total_kib(&t))
+            .map_or(u64::MAX, |kib| kib / 1024);
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(u32::MAX);
+        HostCapacity { memory_mib, cpus }
+    }
+}
+
+/// `MemTotal` of a /proc/meminfo text, in KiB.
+fn parse_mem_total_kib(meminfo: &str) -> Option<u64> {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+const MIB: u64 = 1 << 20;
+
+/// Sizes the pod's VM: memory = the pod's memory limit (the sum of its
+/// containers' limits, as CRI gives it) + the guest's overhead, vCPUs =
+/// ceil(quota / period) + the configured overhead; never below the
+/// configured defaults, and never more than the host has. A pod without a
+/// limit gets the defaults.
+pub fn vm_size(
+    resources: &PodResources,
+    qemu: &QemuConfig,
+    sizing: &SizingConfig,
+    host: HostCapacity,
+) -> Result<VmSize> {
+    let mut memory_mib = u64::from(qemu.memory_mib);
+    let limit_mib = resources.memory_limit_bytes.div_ceil(MIB);
+    let proportional_mib = limit_mib
+        .saturating_mul(u64::from(sizing.memory_overhead_percent))
+        .div_ceil(100);
+    if resources.memory_limit_bytes > 0 {
+        memory_mib = memory_mib.max(
+            limit_mib
+                .saturating_add(sizing.memory_overhead_mib)
+                .saturating_add(proportional_mib),
+        );
+    }
+    let mut vcpus = u64::from(qemu.vcpus);
+    if resources.cpu_quota > 0 && resources.cpu_period > 0 {
+        let asked = (resources.cpu_quota as u64)
+            .div_ceil(resources.cpu_period)
+            .saturating_add(u64::from(sizing.vcpu_overhead));
+        vcpus = vcpus.max(asked);
+    }
+    if memory_mib > host.memory_mib {
+        return Err(Error::ResourceExhausted(format!(
+            "the pod needs a VM of {memory_mib} MiB (memory limit {limit_mib} MiB + {} MiB \
+             guest overhead, at least qemu.memory_mib = {}) but the host has {} MiB",
+            sizing.memory_overhead_mib.saturating_add(proportional_mib),
+            qemu.memory_mib,
+            host.memory_mib
+        )));
+    }
+    if vcpus > u64::from(host.cpus) {
+        return Err(Error::ResourceExhausted(format!(
+            "the pod needs a VM of {vcpus} vCPUs (CPU limit {}/{} + {} overhead, at least \
+             qemu.vcpus = {}) but the host has {} CPUs",
+            resources.cpu_quota, resources.cpu_period, sizing.vcpu_overhead, qemu.vcpus, host.cpus
+        )));
+    }
     Ok(VmSize {
-        vcpus: qemu.vcpus,
-        memory_mib: qemu.memory_mib,
+        // Both fit in u32: they are at most the host's figures, which the
+        // checks above bound, or the u32 defaults.
+        vcpus: u32::try_from(vcpus).unwrap_or(u32::MAX),
+        memory_mib: u32::try_from(memory_mib).unwrap_or(u32::MAX),
     })
 }
 
@@ -287,5 +366,118 @@ mod tests {
         });
         let err = from_sandbox_spec(&spec).unwrap_err().to_string();
         assert!(err.contains(SANDBOX_MEMORY), "{err}");
+    }
+
+    fn sizing() -> (QemuConfig, SizingConfig, HostCapacity) {
+        let qemu = QemuConfig {
+            vcpus: 1,
+            memory_mib: 256,
+            ..QemuConfig::default()
+        };
+        let sizing = SizingConfig {
+            memory_overhead_mib: 128,
+            memory_overhead_percent: 0,
+            vcpu_overhead: 0,
+        };
+        let host = HostCapacity {
+            memory_mib: 24_000,
+            cpus: 2,
+        };
+        (qemu, sizing, host)
+    }
+
+    fn pod(quota: i64, period: u64, memory: u64) -> PodResources {
+        PodResources {
+            cpu_period: period,
+            cpu_quota: quota,
+            memory_limit_bytes: memory,
+        }
+    }
+
+    #[test]
+    fn no_limits_give_the_defaults() {
+        let (qemu, sizing, host) = sizing();
+        let size = vm_size(&PodResources::default(), &qemu, &sizing, host).unwrap();
+        assert_eq!(
+            size,
+            VmSize {
+                vcpus: 1,
+                memory_mib: 256
+            }
+        );
+        // An unlimited quota (-1) is no limit either.
+        let size = vm_size(&pod(-1, 100_000, 0), &qemu, &sizing, host).unwrap();
+        assert_eq!(size.vcpus, 1);
+    }
+
+    #[test]
+    fn memory_is_the_limit_plus_overhead_never_below_the_default() {
+        let (qemu, sizing, host) = sizing();
+        let size = vm_size(&pod(0, 0, 512 * MIB), &qemu, &sizing, host).unwrap();
+        assert_eq!(size.memory_mib, 640);
+        // A part of a MiB counts as a whole one.
+        let size = vm_size(&pod(0, 0, 512 * MIB + 1), &qemu, &sizing, host).unwrap();
+        assert_eq!(size.memory_mib, 641);
+        // 64 MiB + 128 MiB is below the default 256 MiB.
+        let size = vm_size(&pod(0, 0, 64 * MIB), &qemu, &sizing, host).unwrap();
+        assert_eq!(size.memory_mib, 256);
+    }
+
+    #[test]
+    fn a_percentage_of_the_limit_is_added() {
+        let (qemu, mut sizing, host) = sizing();
+        sizing.memory_overhead_percent = 4;
+        // 1000 + 128 + 40.
+        let size = vm_size(&pod(0, 0, 1000 * MIB), &qemu, &sizing, host).unwrap();
+        assert_eq!(size.memory_mib, 1168);
+        // 4% of 768 MiB is 30.72 MiB: rounded up.
+        let size = vm_size(&pod(0, 0, 768 * MIB), &qemu, &sizing, host).unwrap();
+        assert_eq!(size.memory_mib, 768 + 128 + 31);
+    }
+
+    #[test]
+    fn vcpus_are_the_quota_rounded_up_plus_overhead() {
+        let (qemu, mut sizing, host) = sizing();
+        let size = vm_size(&pod(150_000, 100_000, 0), &qemu, &sizing, host).unwrap();
+        assert_eq!(size.vcpus, 2);
+        let size = vm_size(&pod(50_000, 100_000, 0), &qemu, &sizing, host).unwrap();
+        assert_eq!(size.vcpus, 1);
+        sizing.vcpu_overhead = 1;
+        let size = vm_size(&pod(100_000, 100_000, 0), &qemu, &sizing, host).unwrap();
+        assert_eq!(size.vcpus, 2);
+    }
+
+    #[test]
+    fn more_than_the_host_has_is_refused_with_both_figures() {
+        let (qemu, sizing, host) = sizing();
+        let err = vm_size(&pod(0, 0, 30_000 * MIB), &qemu, &sizing, host).unwrap_err();
+        assert!(matches!(err, Error::ResourceExhausted(_)), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains("30128 MiB") && text.contains("24000 MiB"),
+            "{text}"
+        );
+        let err = vm_size(&pod(300_000, 100_000, 0), &qemu, &sizing, host).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("3 vCPUs") && text.contains("2 CPUs"),
+            "{text}"
+        );
+        // Exactly what the host has is fine.
+        let size = vm_size(&pod(200_000, 100_000, 0), &qemu, &sizing, host).unwrap();
+        assert_eq!(size.vcpus, 2);
+    }
+
+    #[test]
+    fn huge_figures_do_not_overflow() {
+        let (qemu, sizing, host) = sizing();
+        assert!(vm_size(&pod(i64::MAX, 1, u64::MAX), &qemu, &sizing, host).is_err());
+    }
+
+    #[test]
+    fn mem_total() {
+        let text = "MemTotal:       24607740 kB\nMemFree:        1 kB\n";
+        assert_eq!(parse_mem_total_kib(text), Some(24_607_740));
+        assert_eq!(parse_mem_total_kib("junk"), None);
     }
 }

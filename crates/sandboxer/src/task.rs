@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use kuasar_api::containerd::api::{self as task_api, Empty, Status};
 use kuasar_api::containerd::cgroups::metrics::{
-    CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics, PidsStat,
+    CPUStat, CPUUsage, MemoryEntry, MemoryOomControl, MemoryStat, Metrics, PidsStat,
 };
 use kuasar_api::containerd::protobuf::well_known_types::any::Any;
 use kuasar_api::containerd::shim_async::Task;
@@ -295,35 +295,8 @@ impl Task for TaskService {
         req: task_api::StatsRequest,
     ) -> TtrpcResult<task_api::StatsResponse> {
         let s = self.sandbox(ctx)?.stats(&req.id).await?;
-        let metrics = Metrics {
-            memory: Some(MemoryStat {
-                usage: Some(MemoryEntry {
-                    usage: s.memory_usage_bytes,
-                    limit: s.memory_limit_bytes,
-                    ..Default::default()
-                })
-                .into(),
-                ..Default::default()
-            })
-            .into(),
-            cpu: Some(CPUStat {
-                usage: Some(CPUUsage {
-                    total: s.cpu_usage_ns,
-                    ..Default::default()
-                })
-                .into(),
-                ..Default::default()
-            })
-            .into(),
-            pids: Some(PidsStat {
-                current: s.pids_current,
-                ..Default::default()
-            })
-            .into(),
-            ..Default::default()
-        };
-        let stats: Any =
-            pack(&metrics).map_err(|e| ttrpc::Error::Others(format!("pack metrics: {e}")))?;
+        let stats: Any = pack(&metrics_of(&s))
+            .map_err(|e| ttrpc::Error::Others(format!("pack metrics: {e}")))?;
         Ok(task_api::StatsResponse {
             stats: Some(stats).into(),
             ..Default::default()
@@ -357,7 +330,126 @@ impl Task for TaskService {
         Ok(Empty::new())
     }
 
-    async fn update(&self, _: &TtrpcContext, _: task_api::UpdateTaskRequest) -> TtrpcResult<Empty> {
-        Err(Error::Unimplemented("updating resources".into()).into())
+    async fn update(
+        &self,
+        ctx: &TtrpcContext,
+        req: task_api::UpdateTaskRequest,
+    ) -> TtrpcResult<Empty> {
+        let resources = req
+            .resources
+            .into_option()
+            .map(|a| a.value)
+            .unwrap_or_default();
+        check_resources(&req.id, &resources)?;
+        self.sandbox(ctx)?.update(&req.id, resources).await?;
+        Ok(Empty::new())
+    }
+}
+
+/// Largest resources JSON an update may carry.
+const MAX_RESOURCES_JSON: usize = 64 << 10;
+
+/// An update's resources: containerd sends the OCI LinuxResources as JSON.
+fn check_resources(id: &str, json: &[u8]) -> Result<(), Error> {
+    if json.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "update of container {id} carries no resources"
+        )));
+    }
+    if json.len() > MAX_RESOURCES_JSON {
+        return Err(Error::InvalidArgument(format!(
+            "resources of container {id} are {} bytes, more than {MAX_RESOURCES_JSON}",
+            json.len()
+        )));
+    }
+    match serde_json::from_slice::<serde_json::Value>(json) {
+        Ok(serde_json::Value::Object(_)) => Ok(()),
+        _ => Err(Error::InvalidArgument(format!(
+            "resources of container {id} are not a JSON object (OCI LinuxResources)"
+        ))),
+    }
+}
+
+/// The guest's cgroup v2 figures as containerd's cgroups v1 metrics: CRI
+/// takes the working set as usage - total_inactive_file, and the CPU usage
+/// from cpu.usage.total.
+fn metrics_of(s: &kuasar_api::agent::StatsResponse) -> Metrics {
+    Metrics {
+        memory: Some(MemoryStat {
+            usage: Some(MemoryEntry {
+                usage: s.memory_usage_bytes,
+                limit: s.memory_limit_bytes,
+                ..Default::default()
+            })
+            .into(),
+            inactive_file: s.memory_inactive_file_bytes,
+            total_inactive_file: s.memory_inactive_file_bytes,
+            ..Default::default()
+        })
+        .into(),
+        memory_oom_control: Some(MemoryOomControl {
+            oom_kill: s.oom_kills,
+            ..Default::default()
+        })
+        .into(),
+        cpu: Some(CPUStat {
+            usage: Some(CPUUsage {
+                total: s.cpu_usage_ns,
+                user: s.cpu_user_ns,
+                kernel: s.cpu_system_ns,
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        })
+        .into(),
+        pids: Some(PidsStat {
+            current: s.pids_current,
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resources_are_bounded_json_objects() {
+        assert!(check_resources("c", br#"{"memory":{"limit":1048576}}"#).is_ok());
+        assert!(check_resources("c", b"").is_err());
+        assert!(check_resources("c", b"[1]").is_err());
+        assert!(check_resources("c", b"{").is_err());
+        let big = format!(r#"{{"x":"{}"}}"#, "a".repeat(MAX_RESOURCES_JSON));
+        let err = check_resources("c", big.as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bytes"), "{err}");
+    }
+
+    #[test]
+    fn metrics_carry_the_working_set_inputs() {
+        let s = kuasar_api::agent::StatsResponse {
+            memory_usage_bytes: 100,
+            memory_limit_bytes: 200,
+            memory_inactive_file_bytes: 30,
+            cpu_usage_ns: 9,
+            cpu_user_ns: 6,
+            cpu_system_ns: 3,
+            pids_current: 2,
+            oom_kills: 1,
+            ..Default::default()
+        };
+        let m = metrics_of(&s);
+        let mem = m.memory.as_ref().unwrap();
+        assert_eq!(mem.usage.usage, 100);
+        assert_eq!(mem.usage.limit, 200);
+        assert_eq!(mem.total_inactive_file, 30);
+        let cpu = m.cpu.usage.as_ref().unwrap();
+        assert_eq!((cpu.total, cpu.user, cpu.kernel), (9, 6, 3));
+        assert_eq!(m.memory_oom_control.oom_kill, 1);
+        assert_eq!(m.pids.current, 2);
     }
 }

@@ -356,11 +356,15 @@ impl Sandbox {
     fn spawn_waiter(self: &Arc<Self>, agent: Agent, process: Arc<Process>) {
         let sandbox = self.clone();
         tokio::spawn(async move {
-            let (status, at) = match agent
+            let (status, at, oom) = match agent
                 .wait_process(&process.container_id, &process.exec_id)
                 .await
             {
-                Ok((status, ns)) => (status, UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64)),
+                Ok(exit) => (
+                    exit.status,
+                    UNIX_EPOCH + Duration::from_nanos(exit.at_ns.max(0) as u64),
+                    exit.oom_killed,
+                ),
                 Err(e) => {
                     tracing::warn!(
                         sandbox = %sandbox.info.id,
@@ -368,10 +372,24 @@ impl Sandbox {
                         exec = %process.exec_id,
                         "lost the process: {e}"
                     );
-                    (255, SystemTime::now())
+                    (255, SystemTime::now(), false)
                 }
             };
             process.pumps.lock().await.drain(OUTPUT_DRAIN).await;
+            if oom && process.exec_id.is_empty() && process.state() == ProcState::Running {
+                // containerd's CRI marks the container OOMKilled when this
+                // event comes before the exit (as runc's shim sends it).
+                tracing::info!(sandbox = %sandbox.info.id, container = %process.container_id, "OOM killed");
+                sandbox
+                    .publish(
+                        topics::TASK_OOM_EVENT_TOPIC,
+                        ev::TaskOOM {
+                            container_id: process.container_id.clone(),
+                            ..Default::default()
+                        },
+                    )
+                    .await;
+            }
             sandbox.report_exit(&process, status, at).await;
         });
     }
@@ -568,6 +586,17 @@ impl Sandbox {
     pub async fn stats(&self, id: &str) -> Result<StatsResponse> {
         self.container(id)?;
         Ok(self.agent()?.stats(id).await?)
+    }
+
+    /// Applies new resources (OCI LinuxResources, JSON) to a running container.
+    pub async fn update(&self, id: &str, resources_json: Vec<u8>) -> Result<()> {
+        let c = self.container(id)?;
+        if !matches!(c.init.state(), ProcState::Running | ProcState::Created) {
+            return Err(Error::FailedPrecondition(format!(
+                "container {id} is not running"
+            )));
+        }
+        Ok(self.agent()?.update_container(id, resources_json).await?)
     }
 
     pub fn init_pid(&self, id: &str) -> Result<u32> {

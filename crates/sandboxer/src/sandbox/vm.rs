@@ -30,13 +30,23 @@ impl Sandbox {
         }
         let started = Instant::now();
         let config = &self.host.config;
+        let pod = self.pod();
+        // Sized (and refused when too big) before anything is made.
+        let size = match &pod {
+            Some(pod) => Some(crate::pod::vm_size(
+                &pod.resources,
+                &config.qemu,
+                &config.sizing,
+                self.host.capacity,
+            )?),
+            None => None,
+        };
         // QemuVm::start checks that the binary, kernel and initramfs still
         // exist (they may vanish after start-up) and names the missing one.
         std::fs::create_dir_all(&self.dir).map_err(|source| StartVmError::Prepare {
             path: self.dir.clone(),
             source,
         })?;
-        let pod = self.pod();
         let mut spec = VmSpec::from_config(
             self.info.id.clone(),
             self.host.accel,
@@ -47,8 +57,13 @@ impl Sandbox {
             config.initrd_path(),
             self.dir.clone(),
         );
-        if let Some(pod) = &pod {
-            let size = crate::pod::vm_size(&pod.resources, &config.qemu)?;
+        if let Some(size) = size {
+            tracing::info!(
+                sandbox = %self.info.id,
+                vcpus = size.vcpus,
+                memory_mib = size.memory_mib,
+                "VM sized from the pod"
+            );
             spec.vcpus = size.vcpus;
             spec.memory_mib = size.memory_mib;
         }
