@@ -7,7 +7,9 @@
 #        scripts/test.sh check    formatting and lints only
 #        scripts/test.sh clean    stop every private test/demo/bench environment left behind
 #
-# Env: KUASAR_E2E_THREADS (default 1: the e2e tests count VMs, they run one at a time).
+# Env: KUASAR_E2E_THREADS (default 1: the e2e tests count VMs, they run one at a time);
+#      KUASAR_E2E_SHIM_SANDBOXER=1 also runs the CRI suite (tests/tests/cri.rs) for the runtime
+#      handler kuasar-vmm-shim (CRI sandboxer = "shim"; skipped by default until it lands).
 set -euo pipefail
 
 # shellcheck source=scripts/lib-test-env.sh
