@@ -141,50 +141,53 @@ fn run() -> Result<(), String> {
     let cri = Cri::connect(&env.address())?;
     let b = Bench { env, cri };
 
+    // A handler that fails is reported as such; the others are still measured.
     let mut rows = Vec::new();
+    let mut failed = false;
     for handler in HANDLERS {
-        one_run(&b, handler, "warm")?;
-        let (mut ready, mut first) = (Vec::new(), Vec::new());
-        for i in 0..runs {
-            let (r, f) = one_run(&b, handler, &i.to_string())?;
-            eprintln!(
-                "cri-bench: {handler} run {}: ready {} ms, first log line {} ms",
-                i + 1,
-                ms(r),
-                ms(f)
-            );
-            ready.push(r);
-            first.push(f);
+        let timed = (|| {
+            one_run(&b, handler, "warm")?;
+            let (mut ready, mut first) = (Vec::new(), Vec::new());
+            for i in 0..runs {
+                let (r, f) = one_run(&b, handler, &i.to_string())?;
+                eprintln!(
+                    "cri-bench: {handler} run {}: ready {} ms, first log line {} ms",
+                    i + 1,
+                    ms(r),
+                    ms(f)
+                );
+                ready.push(r);
+                first.push(f);
+            }
+            Ok::<_, String>((ready, first))
+        })();
+        if let Err(e) = &timed {
+            eprintln!("cri-bench: {handler}: {e}");
+            failed = true;
         }
-        rows.push((handler, ready, first));
+        rows.push((handler, timed));
     }
 
     // Memory with MEMORY_PODS pods of each handler, each running a container.
     let mut pods = Vec::new();
-    let mut outcome = Ok(());
-    'start: for handler in HANDLERS {
+    let mut notes = Vec::new();
+    for handler in HANDLERS {
         for i in 0..MEMORY_PODS {
             let name = b.env.unique_id(&format!("mem-{handler}-{i}"));
             let log_dir = b.env.dir().join("bench-logs").join(&name);
             let _ = std::fs::create_dir_all(&log_dir);
             let cfg = spec::pod(&name, &log_dir);
-            match b.cri.run_pod(&cfg, handler) {
-                Ok(id) => {
-                    pods.push(id.clone());
-                    let c = spec::container("sleep", BUSYBOX, &["sleep", "3600"]);
-                    let started = b
-                        .cri
-                        .create_container(&id, &c, &cfg)
-                        .and_then(|cid| b.cri.start_container(&cid));
-                    if let Err(e) = started {
-                        outcome = Err(format!("container in {handler} pod: {e}"));
-                        break 'start;
-                    }
-                }
-                Err(e) => {
-                    outcome = Err(format!("RunPodSandbox ({handler}): {e}"));
-                    break 'start;
-                }
+            let started = b.cri.run_pod(&cfg, handler).and_then(|id| {
+                pods.push(id.clone());
+                let c = spec::container("sleep", BUSYBOX, &["sleep", "3600"]);
+                b.cri
+                    .create_container(&id, &c, &cfg)
+                    .and_then(|cid| b.cri.start_container(&cid))
+            });
+            if let Err(e) = started {
+                notes.push(format!("{handler} pod {}: {}", i + 1, e.message()));
+                failed = true;
+                break;
             }
         }
     }
@@ -202,7 +205,6 @@ fn run() -> Result<(), String> {
     for id in &pods {
         let _ = b.cri.stop_and_remove_pod(id);
     }
-    outcome?;
 
     println!();
     println!("CRI benchmark: {runs} runs per handler after a warm-up, medians (all runs in ms)");
@@ -210,24 +212,35 @@ fn run() -> Result<(), String> {
         "{:<12} {:>22} {:>26}",
         "handler", "RunPodSandbox->ready", "pod start->first log line"
     );
-    for (h, ready, first) in rows {
+    for (h, timed) in rows {
         let all = |v: &[Duration]| v.iter().map(|d| ms(*d)).collect::<Vec<_>>().join(" ");
-        println!(
-            "{h:<12} {:>19} ms {:>23} ms   ready ({}) first line ({})",
-            ms(median(ready.clone())),
-            ms(median(first.clone())),
-            all(&ready),
-            all(&first)
-        );
+        match timed {
+            Ok((ready, first)) => println!(
+                "{h:<12} {:>19} ms {:>23} ms   ready ({}) first line ({})",
+                ms(median(ready.clone())),
+                ms(median(first.clone())),
+                all(&ready),
+                all(&first)
+            ),
+            Err(e) => println!("{h:<12} FAILED: {e}"),
+        }
     }
     println!();
-    println!("Memory with {MEMORY_PODS} runc pods and {MEMORY_PODS} kuasar-vmm pods running (MB; median per process, PSS summed)");
+    println!(
+        "Memory with {MEMORY_PODS} pods of each handler running (MB; median per process, PSS summed)"
+    );
     println!(
         "{:<44} {:>9} {:>9} {:>11}",
         "process", "RSS", "PSS", "PSS total"
     );
     for row in memory {
         println!("{row}");
+    }
+    for n in notes {
+        println!("FAILED: {n}");
+    }
+    if failed {
+        return Err("some measurements failed (see above)".into());
     }
     Ok(())
 }
