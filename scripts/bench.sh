@@ -6,6 +6,10 @@
 #   (c) a bare QEMU boot of the same vmlinux, same machine options, with an initramfs whose
 #       /init (busybox) writes a marker to the serial console: spawn to marker
 #   (d) RSS and PSS (/proc/PID/smaps_rollup) of one shim, of kuasar-vmm with 3 VMs, of one QEMU
+#   (e) through CRI, runc against kuasar-vmm (tests/src/bin/cri-bench.rs, its own private
+#       environment): RunPodSandbox to ready, pod start to a container's first log line, and
+#       the memory of the shims and of kuasar-vmm with 5 pods of each running
+#       (skip with KUASAR_BENCH_CRI=0)
 # Medians of N runs (KUASAR_BENCH_RUNS, default 5); ratio (a)/(c), target <= 1.3.
 # Needs `make build guest images`. Env: KUASAR_BENCH_DIR (default /run/kuasar-bench),
 # KUASAR_BIN_DIR, KUASAR_IMAGE_DIR.
@@ -193,3 +197,18 @@ printf '%-34s %10s %10s\n' "----------------------------------" "----------" "--
 printf '%-34s %10s %10s\n' "one shim" "$(kb_to_mb "$shim_rss")" "$(kb_to_mb "$shim_pss")"
 printf '%-34s %10s %10s\n' "kuasar-vmm with 3 VMs running" "$(kb_to_mb "$vmm_rss")" "$(kb_to_mb "$vmm_pss")"
 printf '%-34s %10s %10s\n' "one QEMU (${memory} MiB guest)" "$(kb_to_mb "$qemu_rss")" "$(kb_to_mb "$qemu_pss")"
+
+# --- (e) CRI: runc against kuasar-vmm -----------------------------------------------------------
+if [ "${KUASAR_BENCH_CRI:-1}" != 0 ]; then
+  if ! command -v cargo >/dev/null; then
+    for d in "${CARGO_HOME:-$HOME/.cargo}/bin" /root/.cargo/bin; do
+      [ -x "$d/cargo" ] && PATH="$d:$PATH" && break
+    done
+  fi
+  log "building the CRI benchmark (tests/src/bin/cri-bench.rs)"
+  (cd "$REPO_ROOT" && cargo build --quiet -p kuasar-e2e --bin cri-bench) >&2 \
+    || die "building cri-bench failed"
+  log "CRI benchmark"
+  KUASAR_BENCH_RUNS=$N KUASAR_BIN_DIR=$KUASAR_BIN_DIR KUASAR_IMAGE_DIR=$IMAGE_DIR \
+    "${CARGO_TARGET_DIR:-$REPO_ROOT/target}/debug/cri-bench" || die "the CRI benchmark failed"
+fi

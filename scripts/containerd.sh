@@ -90,6 +90,7 @@ imports = []
       [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.kuasar-vmm]
         runtime_type = 'io.containerd.kuasar-vmm.v2'
         sandboxer = 'podsandbox'
+      # The shim's containerd.runtime.sandbox.v1 service (the VM is created by CreateSandbox).
       [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.kuasar-vmm-shim]
         runtime_type = 'io.containerd.kuasar-vmm.v2'
         sandboxer = 'shim'

@@ -12,6 +12,7 @@
 //!
 //! The tests live in `tests/tests/*.rs`; they need `make build guest images`.
 pub mod cmd;
+pub mod cri;
 pub mod env;
 pub mod paths;
 pub mod procs;
