@@ -69,6 +69,8 @@ pub struct Sandbox {
     stopping: std::sync::atomic::AtomicBool,
     /// The Kubernetes pod this sandbox runs, once known (CRI only).
     pod: Mutex<Option<PodConfig>>,
+    /// The pod's network as attached to the VM (pods with a netns only).
+    net: Mutex<Option<crate::net::NetAttachment>>,
 }
 
 impl Sandbox {
@@ -88,6 +90,7 @@ impl Sandbox {
             removals: Mutex::new(HashMap::new()),
             stopping: std::sync::atomic::AtomicBool::new(false),
             pod: Mutex::new(None),
+            net: Mutex::new(None),
         })
     }
 
