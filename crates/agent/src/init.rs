@@ -144,7 +144,8 @@ pub fn module_order(list: &str, vsock: bool) -> Vec<&str> {
 }
 
 /// Which modules to load: those containers need (up to and including the
-/// 9p filesystem) or the others (networking, overlay, PCI, ...).
+/// 9p filesystem; the guest image lists the NIC driver, virtio_net, among
+/// them) or the others (overlay, PCI, ...).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModuleSet {
     ForContainers,
