@@ -17,8 +17,12 @@ TARGET=x86_64-unknown-linux-gnu
 # The modules the guest loads, in order (dependencies are added by modprobe). The agent
 # channel's come first: the agent serves as soon as its channel shows up, while the rest
 # load. (The agent itself moves the vsock ones first with kuasar.channel=vsock:<port>.)
+# The agent loads everything up to 9p before it reports the guest ready (containers and
+# SetupSandbox wait for that), the rest at idle priority: virtio_net is in the first part,
+# as the pod's NIC must exist when SetupSandbox configures it (the agent loads it there only
+# when the VM has a virtio NIC, otherwise with the rest).
 MODULES=(virtio_ring virtio virtio_mmio virtio_console vmw_vsock_virtio_transport
-         netfs fscache 9pnet 9pnet_virtio 9p overlay virtio_net
+         virtio_net netfs fscache 9pnet 9pnet_virtio 9p overlay
          virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci)
 
 log() { echo "build-guest: $*" >&2; }

@@ -73,6 +73,7 @@ pub fn rewrite_spec(spec_json: &[u8], rootfs: &str, terminal: bool) -> Result<Ve
         }
         _ => return Err(Error::InvalidArgument("spec has no process object".into())),
     }
+    drop_network_namespace(&mut spec);
     // crun 1.8 (Debian 12) refuses any ociVersion without "1.0" in it, while
     // containerd 2.x writes "1.2.1". The field selects nothing in crun: name
     // the last version it accepts. Other major versions stay refused.
@@ -84,6 +85,20 @@ pub fn rewrite_spec(spec_json: &[u8], rootfs: &str, terminal: bool) -> Result<Ve
     }
     serde_json::to_vec_pretty(&Value::Object(spec))
         .map_err(|e| Error::Internal(format!("serialize spec: {e}")))
+}
+
+/// Removes the network namespace entry: the containers of a pod share the
+/// VM's own network (its NIC holds the pod's address, its loopback is the
+/// pod's). The entry's path, when there is one, names the pod's namespace
+/// on the host (/var/run/netns/..., /proc/<pid>/ns/net), which means
+/// nothing in the guest; without a path it would cut the container off in
+/// an empty namespace of its own.
+fn drop_network_namespace(spec: &mut serde_json::Map<String, Value>) {
+    if let Some(Value::Array(namespaces)) =
+        spec.get_mut("linux").and_then(|l| l.get_mut("namespaces"))
+    {
+        namespaces.retain(|n| n.get("type").and_then(Value::as_str) != Some("network"));
+    }
 }
 
 /// Rewrites an exec's OCI process: `terminal` = `terminal`; `args` required.
@@ -388,6 +403,27 @@ mod tests {
         assert!(check_resources(b"").is_err());
         let big = format!(r#"{{"x":"{}"}}"#, "a".repeat(MAX_RESOURCES_JSON));
         assert!(check_resources(big.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn spec_rewrite_drops_only_the_network_namespace() {
+        let spec = br#"{"process":{"args":["sh"]},"linux":{"namespaces":[
+            {"type":"pid"},{"type":"network","path":"/var/run/netns/cni-1"},
+            {"type":"ipc","path":"/proc/42/ns/ipc"},{"type":"mount"}]}}"#;
+        let v: Value = serde_json::from_slice(&rewrite_spec(spec, "/r", false).unwrap()).unwrap();
+        let types: Vec<&str> = v["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(types, ["pid", "ipc", "mount"]);
+        assert_eq!(v["linux"]["namespaces"][1]["path"], "/proc/42/ns/ipc");
+        // A fresh namespace (no path) goes too; no namespaces at all is fine.
+        let spec = br#"{"process":{"args":["sh"]},"linux":{"namespaces":[{"type":"network"}]}}"#;
+        let v: Value = serde_json::from_slice(&rewrite_spec(spec, "/r", false).unwrap()).unwrap();
+        assert_eq!(v["linux"]["namespaces"], serde_json::json!([]));
+        assert!(rewrite_spec(br#"{"process":{"args":["sh"]},"linux":{}}"#, "/r", false).is_ok());
     }
 
     #[test]

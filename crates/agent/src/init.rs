@@ -144,7 +144,9 @@ pub fn module_order(list: &str, vsock: bool) -> Vec<&str> {
 }
 
 /// Which modules to load: those containers need (up to and including the
-/// 9p filesystem) or the others (networking, overlay, PCI, ...).
+/// 9p filesystem; the guest image lists the NIC driver, virtio_net, among
+/// them, loaded there only when the VM has a NIC) or the others (overlay,
+/// PCI, ..., and the NIC driver when there is no NIC).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModuleSet {
     ForContainers,
@@ -162,6 +164,27 @@ pub fn split_after_shared_fs(order: Vec<&str>) -> (Vec<&str>, Vec<&str>) {
         }
         None => (order, Vec::new()),
     }
+}
+
+/// The NIC driver and its dependencies (virtio_net, net_failover, failover).
+pub fn is_nic_module(path: &str) -> bool {
+    path.contains("/drivers/net/") || path.ends_with("/net/core/failover.ko")
+}
+
+/// virtio device id of a network card.
+const VIRTIO_ID_NET: &str = "0x0001";
+
+/// Whether the VM has a virtio NIC: the virtio bus lists its devices once
+/// the transport (virtio_mmio) is loaded, before their drivers are.
+fn has_virtio_nic() -> bool {
+    std::fs::read_dir("/sys/bus/virtio/devices")
+        .map(|entries| {
+            entries.flatten().any(|e| {
+                std::fs::read_to_string(e.path().join("device"))
+                    .is_ok_and(|id| id.trim() == VIRTIO_ID_NET)
+            })
+        })
+        .unwrap_or(false)
 }
 
 /// Moves the calling thread to SCHED_IDLE: it runs only when nothing else
@@ -183,13 +206,23 @@ pub fn load_modules(list: &Path, vsock: bool, set: ModuleSet) {
         return;
     };
     let (first, rest) = split_after_shared_fs(module_order(&text, vsock));
+    // Without a NIC its driver need not delay the guest: it loads with the
+    // rest (loading it twice is harmless: EEXIST).
+    let nic_modules: Vec<&str> = first.iter().copied().filter(|p| is_nic_module(p)).collect();
     let paths = match set {
         ModuleSet::ForContainers => first,
-        ModuleSet::Rest => rest,
+        ModuleSet::Rest => nic_modules.into_iter().chain(rest).collect(),
     };
     let started = Instant::now();
     let mut loaded = 0;
+    let mut nic: Option<bool> = None;
     for path in paths {
+        if set == ModuleSet::ForContainers && is_nic_module(path) {
+            // Asked once, at the first NIC module: the transport is loaded.
+            if !*nic.get_or_insert_with(has_virtio_nic) {
+                continue;
+            }
+        }
         let t = Instant::now();
         let res = File::open(path)
             .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
@@ -274,6 +307,16 @@ mod tests {
         let (first, rest) = split_after_shared_fs(vec!["/m/a.ko"]);
         assert_eq!(first, ["/m/a.ko"]);
         assert!(rest.is_empty());
+    }
+
+    #[test]
+    fn nic_modules_are_recognised() {
+        let m = "/lib/modules/6.1.0-56-amd64/kernel";
+        assert!(is_nic_module(&format!("{m}/drivers/net/virtio_net.ko")));
+        assert!(is_nic_module(&format!("{m}/drivers/net/net_failover.ko")));
+        assert!(is_nic_module(&format!("{m}/net/core/failover.ko")));
+        assert!(!is_nic_module(&format!("{m}/net/9p/9pnet.ko")));
+        assert!(!is_nic_module(&format!("{m}/net/vmw_vsock/vsock.ko")));
     }
 
     #[test]

@@ -7,6 +7,8 @@ mod console;
 mod container;
 mod error;
 mod init;
+mod net;
+mod netlink;
 mod process;
 mod proxy;
 mod reaper;
@@ -64,13 +66,18 @@ fn main() {
         let setup = std::thread::Builder::new()
             .name("guest-setup".into())
             .spawn(move || {
+                // Containers share the VM's network namespace: its loopback
+                // serves a pod's containers talking over 127.0.0.1.
+                if let Err(e) = net::loopback_up() {
+                    warn!("{e}");
+                }
                 let list = Path::new(init::MODULES_LIST);
                 init::load_modules(list, vsock, init::ModuleSet::ForContainers);
                 init::enable_controllers();
                 init::mount_shared();
                 ready_tx.send_replace(true);
                 info!("guest ready");
-                // The rest (networking, overlay, ...) must not slow the first
+                // The rest (overlay, PCI, ...) must not slow the first
                 // container down: load it only when the vCPU is otherwise idle.
                 init::become_idle_priority();
                 init::load_modules(list, vsock, init::ModuleSet::Rest);

@@ -498,14 +498,34 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: SetupSandboxRequest,
     ) -> TtrpcResult<Empty> {
-        let res = (|| {
+        // The NICs' driver is among the modules loaded before the guest is
+        // ready.
+        let mut ready = self.inner.guest_ready.clone();
+        let _ = ready.wait_for(|r| *r).await;
+        let res = tokio::task::spawn_blocking(move || {
             if !req.hostname.is_empty() {
                 nix::unistd::sethostname(&req.hostname).map_err(|e| {
                     Error::InvalidArgument(format!("host name {:?}: {e}", req.hostname))
                 })?;
             }
+            crate::net::setup(&req.interfaces, &req.routes)?;
+            crate::net::write_etc("resolv.conf", &req.resolv_conf)?;
+            crate::net::write_etc("hosts", &req.hosts)?;
+            if !req.interfaces.is_empty() {
+                info!(
+                    interfaces = ?req
+                        .interfaces
+                        .iter()
+                        .map(|i| (&i.name, &i.addresses))
+                        .collect::<Vec<_>>(),
+                    routes = req.routes.len(),
+                    "pod network set up"
+                );
+            }
             Ok(())
-        })();
+        })
+        .await
+        .unwrap_or_else(|e| Err(Error::Internal(format!("SetupSandbox worker: {e}"))));
         reply("SetupSandbox", res)?;
         Ok(Empty::default())
     }

@@ -1,4 +1,4 @@
-//! A pod's network sysctls. A pod container runs in the VM's network
+//! A pod's network sysctls. Every container runs in the VM's network
 //! namespace (the pod's), where crun refuses `net.*` sysctls ("requires a
 //! new network namespace"): they are the pod's settings, so the agent sets
 //! them on the VM itself and takes them out of the spec.
@@ -8,19 +8,9 @@ use crate::error::{Error, Result};
 
 const MAX_VALUE: usize = 4096;
 
-/// Removes the `net.*` sysctls from a spec whose container joins the VM's
-/// network namespace (no `network` namespace entry); returns them.
+/// Removes the `net.*` sysctls from a spec (every container runs in the
+/// VM's network namespace: see `container::rewrite_spec`); returns them.
 pub fn take_pod_sysctls(spec: &mut Value) -> Result<Vec<(String, String)>> {
-    let own_netns = spec
-        .pointer("/linux/namespaces")
-        .and_then(Value::as_array)
-        .is_some_and(|ns| {
-            ns.iter()
-                .any(|n| n.get("type").and_then(Value::as_str) == Some("network"))
-        });
-    if own_netns {
-        return Ok(Vec::new());
-    }
     let Some(sysctl) = spec
         .pointer_mut("/linux/sysctl")
         .and_then(Value::as_object_mut)
@@ -83,16 +73,6 @@ mod tests {
             spec["linux"]["sysctl"],
             json!({"kernel.shm_rmid_forced": "1"})
         );
-    }
-
-    #[test]
-    fn a_container_with_its_own_netns_keeps_them() {
-        let mut spec = json!({"linux": {
-            "namespaces": [{"type": "network"}],
-            "sysctl": {"net.ipv4.ip_forward": "1"},
-        }});
-        assert!(take_pod_sysctls(&mut spec).unwrap().is_empty());
-        assert_eq!(spec["linux"]["sysctl"]["net.ipv4.ip_forward"], "1");
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub enum Error {
     Agent(#[from] AgentError),
     #[error("mount the container's rootfs")]
     Mount(#[from] crate::mount::MountError),
+    #[error("attach the pod's network to its VM")]
+    Network(#[from] crate::net::NetError),
     #[error("{context}")]
     Io {
         context: String,
@@ -60,9 +62,11 @@ impl Error {
             Error::Agent(AgentError::Status { code, .. }) => *code,
             Error::Agent(AgentError::Timeout { .. }) => Code::DEADLINE_EXCEEDED,
             Error::Agent(_) => Code::UNAVAILABLE,
-            Error::StartVm(_) | Error::Mount(_) | Error::Io { .. } | Error::Internal(_) => {
-                Code::INTERNAL
-            }
+            Error::StartVm(_)
+            | Error::Mount(_)
+            | Error::Network(_)
+            | Error::Io { .. }
+            | Error::Internal(_) => Code::INTERNAL,
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod events;
 pub mod host;
 pub mod io;
 pub mod mount;
+pub mod net;
 pub mod pod;
 pub mod recovery;
 pub mod registry;

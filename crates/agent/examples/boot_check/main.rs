@@ -144,6 +144,28 @@ async fn boot_and_ping(
     Ok((c, ping, t0.elapsed().as_millis(), tsc))
 }
 
+/// The agent's uptime stamp on its "guest ready" console line (containers
+/// wait for it), once the line shows up.
+async fn guest_ready_at(console: &Path) -> Option<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let text = std::fs::read_to_string(console).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains("guest ready")) {
+            let stamp = line.split_whitespace().next().unwrap_or("?");
+            // The agent's own measure of the modules loaded before ready.
+            let modules = text
+                .lines()
+                .find(|l| l.contains("modules loaded") && l.contains("ForContainers"))
+                .and_then(|l| l.split("elapsed_ms=").nth(1))
+                .and_then(|v| v.split_whitespace().next())
+                .unwrap_or("?");
+            return Some(format!("{stamp} (loading them took {modules} ms)"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
 /// Command line options.
 struct Opts {
     image_dir: PathBuf,
@@ -616,7 +638,13 @@ async fn main() {
             };
             match boot_and_ping(&mut vm, &opts.image_dir, &opts.extra).await {
                 Ok((_, _, ms, _)) => {
-                    println!("boot {}: QEMU spawn -> Ping answered in {ms} ms", i + 1);
+                    let ready = guest_ready_at(&vm.dir.join("console.log")).await;
+                    println!(
+                        "boot {}: QEMU spawn -> Ping answered in {ms} ms; guest ready (modules \
+                         for containers loaded) at agent uptime {}",
+                        i + 1,
+                        ready.as_deref().unwrap_or("(not seen within 10 s)")
+                    );
                     times.push(ms);
                 }
                 Err(e) => {

@@ -121,6 +121,7 @@ impl Sandbox {
         if let Err(e) = v.stop(grace).await {
             tracing::error!(sandbox = %self.info.id, "{e}");
         }
+        self.detach_net(None).await;
         let shared = self.dir.join("shared");
         if let Err(e) = mount::remove_dir(&shared) {
             tracing::warn!(dir = %shared.display(), "release: {e}");

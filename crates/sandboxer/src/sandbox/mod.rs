@@ -77,6 +77,8 @@ pub struct Sandbox {
     managed: std::sync::atomic::AtomicBool,
     /// The sandbox's end (exit status, when) once its VM stopped or died.
     exit: tokio::sync::watch::Sender<Option<(u32, SystemTime)>>,
+    /// The pod's network as attached to the VM (pods with a netns only).
+    net: Mutex<Option<crate::net::NetAttachment>>,
 }
 
 impl Sandbox {
@@ -98,6 +100,7 @@ impl Sandbox {
             pod: Mutex::new(None),
             managed: std::sync::atomic::AtomicBool::new(false),
             exit: tokio::sync::watch::channel(None).0,
+            net: Mutex::new(None),
         })
     }
 

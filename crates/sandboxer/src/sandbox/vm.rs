@@ -67,7 +67,36 @@ impl Sandbox {
             spec.vcpus = size.vcpus;
             spec.memory_mib = size.memory_mib;
         }
-        let mut qemu: Box<dyn Vmm> = Box::new(QemuVm::new(config.qemu.binary.clone(), spec));
+        let mut qemu = QemuVm::new(config.qemu.binary.clone(), spec);
+        // The pod's interface goes to the VM before QEMU starts: QEMU gets
+        // the taps' fds on its command line.
+        if let Some(netns) = pod.as_ref().and_then(|p| p.netns.as_deref()) {
+            let net = crate::net::attach(netns).await?;
+            tracing::info!(
+                sandbox = %self.info.id,
+                netns = %netns.display(),
+                interfaces = ?net.interfaces().map(|i| (&i.name, i.cidrs())).collect::<Vec<_>>(),
+                "pod network attached"
+            );
+            let taps: std::io::Result<Vec<_>> = net
+                .nics
+                .iter()
+                .map(|nic| Ok((nic.tap.try_clone()?, nic.interface.mac_string())))
+                .collect();
+            match taps {
+                Ok(taps) => {
+                    for (fd, mac) in taps {
+                        qemu.add_nic(fd, mac);
+                    }
+                }
+                Err(e) => {
+                    self.detach_net(Some(net)).await;
+                    return Err(Error::io("duplicate a tap fd for the VMM", e));
+                }
+            }
+            *self.net.lock().unwrap_or_else(|p| p.into_inner()) = Some(net);
+        }
+        let mut qemu: Box<dyn Vmm> = Box::new(qemu);
         let timeout = Duration::from_secs(config.qemu.boot_timeout_secs);
         let booted = match self.boot(qemu.as_mut(), started + timeout, timeout).await {
             Ok(agent) => self.setup_guest(&agent, pod.as_ref()).await.map(|()| agent),
@@ -94,6 +123,7 @@ impl Sandbox {
             Err(e) => {
                 tracing::warn!(sandbox = %self.info.id, "VM start failed: {}", crate::error::chain(&e));
                 let _ = qemu.stop(Duration::ZERO).await;
+                self.detach_net(None).await;
                 if let Err(e) = mount::remove_dir(&self.dir) {
                     tracing::warn!(dir = %self.dir.display(), "remove sandbox directory: {e}");
                 }
@@ -106,11 +136,48 @@ impl Sandbox {
     /// container: host name, network, DNS.
     async fn setup_guest(&self, agent: &Agent, pod: Option<&PodConfig>) -> Result<()> {
         let Some(pod) = pod else { return Ok(()) };
-        let req = kuasar_api::agent::SetupSandboxRequest {
+        let mut req = kuasar_api::agent::SetupSandboxRequest {
             hostname: pod.hostname.clone(),
             ..Default::default()
         };
+        if let Some(net) = self.net.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            req.interfaces = net
+                .interfaces()
+                .map(|i| kuasar_api::agent::Interface {
+                    name: i.name.clone(),
+                    mac: i.mac_string(),
+                    addresses: i.cidrs(),
+                    mtu: i.mtu,
+                    ..Default::default()
+                })
+                .collect();
+            req.routes = net
+                .routes
+                .iter()
+                .map(|r| kuasar_api::agent::Route {
+                    destination: r.destination_cidr(),
+                    gateway: r.gateway.map(|g| g.to_string()).unwrap_or_default(),
+                    device: r.device.clone(),
+                    source: r.source.map(|s| s.to_string()).unwrap_or_default(),
+                    ..Default::default()
+                })
+                .collect();
+        }
         agent.setup_sandbox(req).await.map_err(Error::from)
+    }
+
+    /// Takes the pod's network back from the VM: `net`, or the one the
+    /// sandbox holds. Failures are logged (the namespace goes with the pod).
+    pub(super) async fn detach_net(&self, net: Option<crate::net::NetAttachment>) {
+        let net = net.or_else(|| self.net.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let Some(net) = net else { return };
+        let netns = net.netns.clone();
+        match crate::net::detach(net).await {
+            Ok(()) => {
+                tracing::debug!(sandbox = %self.info.id, netns = %netns.display(), "pod network detached")
+            }
+            Err(e) => tracing::warn!(sandbox = %self.info.id, "{}", crate::error::chain(&e)),
+        }
     }
 
     async fn boot(
@@ -225,6 +292,7 @@ impl Sandbox {
                 }
             }
         }
+        self.detach_net(None).await;
         // Keep state.json and the logs until containerd deletes the sandbox;
         // the mounts, the shared directory and the sockets go now.
         for path in [
@@ -265,6 +333,7 @@ impl Sandbox {
                 tracing::error!(sandbox = %self.info.id, "{e}");
             }
         }
+        self.detach_net(None).await;
         if let Err(e) = mount::remove_dir(&self.dir) {
             tracing::warn!(dir = %self.dir.display(), "remove sandbox directory: {e}");
         }

@@ -27,6 +27,15 @@ pub enum AgentChannel {
     Vsock { cid: u32 },
 }
 
+/// A virtio-net NIC backed by a tap device whose fd QEMU inherits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicSpec {
+    /// The tap's fd number in QEMU's process.
+    pub fd: i32,
+    /// The guest NIC's MAC address (`aa:bb:cc:dd:ee:ff`).
+    pub mac: String,
+}
+
 /// Everything the command line depends on.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
@@ -41,6 +50,8 @@ pub struct VmSpec {
     /// `tsc_early_khz` for the guest under TCG.
     pub tsc_khz: Option<u64>,
     pub dir: PathBuf,
+    /// The pod's NICs, in order (none without a pod network).
+    pub nics: Vec<NicSpec>,
 }
 
 impl VmSpec {
@@ -87,6 +98,7 @@ impl VmSpec {
             kernel_params: c.kernel_params.clone(),
             tsc_khz,
             dir,
+            nics: Vec::new(),
         }
     }
 
@@ -173,6 +185,16 @@ impl VmSpec {
             "-device",
             &format!("virtio-9p-device,fsdev=shared,mount_tag={SHARED_TAG}"),
         ]);
+        for (i, nic) in self.nics.iter().enumerate() {
+            // microvm has no PCI: virtio-mmio devices. vhost-net is not
+            // available on every host; QEMU's own backend always is.
+            push(&[
+                "-netdev",
+                &format!("tap,id=net{i},fd={},vhost=off", nic.fd),
+                "-device",
+                &format!("virtio-net-device,netdev=net{i},mac={}", nic.mac),
+            ]);
+        }
         push(&[
             "-qmp",
             &format!("unix:{},server=on,wait=off", path(&self.qmp_socket())),
@@ -207,6 +229,41 @@ mod tests {
         assert!(args.contains("path=/run/kuasar/vmm/sb1/agent.sock,server=on,wait=off"));
         assert!(args.contains("mount_tag=kuasar"));
         assert!(args.contains("-kernel /img/vmlinux -initrd /img/initramfs.cpio"));
+    }
+
+    #[test]
+    fn no_nic_without_a_pod_network() {
+        assert!(!spec(Accel::Tcg).args().join(" ").contains("netdev"));
+    }
+
+    #[test]
+    fn each_nic_is_a_virtio_mmio_device_on_its_inherited_tap_fd() {
+        let mut s = spec(Accel::Tcg);
+        s.nics = vec![
+            NicSpec {
+                fd: 7,
+                mac: "02:42:0a:58:00:05".into(),
+            },
+            NicSpec {
+                fd: 9,
+                mac: "02:42:0a:59:00:05".into(),
+            },
+        ];
+        let args = s.args().join(" ");
+        assert!(
+            args.contains(
+                "-netdev tap,id=net0,fd=7,vhost=off \
+                 -device virtio-net-device,netdev=net0,mac=02:42:0a:58:00:05"
+            ),
+            "{args}"
+        );
+        assert!(
+            args.contains(
+                "-netdev tap,id=net1,fd=9,vhost=off \
+                 -device virtio-net-device,netdev=net1,mac=02:42:0a:59:00:05"
+            ),
+            "{args}"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! QEMU `microvm`: PVH kernel boot, virtio-serial agent channel, virtio-9p
 //! shared directory, QMP control.
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -13,7 +14,7 @@ use super::{StartVmError, StopVmError, VmExit, Vmm};
 pub mod cmdline;
 pub mod qmp;
 
-pub use cmdline::{Accel, AgentChannel, VmSpec};
+pub use cmdline::{Accel, AgentChannel, NicSpec, VmSpec};
 
 /// How long QEMU may take to create its sockets after being spawned.
 const SOCKET_WAIT: Duration = Duration::from_secs(10);
@@ -26,6 +27,8 @@ pub struct QemuVm {
     pid: Option<u32>,
     exited: watch::Receiver<Option<VmExit>>,
     exited_tx: Option<watch::Sender<Option<VmExit>>>,
+    /// The NICs' tap fds, held until QEMU has inherited them.
+    tap_fds: Vec<OwnedFd>,
 }
 
 impl QemuVm {
@@ -39,7 +42,18 @@ impl QemuVm {
             pid: None,
             exited: rx,
             exited_tx: Some(tx),
+            tap_fds: Vec::new(),
         }
+    }
+
+    /// Gives the guest a virtio-net NIC with MAC `mac` on the tap device
+    /// `tap` (a queue fd of it; QEMU inherits it at the same number).
+    pub fn add_nic(&mut self, tap: OwnedFd, mac: String) {
+        self.spec.nics.push(NicSpec {
+            fd: tap.as_raw_fd(),
+            mac,
+        });
+        self.tap_fds.push(tap);
     }
 
     fn log_path(&self) -> PathBuf {
@@ -72,13 +86,35 @@ impl QemuVm {
                     .map_err(std::io::Error::from)
             });
         }
-        let mut child = tokio::process::Command::from(cmd)
+        if !self.tap_fds.is_empty() {
+            let fds: Vec<RawFd> = self.tap_fds.iter().map(AsRawFd::as_raw_fd).collect();
+            // SAFETY: fcntl(F_SETFD) is async-signal-safe; the closure only
+            // reads the captured vector (no allocation). It clears
+            // FD_CLOEXEC on the tap fds in the child alone, so that QEMU
+            // inherits them at the numbers its command line names
+            // (`-netdev tap,fd=N`) while no other child of the daemon does.
+            // The fds stay open in the parent (self.tap_fds) until spawn
+            // has returned, i.e. until QEMU has been exec'd.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for &fd in &fds {
+                        if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let spawned = tokio::process::Command::from(cmd)
             .kill_on_drop(false)
-            .spawn()
-            .map_err(|source| StartVmError::Spawn {
-                binary: self.binary.clone(),
-                source,
-            })?;
+            .spawn();
+        // QEMU has its own copies now (or never will): ours go.
+        self.tap_fds.clear();
+        let mut child = spawned.map_err(|source| StartVmError::Spawn {
+            binary: self.binary.clone(),
+            source,
+        })?;
         self.pid = child.id();
         if let Some(pid) = self.pid {
             let _ = std::fs::write(self.spec.dir.join("qemu.pid"), pid.to_string());

@@ -1,0 +1,117 @@
+//! A blocking rtnetlink socket: one request at a time, answered by an ack or
+//! a dump (the same small wrapper as kuasar-vmm's `net::netlink`; the two
+//! binaries share no library crate).
+use std::io;
+use std::time::Duration;
+
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+};
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+/// How long one receive may block: the kernel answers at once, so this only
+/// bounds a wedged socket.
+const RECV_TIMEOUT: Duration = Duration::from_secs(5);
+/// Receive buffer; a dump answer arrives in several datagrams of at most this.
+const RECV_BUF: usize = 64 * 1024;
+/// Most messages accepted in one dump (a pod's netns has a handful).
+const MAX_DUMP: usize = 10_000;
+
+pub struct Netlink {
+    socket: Socket,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+impl Netlink {
+    pub fn open() -> io::Result<Self> {
+        let mut socket = Socket::new(NETLINK_ROUTE)?;
+        socket.bind_auto()?;
+        socket.connect(&SocketAddr::new(0, 0))?;
+        let tv = nix::sys::time::TimeVal::new(RECV_TIMEOUT.as_secs() as _, 0);
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::ReceiveTimeout, &tv)
+            .map_err(io::Error::from)?;
+        Ok(Netlink {
+            socket,
+            seq: 0,
+            buf: vec![0; RECV_BUF],
+        })
+    }
+
+    fn send(&mut self, msg: RouteNetlinkMessage, flags: u16) -> io::Result<u32> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags;
+        header.sequence_number = self.seq;
+        let mut packet = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
+        packet.finalize();
+        let mut out = vec![0; packet.buffer_len()];
+        packet.serialize(&mut out);
+        self.socket.send(&out, 0)?;
+        Ok(self.seq)
+    }
+
+    /// Receives the answers to request `seq` until `done` says the exchange
+    /// is over; each inner message goes to `each`.
+    fn receive(
+        &mut self,
+        seq: u32,
+        mut each: impl FnMut(RouteNetlinkMessage) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut seen = 0usize;
+        loop {
+            let n = self.socket.recv(&mut &mut self.buf[..], 0)?;
+            let mut off = 0;
+            while off < n {
+                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[off..n])
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                let len = msg.header.length as usize;
+                if len == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "netlink message of length 0",
+                    ));
+                }
+                off += (len + 3) & !3;
+                if msg.header.sequence_number != seq {
+                    continue;
+                }
+                match msg.payload {
+                    NetlinkPayload::Error(e) => {
+                        return match e.code {
+                            None => Ok(()),
+                            Some(_) => Err(e.to_io()),
+                        }
+                    }
+                    NetlinkPayload::Done(_) => return Ok(()),
+                    NetlinkPayload::InnerMessage(inner) => {
+                        seen += 1;
+                        if seen > MAX_DUMP {
+                            return Err(io::Error::other("netlink dump too long"));
+                        }
+                        each(inner)?;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Sends a request that changes something and waits for its ack.
+    pub fn request(&mut self, msg: RouteNetlinkMessage, flags: u16) -> io::Result<()> {
+        let seq = self.send(msg, flags | NLM_F_ACK)?;
+        self.receive(seq, |_| Ok(()))
+    }
+
+    /// Sends a dump request and collects the answer.
+    pub fn dump(&mut self, msg: RouteNetlinkMessage) -> io::Result<Vec<RouteNetlinkMessage>> {
+        let seq = self.send(msg, NLM_F_DUMP)?;
+        let mut out = Vec::new();
+        self.receive(seq, |m| {
+            out.push(m);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+}
