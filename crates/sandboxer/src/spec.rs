@@ -15,7 +15,8 @@
 //!   IPC and UTS are the VM's own (the agent sets the pod's host name), and a
 //!   shared PID namespace becomes a new one (the guest's root PID namespace
 //!   holds the agent). Likewise the pod's network namespace is the VM's
-//!   root one, where the pod's NIC is.
+//!   root one, where the pod's NIC is;
+//! - a container always gets a cgroup namespace: the guest is cgroup v2.
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, MsFlags};
@@ -127,6 +128,15 @@ pub fn for_guest(spec: &mut Value, host_dir: &Path, guest_dir: &str) -> Result<V
                 }
             }
         });
+        // The guest is cgroup v2 only, where a container sees its own
+        // cgroup as the root of /sys/fs/cgroup (containerd's default on a
+        // v2 host; a v1 host's spec has no cgroup namespace).
+        if !namespaces
+            .iter()
+            .any(|ns| ns.get("type").and_then(Value::as_str) == Some("cgroup"))
+        {
+            namespaces.push(json!({"type": "cgroup"}));
+        }
         if shares_uts {
             if let Some(o) = spec.as_object_mut() {
                 o.remove("hostname");
@@ -247,7 +257,7 @@ mod tests {
         for_guest(&mut spec, Path::new("/h"), "/g").unwrap();
         let ns = spec["linux"]["namespaces"].as_array().unwrap();
         let kinds: Vec<&str> = ns.iter().map(|n| n["type"].as_str().unwrap()).collect();
-        assert_eq!(kinds, ["pid", "mount"]);
+        assert_eq!(kinds, ["pid", "mount", "cgroup"]);
         assert!(ns[0].get("path").is_none(), "a new PID namespace");
         assert!(spec.get("hostname").is_none(), "UTS is the VM's");
     }
@@ -257,7 +267,7 @@ mod tests {
         let mut spec = json!({
             "hostname": "x",
             "mounts": [{"destination": "/tmp", "type": "tmpfs", "source": "tmpfs"}],
-            "linux": {"namespaces": [{"type": "uts"}, {"type": "ipc"}]},
+            "linux": {"namespaces": [{"type": "uts"}, {"type": "ipc"}, {"type": "cgroup"}]},
         });
         let before = spec.clone();
         assert!(for_guest(&mut spec, Path::new("/h"), "/g")
