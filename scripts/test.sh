@@ -8,9 +8,6 @@
 #        scripts/test.sh clean    stop every private test/demo/bench environment left behind
 #
 # Env: KUASAR_E2E_THREADS (default 1: the e2e tests count VMs, they run one at a time);
-#      KUASAR_E2E_SHIM_SANDBOXER=1 also runs the CRI suite (tests/tests/cri.rs) for the runtime
-#      handler kuasar-vmm-shim (CRI sandboxer = "shim"; its tests are ignored by default until
-#      it lands: this turns on the crate feature shim-sandboxer).
 set -euo pipefail
 
 # shellcheck source=scripts/lib-test-env.sh
@@ -115,8 +112,6 @@ run cargo test --workspace --exclude kuasar-e2e
 # The e2e suite drives the release binaries.
 run cargo build --release --workspace --exclude kuasar-agent
 start=$(date +%s)
-e2e_features=()
-if [ "${KUASAR_E2E_SHIM_SANDBOXER:-0}" = 1 ]; then e2e_features=(--features shim-sandboxer); fi
-run cargo test -p kuasar-e2e "${e2e_features[@]}" --no-fail-fast \
+run cargo test -p kuasar-e2e --no-fail-fast \
   -- --test-threads="${KUASAR_E2E_THREADS:-1}"
 echo "test.sh: all tests passed (e2e took $(( $(date +%s) - start )) s)" >&2

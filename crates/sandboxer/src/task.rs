@@ -278,6 +278,10 @@ impl Task for TaskService {
         // The shim exits on OK (and on NotFound): refuse while containers
         // remain, so that a pod's shim outlives its containers' deletes.
         match self.registry.get(&id) {
+            Ok(sandbox) if sandbox.is_managed() => Err(Error::FailedPrecondition(format!(
+                "sandbox {id} is driven by the sandbox API: ShutdownSandbox ends it"
+            ))
+            .into()),
             Ok(sandbox) if !sandbox.is_empty() => {
                 Err(Error::FailedPrecondition(format!("sandbox {id} still has containers")).into())
             }

@@ -41,6 +41,9 @@ pub struct TaskRelay {
     /// Our three metadata entries, added to every request.
     ours: [(&'static str, String); 3],
     on_shutdown: OnShutdown,
+    /// containerd drives this pod through the sandbox API: the pod ends
+    /// with ShutdownSandbox, not with a task Shutdown.
+    sandbox_api: std::sync::atomic::AtomicBool,
 }
 
 impl TaskRelay {
@@ -59,6 +62,7 @@ impl TaskRelay {
                 (TTRPC_ADDRESS_METADATA, ttrpc_address.to_string()),
             ],
             on_shutdown,
+            sandbox_api: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -194,6 +198,16 @@ impl Task for TaskRelay {
         Ok(resp)
     }
     fn shutdown(&self, ctx: &TtrpcContext, req: ShutdownRequest) -> ttrpc::Result<Empty> {
+        if self.sandbox_api.load(std::sync::atomic::Ordering::SeqCst) {
+            // containerd 2.1 shuts a task's shim down after the task's
+            // delete even in the `shim` sandboxer mode; the pod's shim stays
+            // until ShutdownSandbox.
+            log!(
+                "debug",
+                "Shutdown: the pod ends with ShutdownSandbox; staying"
+            );
+            return Ok(Empty::new());
+        }
         match self.once::<_, Empty>(ctx, "Shutdown", req) {
             Ok(e) => {
                 log!("info", "Shutdown accepted by kuasar-vmm: exiting");
@@ -234,7 +248,10 @@ impl Sandbox for TaskRelay {
         ctx: &TtrpcContext,
         req: CreateSandboxRequest,
     ) -> ttrpc::Result<CreateSandboxResponse> {
-        self.sandbox_call(ctx, "CreateSandbox", req)
+        let resp = self.sandbox_call(ctx, "CreateSandbox", req)?;
+        self.sandbox_api
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(resp)
     }
     fn start_sandbox(
         &self,
