@@ -376,17 +376,31 @@ impl Agent for AgentService {
     ) -> TtrpcResult<WaitProcessResponse> {
         let res = async {
             let c = self.container(&req.container_id)?;
-            let exit = c.process(&req.exec_id)?.wait().await?;
+            let process = c.process(&req.exec_id)?;
+            let exit = if req.wait_timeout_ms == 0 {
+                process.wait().await?
+            } else {
+                let bound = std::time::Duration::from_millis(req.wait_timeout_ms.into());
+                match tokio::time::timeout(bound, process.wait()).await {
+                    Ok(exit) => exit?,
+                    Err(_) => return Ok(None),
+                }
+            };
             // Read once the init process has exited: its cgroup stays until
             // the container is removed.
             let oom_killed = req.exec_id.is_empty() && c.oom_killed();
             if oom_killed {
                 info!(id = %c.id, status = exit.status, "container was OOM killed");
             }
-            Ok((exit, oom_killed))
+            Ok(Some((exit, oom_killed)))
         }
         .await;
-        let (exit, oom_killed) = reply("WaitProcess", res)?;
+        let Some((exit, oom_killed)) = reply("WaitProcess", res)? else {
+            return Ok(WaitProcessResponse {
+                still_running: true,
+                ..Default::default()
+            });
+        };
         Ok(WaitProcessResponse {
             exit_status: exit.status,
             exited_at_ns: exit.at_ns,

@@ -194,8 +194,36 @@ impl Agent {
         container_id: &str,
         exec_id: &str,
     ) -> Result<ProcessExit, AgentError> {
-        let req = process_request(container_id, exec_id);
-        let res = call!(self, wait_process, "WaitProcess", req, None)?;
+        // Bounded waits, re-asked: an answer lost between guest and host
+        // (or a guest that stops answering one request) costs at most one
+        // round, never the exit.
+        let res = loop {
+            let mut req = process_request(container_id, exec_id);
+            req.wait_timeout_ms = WAIT_ROUND.as_millis() as u32;
+            // (`call!` returns a timeout with `?`: keep it in this block.)
+            let round = async {
+                call!(
+                    self,
+                    wait_process,
+                    "WaitProcess",
+                    req,
+                    Some(WAIT_ROUND + CALL_TIMEOUT)
+                )
+            };
+            match round.await {
+                Ok(res) if res.still_running => continue,
+                Ok(res) => break res,
+                Err(AgentError::Timeout { .. }) => {
+                    tracing::debug!(
+                        container_id,
+                        exec_id,
+                        "WaitProcess unanswered; asking again"
+                    );
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         Ok(ProcessExit {
             status: res.exit_status,
             at_ns: res.exited_at_ns,
@@ -324,6 +352,9 @@ pub struct ProcessExit {
     /// The kernel's OOM killer hit the container (init processes only).
     pub oom_killed: bool,
 }
+
+/// How long one WaitProcess round waits in the guest.
+const WAIT_ROUND: Duration = Duration::from_secs(20);
 
 fn process_request(container_id: &str, exec_id: &str) -> ProcessRequest {
     ProcessRequest {
