@@ -144,7 +144,7 @@ impl ControllerService {
     }
 
     /// Stops every task socket (the sandboxer exits).
-    pub async fn shutdown(&self) {
+    pub async fn close_task_sockets(&self) {
         let ids: Vec<String> = self.tasks().keys().cloned().collect();
         for id in ids {
             self.stop_tasks(&id).await;
@@ -349,6 +349,117 @@ pub async fn serve(listener: tokio::net::UnixListener, controller: Arc<Controlle
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn controller(dir: &Path) -> ControllerService {
+        let config = crate::config::Config {
+            state_dir: dir.join("vmm"),
+            qemu: crate::config::QemuConfig {
+                accelerator: crate::config::Accelerator::Tcg,
+                channel: crate::config::Channel::Serial,
+                tsc_khz: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let host = Arc::new(crate::host::Host::new(config));
+        ControllerService::new(Arc::new(Registry::new(host)))
+    }
+
+    fn create_request(
+        id: &str,
+        options: Option<prost_types::Any>,
+    ) -> Request<ControllerCreateRequest> {
+        Request::new(ControllerCreateRequest {
+            sandbox_id: id.into(),
+            options,
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn bad_input_gets_typed_codes() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = controller(dir.path());
+        // Unknown ids: NotFound, except the idempotent Stop and Shutdown.
+        fn status<T>(r: Result<T, Status>) -> tonic::Code {
+            r.map(|_| ()).unwrap_err().code()
+        }
+        let start = c.start(Request::new(ControllerStartRequest {
+            sandbox_id: "nope".into(),
+            ..Default::default()
+        }));
+        assert_eq!(status(start.await), tonic::Code::NotFound);
+        let st = c.status(Request::new(ControllerStatusRequest {
+            sandbox_id: "nope".into(),
+            ..Default::default()
+        }));
+        assert_eq!(status(st.await), tonic::Code::NotFound);
+        let wait = c.wait(Request::new(ControllerWaitRequest {
+            sandbox_id: "nope".into(),
+            ..Default::default()
+        }));
+        assert_eq!(status(wait.await), tonic::Code::NotFound);
+        let platform = c.platform(Request::new(ControllerPlatformRequest {
+            sandbox_id: "nope".into(),
+            ..Default::default()
+        }));
+        assert_eq!(status(platform.await), tonic::Code::NotFound);
+        c.stop(Request::new(ControllerStopRequest {
+            sandbox_id: "nope".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+        c.shutdown(Request::new(ControllerShutdownRequest {
+            sandbox_id: "nope".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+        // A malformed options Any, a bad id.
+        let bad = prost_types::Any {
+            type_url: "type.googleapis.com/runtime.v1.ContainerConfig".into(),
+            value: vec![1, 2, 3],
+        };
+        let r = c.create(create_request("s1", Some(bad))).await;
+        assert_eq!(status(r), tonic::Code::InvalidArgument);
+        let garbage = prost_types::Any {
+            type_url: "type.googleapis.com/runtime.v1.PodSandboxConfig".into(),
+            value: vec![0xff, 0xff, 0xff],
+        };
+        let r = c.create(create_request("s1", Some(garbage))).await;
+        assert_eq!(status(r), tonic::Code::InvalidArgument);
+        let r = c.create(create_request("../x", None)).await;
+        assert_eq!(status(r), tonic::Code::InvalidArgument);
+        // Created once; the same id again is AlreadyExists.
+        c.create(create_request("s1", None)).await.unwrap();
+        let r = c.create(create_request("s1", None)).await;
+        assert_eq!(status(r), tonic::Code::AlreadyExists);
+        // Cheap status of a sandbox not started: NOTREADY, no task address.
+        let st = c
+            .status(Request::new(ControllerStatusRequest {
+                sandbox_id: "s1".into(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (st.state.as_str(), st.address.as_str()),
+            (STATE_NOT_READY, "")
+        );
+        c.shutdown(Request::new(ControllerShutdownRequest {
+            sandbox_id: "s1".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+        let st = c.status(Request::new(ControllerStatusRequest {
+            sandbox_id: "s1".into(),
+            ..Default::default()
+        }));
+        assert_eq!(status(st.await), tonic::Code::NotFound);
+    }
 
     #[test]
     fn task_socket_fits_sockaddr_un() {

@@ -142,7 +142,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::debug!("connections still open at exit");
     }
     grpc.abort();
-    controller.shutdown().await;
+    controller.close_task_sockets().await;
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(&grpc_socket);
     Ok(())
