@@ -66,6 +66,12 @@ imports = []
 [metrics]
   address = ''
 
+# The zero-shim mode: kuasar-vmm of DIR is containerd's sandbox controller (gRPC).
+[proxy_plugins]
+  [proxy_plugins.kuasar-vmm]
+    type = 'sandbox'
+    address = '$DIR/vmm-grpc.sock'
+
 [plugins]
   [plugins.'io.containerd.internal.v1.opt']
     path = '$DIR/opt'
@@ -94,6 +100,10 @@ imports = []
       [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.kuasar-vmm-shim]
         runtime_type = 'io.containerd.kuasar-vmm.v2'
         sandboxer = 'shim'
+      # kuasar-vmm's own gRPC sandbox controller: no shim process at all.
+      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.kuasar-vmm-zero]
+        runtime_type = 'io.containerd.kuasar-vmm.v2'
+        sandboxer = 'kuasar-vmm'
     [plugins.'io.containerd.cri.v1.runtime'.cni]
       bin_dirs = ['/usr/lib/cni']
       conf_dir = '$DIR/cni/net.d'

@@ -19,7 +19,32 @@ fn generate(inputs: &[String], dir: &Path, async_all: bool) {
         .expect("generate ttrpc code");
 }
 
+/// containerd's Sandbox Controller (`containerd.services.sandbox.v1`, as of
+/// containerd 2.1), a gRPC server with tonic/prost; protox parses the
+/// protos, so no system `protoc` is needed.
+#[cfg(feature = "grpc")]
+fn generate_grpc() {
+    let proto = "protos/containerd/services/sandbox/v1/sandbox.proto";
+    for p in [
+        proto,
+        "protos/containerd/types/sandbox.proto",
+        "protos/containerd/types/mount.proto",
+        "protos/containerd/types/platform.proto",
+        "protos/containerd/types/metrics.proto",
+    ] {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    let fds = protox::compile([proto], ["protos"]).expect("parse the sandbox controller proto");
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_transport(false)
+        .compile_fds(fds)
+        .expect("generate the sandbox controller server");
+}
+
 fn main() {
+    #[cfg(feature = "grpc")]
+    generate_grpc();
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR is set by cargo"));
     // containerd's runtime sandbox API as of containerd 2.1 (newer than the
     // copy containerd-shim-protos 0.10 carries: SandboxMetrics, annotations).

@@ -106,6 +106,37 @@ impl Env {
         Ok(env)
     }
 
+    /// Restarts the private containerd (SIGTERM, wait, start again with the
+    /// same root and state), leaving kuasar-vmm and the VMs running.
+    pub fn restart_containerd(&self) -> Result<(), String> {
+        let pid_file = self.dir.join("containerd.pid");
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .map_err(|e| format!("read {}: {e}", pid_file.display()))?
+            .trim()
+            .parse()
+            .map_err(|e| format!("containerd pid: {e}"))?;
+        // SAFETY: kill(2) with a pid read from our own containerd's pid file.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            if std::time::Instant::now() > deadline {
+                return Err(format!("containerd {pid} did not stop"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut c = Command::new(paths::repo_root().join("scripts").join("containerd.sh"));
+        c.arg("start")
+            .arg(&self.dir)
+            .env("KUASAR_SKIP_IMAGES", "1")
+            .env("KUASAR_BIN_DIR", paths::bin_dir())
+            .env("KUASAR_IMAGE_DIR", paths::image_dir());
+        let out = cmd::run(&mut c, None, SCRIPT_TIMEOUT);
+        if !out.success() {
+            return Err(format!("restarting containerd failed:\n{out}"));
+        }
+        Ok(())
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

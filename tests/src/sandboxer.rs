@@ -22,6 +22,8 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct SandboxerConfig {
     pub socket: PathBuf,
+    /// containerd's ttrpc address (zero-shim mode events).
+    pub containerd_ttrpc_address: PathBuf,
     pub state_dir: PathBuf,
     pub image_dir: PathBuf,
     pub log_level: String,
@@ -40,6 +42,7 @@ impl SandboxerConfig {
     pub fn for_dir(dir: &Path) -> Self {
         Self {
             socket: dir.join("vmm.sock"),
+            containerd_ttrpc_address: dir.join("containerd.sock.ttrpc"),
             state_dir: dir.join("vmm"),
             image_dir: paths::image_dir(),
             log_level: "info".into(),
@@ -49,11 +52,25 @@ impl SandboxerConfig {
         }
     }
 
+    /// The gRPC (sandbox controller) socket: beside the ttrpc one,
+    /// `vmm.sock` -> `vmm-grpc.sock`.
+    pub fn grpc_socket(&self) -> PathBuf {
+        let name = self
+            .socket
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy();
+        let stem = name.strip_suffix(".sock").unwrap_or(&name);
+        self.socket.with_file_name(format!("{stem}-grpc.sock"))
+    }
+
     pub fn to_toml(&self) -> String {
         let p = |p: &Path| toml_str(&p.to_string_lossy());
         let mut s = format!(
-            "socket = {}\nstate_dir = {}\nimage_dir = {}\nlog_level = {}\n\n[qemu]\n",
+            "socket = {}\ngrpc_socket = {}\ncontainerd_ttrpc_address = {}\nstate_dir = {}\nimage_dir = {}\nlog_level = {}\n\n[qemu]\n",
             p(&self.socket),
+            p(&self.grpc_socket()),
+            p(&self.containerd_ttrpc_address),
             p(&self.state_dir),
             p(&self.image_dir),
             toml_str(&self.log_level)

@@ -5,7 +5,9 @@
 //! - `runc`: the known-good runtime; proves the client and the expectations;
 //! - `kuasar-vmm`: our runtime, CRI `sandboxer = "podsandbox"`;
 //! - `kuasar-vmm-shim`: our runtime, CRI `sandboxer = "shim"` (the shim serves
-//!   containerd's sandbox API; no pause container).
+//!   containerd's sandbox API; no pause container);
+//! - `kuasar-vmm-zero`: our runtime, CRI `sandboxer = "kuasar-vmm"`, the proxy
+//!   plugin kuasar-vmm serves itself (gRPC sandbox controller; no shim at all).
 //!
 //! Another handler is one more `handler_suite!` line at the bottom.
 //! Tests that can share a pod share one per handler (VM boots are slow under
@@ -1075,3 +1077,4 @@ macro_rules! handler_suite {
 handler_suite!(runc, "runc");
 handler_suite!(kuasar_vmm, "kuasar-vmm");
 handler_suite!(kuasar_vmm_shim, "kuasar-vmm-shim");
+handler_suite!(kuasar_vmm_zero, "kuasar-vmm-zero");

@@ -35,6 +35,38 @@ pub mod cri {
     pub use cri_pod::*;
 }
 
+/// containerd's Sandbox Controller gRPC API (`containerd.services.sandbox.v1`,
+/// as of containerd 2.1), served by kuasar-vmm for the zero-shim mode: the
+/// generated prost messages and the tonic server.
+#[cfg(feature = "grpc")]
+pub mod grpc {
+    pub use prost;
+    pub use prost_types;
+    pub use tonic;
+
+    /// The generated modules, nested as their protobuf packages (prost's
+    /// cross-package references are relative).
+    pub mod containerd {
+        /// `containerd.types` (the subset the controller API uses).
+        pub mod types {
+            include!(concat!(env!("OUT_DIR"), "/containerd.types.rs"));
+        }
+        pub mod services {
+            pub mod sandbox {
+                /// `containerd.services.sandbox.v1`.
+                pub mod v1 {
+                    include!(concat!(
+                        env!("OUT_DIR"),
+                        "/containerd.services.sandbox.v1.rs"
+                    ));
+                }
+            }
+        }
+    }
+    pub use containerd::services::sandbox::v1 as sandbox;
+    pub use containerd::types;
+}
+
 /// ttrpc metadata key naming the sandbox a task request belongs to.
 pub const SANDBOX_ID_METADATA: &str = "kuasar-sandbox-id";
 /// ttrpc metadata key carrying the containerd namespace of a task request.

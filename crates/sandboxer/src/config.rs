@@ -32,6 +32,12 @@ pub enum ConfigError {
 pub struct Config {
     /// The sandboxer's ttrpc socket (created mode 0600).
     pub socket: PathBuf,
+    /// The zero-shim mode's gRPC socket: containerd's Sandbox Controller API
+    /// (`[proxy_plugins.<name>] type = "sandbox"`), created mode 0600.
+    pub grpc_socket: PathBuf,
+    /// containerd's ttrpc address, where task events of sandboxes created
+    /// through the gRPC controller go (no shim passes it there).
+    pub containerd_ttrpc_address: String,
     /// One directory per sandbox lives here.
     pub state_dir: PathBuf,
     /// Holds the guest kernel (`vmlinux`) and initramfs (`initramfs.cpio`).
@@ -46,6 +52,8 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             socket: PathBuf::from("/run/kuasar/vmm.sock"),
+            grpc_socket: PathBuf::from("/run/kuasar/vmm-grpc.sock"),
+            containerd_ttrpc_address: "/run/containerd/containerd.sock.ttrpc".into(),
             state_dir: PathBuf::from("/run/kuasar/vmm"),
             image_dir: PathBuf::from("/var/lib/kuasar"),
             log_level: "info".into(),
@@ -180,6 +188,25 @@ impl Config {
                 "must be an absolute path shorter than 108 bytes",
             ));
         }
+        if self.grpc_socket.as_os_str().len() >= 108 || !self.grpc_socket.is_absolute() {
+            return Err(invalid(
+                "grpc_socket",
+                "must be an absolute path shorter than 108 bytes",
+            ));
+        }
+        if self.grpc_socket == self.socket {
+            return Err(invalid("grpc_socket", "must differ from `socket`"));
+        }
+        let ttrpc = self
+            .containerd_ttrpc_address
+            .strip_prefix("unix://")
+            .unwrap_or(&self.containerd_ttrpc_address);
+        if !ttrpc.starts_with('/') || ttrpc.len() >= 108 {
+            return Err(invalid(
+                "containerd_ttrpc_address",
+                "must be an absolute socket path (optionally unix://) shorter than 108 bytes",
+            ));
+        }
         if !self.state_dir.is_absolute() {
             return Err(invalid("state_dir", "must be an absolute path"));
         }
@@ -262,6 +289,27 @@ mod tests {
     fn unknown_accelerator_is_rejected() {
         let err = Config::parse("[qemu]\naccelerator = \"hvf\"").unwrap_err();
         assert!(err.to_string().contains("hvf"), "{err}");
+    }
+
+    #[test]
+    fn grpc_fields_are_checked() {
+        let c = Config::parse(
+            "grpc_socket = \"/r/g.sock\"\ncontainerd_ttrpc_address = \"unix:///r/c.sock.ttrpc\"",
+        )
+        .unwrap();
+        assert_eq!(c.grpc_socket, PathBuf::from("/r/g.sock"));
+        let c = Config {
+            grpc_socket: Config::default().socket,
+            ..Config::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("grpc_socket"), "{err}");
+        let c = Config {
+            containerd_ttrpc_address: "containerd.sock.ttrpc".into(),
+            ..Config::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("containerd_ttrpc_address"), "{err}");
     }
 
     #[test]

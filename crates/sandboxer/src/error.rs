@@ -77,6 +77,14 @@ impl From<Error> for ttrpc::Error {
     }
 }
 
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        // ttrpc's codes are gRPC's codes, value for value.
+        let code = tonic::Code::from_i32(protobuf::Enum::value(&e.code()));
+        tonic::Status::new(code, chain(&e))
+    }
+}
+
 /// The whole error chain on one line, outermost first: how errors are shown
 /// at the edges (logs, ttrpc statuses, the command line).
 pub fn chain(e: &(dyn StdError + 'static)) -> String {
@@ -125,5 +133,18 @@ mod tests {
             ttrpc::Error::RpcStatus(s) => assert_eq!(s.code(), Code::NOT_FOUND),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn grpc_codes_are_the_ttrpc_codes() {
+        let s: tonic::Status = Error::NotFound("sandbox s1".into()).into();
+        assert_eq!(s.code(), tonic::Code::NotFound);
+        assert_eq!(s.message(), "sandbox s1: not found");
+        let s: tonic::Status = Error::AlreadyExists("sandbox s1".into()).into();
+        assert_eq!(s.code(), tonic::Code::AlreadyExists);
+        let s: tonic::Status = Error::InvalidArgument("x".into()).into();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        let s: tonic::Status = Error::ResourceExhausted("x".into()).into();
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
     }
 }

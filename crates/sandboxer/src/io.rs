@@ -55,12 +55,22 @@ impl Pumps {
     }
 
     /// Waits, at most `timeout`, for the output copies to reach the end of
-    /// their streams (all output of an exited process delivered).
+    /// their streams (all output of an exited process delivered), then
+    /// stops those still running, which closes their fifos: a reader of
+    /// the process's output (CRI's ExecSync waits for it) must see its end
+    /// even when the guest never ends the stream.
     pub async fn drain(&mut self, timeout: Duration) {
-        let outputs = std::mem::take(&mut self.outputs);
-        let all = futures_join(outputs);
+        let mut outputs = std::mem::take(&mut self.outputs);
+        let all = async {
+            for t in outputs.iter_mut() {
+                let _ = t.await;
+            }
+        };
         if tokio::time::timeout(timeout, all).await.is_err() {
-            tracing::debug!("output still open {timeout:?} after exit (a child holds it)");
+            tracing::debug!("output still open {timeout:?} after exit: its fifos are closed");
+            for t in &outputs {
+                t.abort();
+            }
         }
     }
 
@@ -78,12 +88,6 @@ impl Pumps {
         for task in self.outputs.drain(..) {
             task.abort();
         }
-    }
-}
-
-async fn futures_join(tasks: Vec<JoinHandle<()>>) {
-    for t in tasks {
-        let _ = t.await;
     }
 }
 

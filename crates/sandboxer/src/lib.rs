@@ -10,6 +10,8 @@ use anyhow::Context;
 pub mod agent;
 pub mod config;
 pub mod container;
+pub mod containerd_config;
+pub mod controller;
 pub mod error;
 pub mod events;
 pub mod host;
@@ -49,7 +51,7 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Binds the socket owner-only: created under a restrictive umask, then
 /// chmod'ed, so that no other user can ever connect.
-fn bind(socket: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
+pub(crate) fn bind(socket: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
     if let Some(parent) = socket.parent() {
         std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
     }
@@ -78,6 +80,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("chmod {}", config.state_dir.display()))?;
     let socket = config.socket.clone();
+    let grpc_socket = config.grpc_socket.clone();
     let host = Arc::new(host::Host::new(config));
     let cleaned = recovery::clean_all(&host.config.state_dir, &host.publisher).await;
     let registry = Arc::new(Registry::new(host));
@@ -107,7 +110,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             Arc::new(sandbox_api::SandboxService::new(registry.clone())),
         ));
     server.start().await.context("start the ttrpc server")?;
-    tracing::info!(socket = %socket.display(), "kuasar-vmm ready");
+    let grpc_listener = bind(&grpc_socket)?;
+    grpc_listener
+        .set_nonblocking(true)
+        .context("set the gRPC socket non-blocking")?;
+    let grpc_listener =
+        tokio::net::UnixListener::from_std(grpc_listener).context("serve the gRPC socket")?;
+    let controller = Arc::new(controller::ControllerService::new(registry.clone()));
+    let grpc = tokio::spawn(controller::serve(grpc_listener, controller.clone()));
+    tracing::info!(
+        socket = %socket.display(),
+        grpc_socket = %grpc_socket.display(),
+        "kuasar-vmm ready"
+    );
     notify_ready();
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -126,7 +141,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     {
         tracing::debug!("connections still open at exit");
     }
+    grpc.abort();
+    controller.close_task_sockets().await;
     let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(&grpc_socket);
     Ok(())
 }
 

@@ -11,6 +11,10 @@ struct Args {
     /// Configuration file (TOML). Without it, the documented defaults apply.
     #[arg(long, short)]
     config: Option<PathBuf>,
+    /// Print the containerd configuration (runtime handlers of the three
+    /// modes, the zero-shim mode's proxy plugin) for this configuration, and exit.
+    #[arg(long)]
+    print_containerd_config: bool,
 }
 
 fn main() -> ExitCode {
@@ -22,6 +26,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if args.print_containerd_config {
+        print!("{}", kuasar_vmm::containerd_config::render(&config));
+        return ExitCode::SUCCESS;
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("KUASAR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
     tracing_subscriber::fmt()

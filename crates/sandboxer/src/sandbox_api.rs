@@ -63,16 +63,14 @@ impl SandboxApi for SandboxService {
             .options
             .as_ref()
             .map(|a| (a.type_url.as_str(), a.value.as_slice()));
-        let pod = crate::pod::from_create_sandbox(&req.netns_path, options)?;
         let (namespace, ttrpc_address) = metadata_of(ctx);
-        let sandbox = self.registry.register(SandboxInfo {
+        let info = SandboxInfo {
             id: req.sandbox_id.clone(),
             namespace,
             bundle: req.bundle_path.clone(),
             ttrpc_address,
-        })?;
-        sandbox.create_pod(pod)?;
-        tracing::info!(sandbox = %req.sandbox_id, netns = %req.netns_path, "sandbox created");
+        };
+        create(&self.registry, info, &req.netns_path, options)?;
         Ok(CreateSandboxResponse::new())
     }
 
@@ -98,10 +96,8 @@ impl SandboxApi for SandboxService {
         self.get(&req.sandbox_id)?;
         Ok(PlatformResponse {
             platform: protobuf::MessageField::some(Platform {
-                os: "linux".into(),
-                architecture: std::env::consts::ARCH
-                    .replace("x86_64", "amd64")
-                    .replace("aarch64", "arm64"),
+                os: PLATFORM_OS.into(),
+                architecture: platform_architecture(),
                 ..Default::default()
             }),
             ..Default::default()
@@ -119,11 +115,7 @@ impl SandboxApi for SandboxService {
             Err(Error::NotFound(_)) => return Ok(StopSandboxResponse::new()),
             Err(e) => return Err(e.into()),
         };
-        let grace = match req.timeout_secs {
-            0 => STOP_GRACE,
-            s => Duration::from_secs(s.into()).min(STOP_GRACE_MAX),
-        };
-        sandbox.stop_pod(grace).await?;
+        sandbox.stop_pod(stop_grace(req.timeout_secs)).await?;
         Ok(StopSandboxResponse::new())
     }
 
@@ -193,13 +185,16 @@ impl SandboxApi for SandboxService {
         req: SandboxMetricsRequest,
     ) -> TtrpcResult<SandboxMetricsResponse> {
         let sandbox = self.get(&req.sandbox_id)?;
-        let pid = sandbox.pod_status().pid;
-        let data = vmm_metrics(pid).map_err(|e| Error::Internal(format!("encode metrics: {e}")))?;
+        let (type_url, value) = vmm_metrics(sandbox.pod_status().pid)?;
         Ok(SandboxMetricsResponse {
             metrics: protobuf::MessageField::some(Metric {
                 timestamp: timestamp_of(SystemTime::now()),
                 id: req.sandbox_id.clone(),
-                data: protobuf::MessageField::some(data),
+                data: protobuf::MessageField::some(protobuf::well_known_types::any::Any {
+                    type_url,
+                    value,
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
             ..Default::default()
@@ -207,9 +202,54 @@ impl SandboxApi for SandboxService {
     }
 }
 
-/// The VMM process's footprint as containerd's cgroup v1 metrics: memory
-/// usage = its RSS, CPU usage = its user + system time.
-fn vmm_metrics(pid: u32) -> protobuf::Result<protobuf::well_known_types::any::Any> {
+/// Records the pod a sandbox API Create describes (shared by the shim's
+/// sandbox API and the gRPC controller): the netns CNI prepared and CRI's
+/// PodSandboxConfig in `options` (anything else is InvalidArgument).
+pub(crate) fn create(
+    registry: &Registry,
+    info: SandboxInfo,
+    netns_path: &str,
+    options: Option<(&str, &[u8])>,
+) -> Result<Arc<Sandbox>, Error> {
+    let pod = crate::pod::from_create_sandbox(netns_path, options)?;
+    let id = info.id.clone();
+    let sandbox = registry.register(info)?;
+    sandbox.create_pod(pod)?;
+    tracing::info!(sandbox = %id, netns = %netns_path, "sandbox created");
+    Ok(sandbox)
+}
+
+/// How long a sandbox API Stop lets the VM quit: the request's timeout
+/// (0 = the default), at most STOP_GRACE_MAX.
+pub(crate) fn stop_grace(timeout_secs: u32) -> Duration {
+    match timeout_secs {
+        0 => STOP_GRACE,
+        s => Duration::from_secs(s.into()).min(STOP_GRACE_MAX),
+    }
+}
+
+/// The platform a sandbox runs containers for (the host's: a VM of the
+/// same architecture).
+pub(crate) const PLATFORM_OS: &str = "linux";
+
+pub(crate) fn platform_architecture() -> String {
+    std::env::consts::ARCH
+        .replace("x86_64", "amd64")
+        .replace("aarch64", "arm64")
+}
+
+/// The VMM process's footprint as containerd's cgroup v1 metrics (memory
+/// usage = its RSS, CPU usage = its user + system time), packed as an Any:
+/// its type URL and encoded bytes.
+pub(crate) fn vmm_metrics(pid: u32) -> Result<(String, Vec<u8>), Error> {
+    vmm_metrics_any(pid)
+        .map(|a| (a.type_url, a.value))
+        .map_err(|e| Error::Internal(format!("encode metrics: {e}")))
+}
+
+fn vmm_metrics_any(
+    pid: u32,
+) -> protobuf::Result<kuasar_api::containerd::protobuf::well_known_types::any::Any> {
     use kuasar_api::containerd::cgroups::metrics::{
         CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics,
     };
@@ -239,12 +279,7 @@ fn vmm_metrics(pid: u32) -> protobuf::Result<protobuf::well_known_types::any::An
         .into(),
         ..Default::default()
     };
-    let any = crate::events::pack(&metrics)?;
-    Ok(protobuf::well_known_types::any::Any {
-        type_url: any.type_url,
-        value: any.value,
-        ..Default::default()
-    })
+    crate::events::pack(&metrics)
 }
 
 /// RSS bytes and CPU time (ns) of a process, from /proc.

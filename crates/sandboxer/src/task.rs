@@ -1,6 +1,8 @@
 //! containerd's task service (`containerd.task.v2.Task`), served to the
 //! shims: converts protocol messages to domain calls on the sandbox named in
 //! the request's metadata, and the results back. No logic of its own.
+//! In the zero-shim mode the same service is bound to one sandbox and
+//! served on that sandbox's own socket, where containerd connects directly.
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -24,16 +26,39 @@ use crate::sandbox::{CreateSpec, Sandbox, SandboxInfo};
 
 pub struct TaskService {
     registry: Arc<Registry>,
+    /// The one sandbox this service is for (a sandbox's own task socket);
+    /// None: the sandbox a shim names in each request's metadata.
+    bound: Option<String>,
 }
 
 impl TaskService {
     pub fn new(registry: Arc<Registry>) -> Self {
-        TaskService { registry }
+        TaskService {
+            registry,
+            bound: None,
+        }
     }
 
-    /// The sandbox a request is for, from its ttrpc metadata.
+    /// The task service of one sandbox, created through the gRPC sandbox
+    /// controller: requests carry no kuasar metadata (containerd sends them).
+    pub fn for_sandbox(registry: Arc<Registry>, id: &str) -> Self {
+        TaskService {
+            registry,
+            bound: Some(id.to_owned()),
+        }
+    }
+
+    /// The id of the sandbox a request is for.
+    fn sandbox_id(&self, ctx: &TtrpcContext) -> Result<String, Error> {
+        match &self.bound {
+            Some(id) => Ok(id.clone()),
+            None => sandbox_id(ctx),
+        }
+    }
+
+    /// The sandbox a request is for.
     fn sandbox(&self, ctx: &TtrpcContext) -> Result<Arc<Sandbox>, Error> {
-        self.registry.get(&sandbox_id(ctx)?)
+        self.registry.get(&self.sandbox_id(ctx)?)
     }
 }
 
@@ -87,19 +112,24 @@ impl Task for TaskService {
         ctx: &TtrpcContext,
         req: task_api::CreateTaskRequest,
     ) -> TtrpcResult<task_api::CreateTaskResponse> {
-        // A shim registers its sandbox at start; the metadata lets a task
-        // request re-register it (e.g. after the sandboxer restarted).
-        let info = SandboxInfo {
-            id: sandbox_id(ctx)?,
-            namespace: metadata(ctx, NAMESPACE_METADATA)
-                .unwrap_or_default()
-                .to_owned(),
-            bundle: req.bundle.clone(),
-            ttrpc_address: metadata(ctx, TTRPC_ADDRESS_METADATA)
-                .unwrap_or_default()
-                .to_owned(),
+        let sandbox = if self.bound.is_some() {
+            // Created by the sandbox controller: it exists or it is gone.
+            self.sandbox(ctx)?
+        } else {
+            // A shim registers its sandbox at start; the metadata lets a task
+            // request re-register it (e.g. after the sandboxer restarted).
+            let info = SandboxInfo {
+                id: sandbox_id(ctx)?,
+                namespace: metadata(ctx, NAMESPACE_METADATA)
+                    .unwrap_or_default()
+                    .to_owned(),
+                bundle: req.bundle.clone(),
+                ttrpc_address: metadata(ctx, TTRPC_ADDRESS_METADATA)
+                    .unwrap_or_default()
+                    .to_owned(),
+            };
+            self.registry.register(info)?
         };
-        let sandbox = self.registry.register(info)?;
         if !req.checkpoint.is_empty() {
             return Err(Error::Unimplemented("restoring a checkpoint".into()).into());
         }
@@ -264,7 +294,8 @@ impl Task for TaskService {
         Ok(task_api::ConnectResponse {
             shim_pid: 0,
             task_pid: sandbox.init_pid(&req.id)?,
-            version: "2".into(),
+            // The task API version: v3 on a sandbox's own socket.
+            version: if self.bound.is_some() { "3" } else { "2" }.into(),
             ..Default::default()
         })
     }
@@ -274,6 +305,11 @@ impl Task for TaskService {
         ctx: &TtrpcContext,
         _req: task_api::ShutdownRequest,
     ) -> TtrpcResult<Empty> {
+        if self.bound.is_some() {
+            // containerd sends Shutdown after each container's delete: the
+            // sandbox's task socket lives until the controller's Shutdown.
+            return Ok(Empty::new());
+        }
         let id = sandbox_id(ctx)?;
         // The shim exits on OK (and on NotFound): refuse while containers
         // remain, so that a pod's shim outlives its containers' deletes.

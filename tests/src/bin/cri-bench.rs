@@ -6,7 +6,10 @@
 //!     output is in its CRI log;
 //!     medians of `KUASAR_BENCH_RUNS` (default 5) after one warm-up run;
 //!   - RSS and PSS (/proc/PID/smaps_rollup) of the shims and of kuasar-vmm
-//!     with 5 pods of each handler running.
+//!     with 5 pods of each handler running;
+//!   - the zero-shim mode (handler `kuasar-vmm-zero`): the processes with 5
+//!     pods running (no shim, one kuasar-vmm, five QEMUs) and kuasar-vmm's
+//!     RSS/PSS then and with no pod (`KUASAR_BENCH_ZERO_ONLY=1`: only this).
 //!
 //! Run by scripts/bench.sh (`make bench`); needs `make build guest images`.
 use std::path::Path;
@@ -131,6 +134,65 @@ fn mem_row(b: &Bench, label: &str, name: &str) -> String {
     )
 }
 
+/// The zero-shim handler (kuasar-vmm as containerd's sandbox controller).
+const ZERO_HANDLER: &str = "kuasar-vmm-zero";
+
+/// kuasar-vmm's (RSS, PSS) in kB; its pid from the environment's processes.
+fn sandboxer_mem(b: &Bench) -> Result<(u64, u64), String> {
+    let p = procs::find(b.env.dir(), &[procs::SANDBOXER]);
+    let [one] = p.as_slice() else {
+        return Err(format!("{} kuasar-vmm processes, expected one", p.len()));
+    };
+    mem(one.pid).ok_or_else(|| format!("no smaps_rollup for kuasar-vmm {}", one.pid))
+}
+
+/// The zero-shim mode with MEMORY_PODS pods: what runs, and kuasar-vmm's
+/// memory with none and with them.
+fn zero_shim_memory(b: &Bench) -> Result<Vec<String>, String> {
+    let (idle_rss, idle_pss) = sandboxer_mem(b)?;
+    let mut pods = Vec::new();
+    let started = (|| {
+        for i in 0..MEMORY_PODS {
+            let name = b.env.unique_id(&format!("zero-{i}"));
+            let log_dir = b.env.dir().join("bench-logs").join(&name);
+            let _ = std::fs::create_dir_all(&log_dir);
+            let cfg = spec::pod(&name, &log_dir);
+            let id = b
+                .cri
+                .run_pod(&cfg, ZERO_HANDLER)
+                .map_err(|e| format!("RunPodSandbox ({ZERO_HANDLER}): {e}"))?;
+            pods.push(id.clone());
+            let c = spec::container("sleep", BUSYBOX, &["sleep", "3600"]);
+            b.cri
+                .create_container(&id, &c, &cfg)
+                .and_then(|cid| b.cri.start_container(&cid))
+                .map_err(|e| format!("container in {ZERO_HANDLER} pod {}: {e}", i + 1))?;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        let count = |name| procs::find(b.env.dir(), &[name]).len();
+        let (rss, pss) = sandboxer_mem(b)?;
+        Ok::<_, String>(vec![
+            format!(
+                "processes with {MEMORY_PODS} {ZERO_HANDLER} pods: containerd-shim-kuasar-vmm-v2 {}, kuasar-vmm {}, qemu-system-x86_64 {}",
+                count(procs::SHIM),
+                count(procs::SANDBOXER),
+                count(procs::QEMU)
+            ),
+            format!(
+                "kuasar-vmm with 0 pods: RSS {} MB, PSS {} MB; with {MEMORY_PODS} pods: RSS {} MB, PSS {} MB",
+                mb(idle_rss),
+                mb(idle_pss),
+                mb(rss),
+                mb(pss)
+            ),
+        ])
+    })();
+    for id in &pods {
+        let _ = b.cri.stop_and_remove_pod(id);
+    }
+    started
+}
+
 fn run() -> Result<(), String> {
     let runs: usize = std::env::var("KUASAR_BENCH_RUNS")
         .ok()
@@ -140,6 +202,13 @@ fn run() -> Result<(), String> {
     let env = Env::start(EnvOptions { sandboxer: true })?;
     let cri = Cri::connect(&env.address())?;
     let b = Bench { env, cri };
+    if std::env::var("KUASAR_BENCH_ZERO_ONLY").is_ok_and(|v| v == "1") {
+        println!("Zero-shim mode ({ZERO_HANDLER})");
+        for line in zero_shim_memory(&b)? {
+            println!("{line}");
+        }
+        return Ok(());
+    }
 
     // A handler that fails is reported as such; the others are still measured.
     let mut rows = Vec::new();
@@ -235,6 +304,15 @@ fn run() -> Result<(), String> {
     );
     for row in memory {
         println!("{row}");
+    }
+    println!();
+    println!("Zero-shim mode ({ZERO_HANDLER})");
+    match zero_shim_memory(&b) {
+        Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
+        Err(e) => {
+            notes.push(format!("{ZERO_HANDLER}: {e}"));
+            failed = true;
+        }
     }
     for n in notes {
         println!("FAILED: {n}");

@@ -1,0 +1,45 @@
+//! The zero-shim mode (`kuasar-vmm-zero`: kuasar-vmm is containerd's sandbox
+//! controller) across a containerd restart: the pod and its container are
+//! found again through the controller's Status and the sandbox's task
+//! socket, and still work. (The CRI suite covers the rest: cri.rs.)
+use kuasar_e2e::cri::proto::{ContainerState, PodSandboxState};
+use kuasar_e2e::cri::{spec, Cri};
+use kuasar_e2e::{Env, EnvOptions, BUSYBOX};
+
+const HANDLER: &str = "kuasar-vmm-zero";
+
+#[test]
+fn containerd_restart_finds_running_pods() {
+    let env = Env::start(EnvOptions { sandboxer: true }).expect("start the environment");
+    let cri = Cri::connect(&env.address()).expect("connect to CRI");
+    let name = env.unique_id("restart");
+    let log_dir = env.dir().join("pod-logs").join(&name);
+    std::fs::create_dir_all(&log_dir).unwrap();
+    let cfg = spec::pod(&name, &log_dir);
+    let pod = cri.run_pod(&cfg, HANDLER).expect("RunPodSandbox");
+    let c = spec::container("sleep", BUSYBOX, &["sleep", "3600"]);
+    let cid = cri
+        .create_container(&pod, &c, &cfg)
+        .expect("CreateContainer");
+    cri.start_container(&cid).expect("StartContainer");
+    assert_eq!(env.shim_count(), 0, "a shim runs in the zero-shim mode");
+
+    env.restart_containerd().expect("restart containerd");
+    let cri = Cri::connect(&env.address()).expect("reconnect to CRI");
+    let st = cri
+        .pod_status(&pod)
+        .expect("PodSandboxStatus after restart");
+    assert_eq!(st.state, PodSandboxState::SandboxReady as i32, "{st:?}");
+    let cs = cri
+        .container_status(&cid)
+        .expect("ContainerStatus after restart");
+    assert_eq!(cs.state, ContainerState::ContainerRunning as i32, "{cs:?}");
+    let r = cri
+        .exec_sync(&cid, &["echo", "still here"], 30)
+        .expect("ExecSync after restart");
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "still here\n");
+    assert_eq!(env.shim_count(), 0);
+    cri.stop_and_remove_pod(&pod)
+        .expect("remove the pod after restart");
+    assert_eq!(env.qemu_count(), 0, "the pod's VM outlived its removal");
+}
