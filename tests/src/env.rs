@@ -345,10 +345,18 @@ impl Env {
             .iter()
             .map(|p| format!("{} {}", p.pid, p.cmdline))
             .collect();
+        // The guests' consoles (the agent logs each request there).
+        let consoles: Vec<String> = fs::read_dir(self.dir.join("vmm"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| tail(e.path().join("console.log"), 15))
+            .collect();
         format!(
-            "{}\n{}\n--- processes of {} ---\n{}",
+            "{}\n{}\n{}\n--- processes of {} ---\n{}",
             tail(self.dir.join("kuasar-vmm.log"), 40),
             tail(self.dir.join("containerd.log"), 15),
+            consoles.join("\n"),
             self.dir.display(),
             procs.join("\n")
         )

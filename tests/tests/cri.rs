@@ -934,7 +934,7 @@ fn host_path_volumes(h: &Handler) {
     let r = h
         .cri
         .exec_sync(&c.id, &["sh", "-c", "echo x > /ro/new"], 30)
-        .expect("ExecSync");
+        .unwrap_or_else(|e| panic!("ExecSync: {e:?}\n{}", h.diag()));
     assert_ne!(r.exit_code, 0, "wrote to a read-only volume");
     assert!(!ro.join("new").exists());
 }

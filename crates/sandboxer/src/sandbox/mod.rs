@@ -363,11 +363,10 @@ impl Sandbox {
                 .wait_process(&process.container_id, &process.exec_id)
                 .await
             {
-                Ok(exit) => (
-                    exit.status,
-                    UNIX_EPOCH + Duration::from_nanos(exit.at_ns.max(0) as u64),
-                    exit.oom_killed,
-                ),
+                // The host's clock, not the guest's: a guest's wall clock
+                // starts from a one-second RTC and drifts under emulation,
+                // and containerd compares exit times with its own.
+                Ok(exit) => (exit.status, SystemTime::now(), exit.oom_killed),
                 Err(e) => {
                     tracing::warn!(
                         sandbox = %sandbox.info.id,
