@@ -104,6 +104,10 @@ imports = []
       [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.kuasar-vmm-zero]
         runtime_type = 'io.containerd.kuasar-vmm.v2'
         sandboxer = 'kuasar-vmm'
+      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.kuasar-vmm-zero-streaming]
+        runtime_type = 'io.containerd.kuasar-vmm.v2'
+        sandboxer = 'kuasar-vmm'
+        io_type = 'streaming'
     [plugins.'io.containerd.cri.v1.runtime'.cni]
       bin_dirs = ['/usr/lib/cni']
       conf_dir = '$DIR/cni/net.d'

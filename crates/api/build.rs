@@ -42,6 +42,9 @@ fn generate_grpc() {
         .expect("generate the sandbox controller server");
 }
 
+/// Services whose methods are all streaming (no blocking bindings).
+const ASYNC_ONLY: &[&str] = &["streaming"];
+
 fn main() {
     #[cfg(feature = "grpc")]
     generate_grpc();
@@ -62,6 +65,16 @@ fn main() {
         ("sandboxer", vec!["protos/sandboxer.proto".to_owned()]),
         ("sandbox", containerd),
         ("cri_pod", vec!["protos/cri_pod.proto".to_owned()]),
+        // containerd's streaming API (CRI io_type = "streaming"); the two
+        // files share a name, so each is its own module.
+        (
+            "streaming",
+            vec!["protos/containerd/services/streaming/v1/streaming.proto".to_owned()],
+        ),
+        (
+            "transfer",
+            vec!["protos/containerd/types/transfer/streaming.proto".to_owned()],
+        ),
     ] {
         for input in &inputs {
             println!("cargo:rerun-if-changed={input}");
@@ -80,8 +93,13 @@ fn main() {
         // The generated mod.rs names only the message module; add the services.
         let mod_rs = dir.join("mod.rs");
         let mut text = std::fs::read_to_string(&mod_rs).expect("read generated mod.rs");
+        // The blocking codegen has no streaming methods: a streaming-only
+        // service is async only.
+        if !ASYNC_ONLY.contains(&proto) {
+            text.push_str(&format!("pub mod {proto}_ttrpc;\n"));
+        }
         text.push_str(&format!(
-            "pub mod {proto}_ttrpc;\n#[cfg(feature = \"async\")]\npub mod {proto}_ttrpc_async;\n"
+            "#[cfg(feature = \"async\")]\npub mod {proto}_ttrpc_async;\n"
         ));
         std::fs::write(&mod_rs, text).expect("write generated mod.rs");
     }

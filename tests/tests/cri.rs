@@ -1078,3 +1078,4 @@ handler_suite!(runc, "runc");
 handler_suite!(kuasar_vmm, "kuasar-vmm");
 handler_suite!(kuasar_vmm_shim, "kuasar-vmm-shim");
 handler_suite!(kuasar_vmm_zero, "kuasar-vmm-zero");
+handler_suite!(kuasar_vmm_zero_streaming, "kuasar-vmm-zero-streaming");

@@ -35,6 +35,25 @@ pub mod cri {
     pub use cri_pod::*;
 }
 
+/// containerd's streaming API (`containerd.services.streaming.v1`, as of
+/// containerd 2.1): served by kuasar-vmm on a sandbox's task socket for CRI's
+/// `io_type = "streaming"`.
+pub mod streaming {
+    include!(concat!(env!("OUT_DIR"), "/streaming/mod.rs"));
+    pub use streaming::*;
+    /// `google.protobuf.Any`, where the generated service looks for it.
+    pub mod any {
+        pub use protobuf::well_known_types::any::Any;
+    }
+}
+
+/// The byte stream messages of containerd's streaming API
+/// (`containerd.types.transfer`: `Data`, `WindowUpdate`).
+pub mod transfer {
+    include!(concat!(env!("OUT_DIR"), "/transfer/mod.rs"));
+    pub use streaming::*;
+}
+
 /// containerd's Sandbox Controller gRPC API (`containerd.services.sandbox.v1`,
 /// as of containerd 2.1), served by kuasar-vmm for the zero-shim mode: the
 /// generated prost messages and the tonic server.

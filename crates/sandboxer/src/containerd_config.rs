@@ -24,6 +24,13 @@ pub fn render(config: &Config) -> String {
   runtime_type = "io.containerd.kuasar-vmm.v2"
   sandboxer = "{plugin}"
 
+# The same with process stdio over containerd's streaming API instead of fifos: containerd
+# dials the sandbox's task socket (containerd.services.streaming.v1.Streaming).
+[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.kuasar-vmm-zero-streaming]
+  runtime_type = "io.containerd.kuasar-vmm.v2"
+  sandboxer = "{plugin}"
+  io_type = "streaming"
+
 # shim mode: one shim per pod serves containerd's sandbox API; no pause container.
 [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.kuasar-vmm-shim]
   runtime_type = "io.containerd.kuasar-vmm.v2"
@@ -61,6 +68,11 @@ mod tests {
         }
         // It is TOML.
         let value: toml::Value = toml::from_str(&text).unwrap();
+        let runtimes = &value["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"];
+        assert_eq!(
+            runtimes["kuasar-vmm-zero-streaming"]["io_type"].as_str(),
+            Some("streaming")
+        );
         assert_eq!(
             value["proxy_plugins"]["kuasar-vmm"]["type"].as_str(),
             Some("sandbox")

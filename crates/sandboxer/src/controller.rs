@@ -18,6 +18,7 @@ use kuasar_api::grpc::types::{Metric, Platform};
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
+use crate::io::streaming::StreamingService;
 use crate::registry::Registry;
 use crate::sandbox::{Sandbox, SandboxInfo};
 use crate::sandbox_api::{self, STATE_NOT_READY, STATE_READY};
@@ -109,6 +110,13 @@ impl ControllerService {
         if let Some(v3) = kuasar_api::containerd::shim_async::create_task(service).remove(TASK_V2) {
             services.insert(TASK_V3.to_owned(), v3);
         }
+        // Process stdio for CRI's io_type = "streaming": containerd opens
+        // the streams on this address.
+        services.extend(
+            kuasar_api::streaming::streaming_ttrpc_async::create_streaming(Arc::new(
+                StreamingService::new(&id),
+            )),
+        );
         let mut server = ttrpc::r#async::Server::new()
             .set_domain_unix()
             .add_listener(listener.into_raw_fd())

@@ -1,5 +1,7 @@
-//! Moves a process's stdio between containerd's fifos on the host and the
-//! guest agent's stream calls.
+//! Moves a process's stdio between containerd's fifos on the host (or its
+//! streams, `streaming`) and the guest agent's stream calls.
+pub mod streaming;
+
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::Duration;
 
@@ -27,12 +29,27 @@ pub struct Pumps {
 }
 
 impl Pumps {
-    /// Starts copying the guest's stdout/stderr into the fifos and the stdin
-    /// fifo into the guest.
-    pub fn start(agent: &Agent, container_id: &str, exec_id: &str, stdio: &StdioPaths) -> Self {
+    /// Starts copying the guest's stdout/stderr into the fifos (or streams)
+    /// and the stdin fifo (or stream) into the guest.
+    pub fn start(
+        agent: &Agent,
+        sandbox_id: &str,
+        container_id: &str,
+        exec_id: &str,
+        stdio: &StdioPaths,
+    ) -> Self {
         let mut pumps = Pumps::default();
         for (path, stderr) in [(&stdio.stdout, false), (&stdio.stderr, true)] {
-            if !path.is_empty() {
+            if streaming::is_stream(path) {
+                pumps.outputs.push(tokio::spawn(streaming::copy_output(
+                    agent.clone(),
+                    sandbox_id.to_owned(),
+                    container_id.to_owned(),
+                    exec_id.to_owned(),
+                    path.clone(),
+                    stderr,
+                )));
+            } else if !path.is_empty() {
                 pumps.outputs.push(tokio::spawn(copy_output(
                     agent.clone(),
                     container_id.to_owned(),
@@ -42,7 +59,15 @@ impl Pumps {
                 )));
             }
         }
-        if !stdio.stdin.is_empty() {
+        if streaming::is_stream(&stdio.stdin) {
+            pumps.stdin = Some(tokio::spawn(streaming::copy_stdin(
+                agent.clone(),
+                sandbox_id.to_owned(),
+                container_id.to_owned(),
+                exec_id.to_owned(),
+                stdio.stdin.clone(),
+            )));
+        } else if !stdio.stdin.is_empty() {
             pumps.stdin_path = stdio.stdin.clone();
             pumps.stdin = Some(tokio::spawn(copy_stdin(
                 agent.clone(),
@@ -78,7 +103,9 @@ impl Pumps {
     pub fn stop_stdin(&mut self) {
         if let Some(task) = self.stdin.take() {
             task.abort();
-            unblock_open(&self.stdin_path);
+            if !self.stdin_path.is_empty() {
+                unblock_open(&self.stdin_path);
+            }
         }
     }
 

@@ -252,7 +252,7 @@ impl Sandbox {
         };
         let init = Process::new(&spec.id, "", spec.stdio.clone(), Vec::new());
         init.set_pid(pid);
-        *init.pumps.lock().await = Pumps::start(&agent, &spec.id, "", &spec.stdio);
+        *init.pumps.lock().await = Pumps::start(&agent, &self.info.id, &spec.id, "", &spec.stdio);
         let container = Arc::new(Container {
             id: spec.id.clone(),
             bundle: spec.bundle.clone(),
@@ -323,7 +323,8 @@ impl Sandbox {
                     ..Default::default()
                 })
                 .await?;
-            *process.pumps.lock().await = Pumps::start(&agent, id, exec_id, &process.stdio);
+            *process.pumps.lock().await =
+                Pumps::start(&agent, &self.info.id, id, exec_id, &process.stdio);
             pid
         };
         process.set_pid(pid);
