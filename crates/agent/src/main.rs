@@ -8,7 +8,6 @@ mod container;
 mod error;
 mod init;
 mod net;
-mod netlink;
 mod process;
 mod proxy;
 mod reaper;

@@ -15,7 +15,7 @@ use netlink_packet_route::route::{
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
 use crate::error::{Context, Error, Result};
-use crate::netlink::Netlink;
+use kuasar_netlink::Netlink;
 
 /// How long a NIC may take to show up after its driver is loaded.
 const NIC_TIMEOUT: Duration = Duration::from_secs(5);

@@ -7,7 +7,6 @@
 //! Everything that touches the namespace runs on a dedicated thread (see
 //! [`netns`]). The namespace itself belongs to CNI/containerd and is never
 //! removed here.
-mod netlink;
 mod netns;
 mod scan;
 mod tap;
@@ -25,7 +24,7 @@ use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::route::RouteMessage;
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
-use netlink::Netlink;
+use kuasar_netlink::Netlink;
 
 /// Suffix of the tap devices we create (`tap0_kuasar`, ...).
 pub const TAP_SUFFIX: &str = "_kuasar";

@@ -12,7 +12,7 @@ use netlink_packet_route::tc::{
 };
 use netlink_packet_route::RouteNetlinkMessage;
 
-use super::netlink::Netlink;
+use kuasar_netlink::Netlink;
 
 /// The ingress qdisc's handle, `ffff:`, which its filters name as parent.
 const INGRESS_HANDLE: u32 = 0xffff_0000;

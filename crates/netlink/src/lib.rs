@@ -1,5 +1,6 @@
 //! A blocking rtnetlink socket: one request at a time, answered by an ack or
-//! a dump. Meant for a worker thread that has entered a network namespace
+//! a dump; shared by kuasar-vmm (pod networks on the host) and kuasar-agent
+//! (the guest NIC). Meant for a thread that has entered a network namespace
 //! (the socket works in the namespace it was created in).
 use std::io;
 use std::time::Duration;
