@@ -419,6 +419,37 @@ fn host_network_pod(h: &Handler) {
     }
 }
 
+fn oversized_pod_is_refused(h: &Handler) {
+    if !h.vm {
+        eprintln!(
+            "SKIPPED oversized_pod_is_refused on {}: runc pods share the host's memory",
+            h.name
+        );
+        return;
+    }
+    // 1 PiB of memory: more than any host has.
+    let mut config = h.pod_config("huge");
+    if let Some(linux) = config.linux.as_mut() {
+        linux.resources = Some(LinuxContainerResources {
+            memory_limit_in_bytes: 1 << 50,
+            ..Default::default()
+        });
+    }
+    let err = match PodGuard::run(h.cri, config, h.name) {
+        Ok(pod) => panic!("a 1 PiB pod started on {}: {}", h.name, pod.id),
+        Err(e) => e,
+    };
+    let msg = err.message();
+    assert!(
+        msg.contains("MiB") && msg.contains("host has"),
+        "unclear error for an oversized pod: {err:?}"
+    );
+    let ok = cmd::wait_until(Duration::from_secs(30), || {
+        h.env.qemu_count() <= SHARED_PODS.lock().map(|p| p.len()).unwrap_or(0)
+    });
+    assert!(ok, "the refused pod left a VM\n{}", h.diag());
+}
+
 // --- containers ----------------------------------------------------------------------------
 
 fn container_lifecycle_status_and_logs(h: &Handler) {
@@ -1055,6 +1086,7 @@ macro_rules! handler_suite {
                 unknown_ids_give_not_found,
                 container_in_stopped_pod_is_refused,
                 host_network_pod,
+                oversized_pod_is_refused,
                 container_lifecycle_status_and_logs,
                 missing_image_is_a_clear_error,
                 exec_sync_output_exit_code_and_timeout,
