@@ -177,6 +177,13 @@ impl Config {
 
     /// Checks values and the files every sandbox needs.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_values()?;
+        self.check_files()
+    }
+
+    /// Checks the values alone, touching no file (what the fuzz target
+    /// drives after [`Config::parse`]).
+    pub fn validate_values(&self) -> Result<(), ConfigError> {
         let invalid = |field, reason: &str| ConfigError::Invalid {
             field,
             reason: reason.to_owned(),
@@ -244,14 +251,13 @@ impl Config {
                 "must be between 1 and 600",
             ));
         }
-        if self
-            .log_level
-            .parse::<tracing_subscriber::filter::EnvFilter>()
-            .is_err()
-        {
-            return Err(invalid("log_level", "is not a valid log filter"));
+        if log_filter(&self.log_level).is_none() {
+            return Err(invalid(
+                "log_level",
+                "is not a valid log filter (printable ASCII without spaces, at most 1024 bytes)",
+            ));
         }
-        self.check_files()
+        Ok(())
     }
 
     /// Checks that the hypervisor binary and the guest image exist; run at
@@ -270,6 +276,26 @@ impl Config {
     }
 }
 
+/// Longest log filter accepted (`log_level`, `KUASAR_LOG`).
+const MAX_LOG_FILTER: usize = 1024;
+
+/// Parses a tracing filter (`log_level`, `KUASAR_LOG`), `None` when invalid.
+/// Both limits were found by fuzz/fuzz_targets/config.rs:
+/// - only printable ASCII without spaces reaches tracing-subscriber: its
+///   directive parser (0.3.23) indexes the untrimmed text with offsets of the
+///   trimmed one and panics on a directive such as `" [\u{e9}]"`;
+/// - field values (`[span{field=value}]`) match literally, not as regexes:
+///   compiling a crafted one into a DFA takes seconds to minutes.
+pub fn log_filter(text: &str) -> Option<tracing_subscriber::EnvFilter> {
+    if text.len() > MAX_LOG_FILTER || !text.bytes().all(|b| b.is_ascii_graphic()) {
+        return None;
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .with_regex(false)
+        .parse(text)
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,6 +303,61 @@ mod tests {
     #[test]
     fn empty_file_gives_defaults() {
         assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn log_filters_that_panic_tracing_are_refused() {
+        // The fuzz target's crash, reduced: a directive with leading
+        // whitespace and a multi-byte character panicked in validate().
+        for text in [
+            " [\u{e9}]",
+            "info,\t[\u{1e373}]",
+            "info, debug",
+            "d\u{e9}bug",
+        ] {
+            assert!(log_filter(text).is_none(), "{text:?}");
+            let c = Config {
+                log_level: text.to_owned(),
+                ..Config::default()
+            };
+            assert!(matches!(
+                c.validate_values(),
+                Err(ConfigError::Invalid {
+                    field: "log_level",
+                    ..
+                })
+            ));
+        }
+        assert!(log_filter(&"a".repeat(MAX_LOG_FILTER + 1)).is_none());
+        // The fuzz target's timeout: as a regex, this field value took over
+        // 10 s to compile; as a literal it parses at once.
+        let slow = r#",,2,hnc,[i7c={m)oRRRRRRRSSSsd=0o~~~~~~~~~~~~~~~.......................................................................;0kSS}r`tate_^^^dirinevd_tk$,,,0,,i="#;
+        let started = std::time::Instant::now();
+        let _ = log_filter(slow);
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        for text in [
+            "",
+            "info",
+            "info,kuasar_vmm=debug",
+            "warn,[sandbox{id=x}]=trace",
+        ] {
+            assert!(log_filter(text).is_some(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn value_checks_touch_no_file() {
+        let mut c = Config::parse("image_dir = \"/nonexistent-kuasar-image\"").unwrap();
+        c.validate_values().unwrap();
+        assert!(matches!(c.validate(), Err(ConfigError::Missing { .. })));
+        c.qemu.vcpus = 0;
+        assert!(matches!(
+            c.validate_values(),
+            Err(ConfigError::Invalid {
+                field: "qemu.vcpus",
+                ..
+            })
+        ));
     }
 
     #[test]

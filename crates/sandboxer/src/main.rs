@@ -30,8 +30,11 @@ fn main() -> ExitCode {
         print!("{}", kuasar_vmm::containerd_config::render(&config));
         return ExitCode::SUCCESS;
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KUASAR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
+    let filter = std::env::var("KUASAR_LOG")
+        .ok()
+        .and_then(|text| kuasar_vmm::config::log_filter(&text))
+        .or_else(|| kuasar_vmm::config::log_filter(&config.log_level))
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -1,6 +1,6 @@
 //! The persisted record of one sandbox: its own versioned type, separate
 //! from the live object, written atomically.
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -89,14 +89,26 @@ impl SandboxRecord {
         if meta.len() > MAX_RECORD {
             return Err(StateError::TooLarge { path: shown });
         }
-        let data = std::fs::read(&path).map_err(|source| StateError::Read {
-            path: shown.clone(),
-            source,
-        })?;
+        // Read at most one byte past the limit: a file growing after the
+        // metadata check is still refused by `parse`.
+        let mut data = Vec::new();
+        std::fs::File::open(&path)
+            .and_then(|f| f.take(MAX_RECORD + 1).read_to_end(&mut data))
+            .map_err(|source| StateError::Read {
+                path: shown.clone(),
+                source,
+            })?;
         Self::parse(&data, &shown)
     }
 
-    fn parse(data: &[u8], shown: &str) -> Result<Self, StateError> {
+    /// Parses the contents of a state file (`shown` names it in errors):
+    /// pure, bounded, and what [`SandboxRecord::load`] uses.
+    pub fn parse(data: &[u8], shown: &str) -> Result<Self, StateError> {
+        if data.len() as u64 > MAX_RECORD {
+            return Err(StateError::TooLarge {
+                path: shown.to_owned(),
+            });
+        }
         #[derive(Deserialize)]
         struct Versioned {
             version: u32,
@@ -157,5 +169,18 @@ mod tests {
             SandboxRecord::parse(v2, "f"),
             Err(StateError::Version { found: 2, .. })
         ));
+    }
+
+    #[test]
+    fn oversized_input_is_refused_without_parsing() {
+        let mut big = serde_json::to_vec(&record()).unwrap();
+        big.resize(MAX_RECORD as usize + 1, b' ');
+        assert!(matches!(
+            SandboxRecord::parse(&big, "f"),
+            Err(StateError::TooLarge { .. })
+        ));
+        // The limit itself is fine: trailing whitespace is valid JSON.
+        big.truncate(MAX_RECORD as usize);
+        assert_eq!(SandboxRecord::parse(&big, "f").unwrap(), record());
     }
 }
