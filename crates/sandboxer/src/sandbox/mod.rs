@@ -27,7 +27,12 @@ use crate::vmm::{Vmm, GUEST_SHARED_DIR};
 /// Largest OCI spec (config.json) accepted from a bundle.
 const MAX_SPEC: u64 = 4 << 20;
 /// How long an exited process's output may still take to arrive.
-const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
+/// After it, output copies still running are stopped (their fifos closed):
+/// long enough that a loaded machine still delivers all of it (with 2 s, an
+/// Exec through CRI's streaming server once lost its output under a full
+/// test run), short enough that a stream the guest never ends does not hang
+/// an ExecSync for long.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(10);
 
 /// Who a sandbox belongs to, as the shim registered it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
