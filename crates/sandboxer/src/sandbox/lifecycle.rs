@@ -107,15 +107,7 @@ impl Sandbox {
             return Ok(());
         };
         self.stopping.store(true, Ordering::SeqCst);
-        let containers: Vec<_> = self.containers().values().cloned().collect();
-        for c in &containers {
-            for p in c.all_processes() {
-                p.pumps.lock().await.abort();
-                if matches!(p.state(), ProcState::Running | ProcState::Created) {
-                    self.report_exit(&p, 137, SystemTime::now()).await;
-                }
-            }
-        }
+        self.report_all_killed().await;
         *self.agent.write().unwrap_or_else(|p| p.into_inner()) = None;
         self.mark_exited(0);
         if let Err(e) = v.stop(grace).await {

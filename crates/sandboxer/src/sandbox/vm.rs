@@ -283,15 +283,7 @@ impl Sandbox {
         tracing::error!(sandbox = %self.info.id, ?exit, "the VM exited unexpectedly");
         self.mark_exited(255);
         *self.agent.write().unwrap_or_else(|p| p.into_inner()) = None;
-        let containers: Vec<_> = self.containers().values().cloned().collect();
-        for c in &containers {
-            for p in c.all_processes() {
-                p.pumps.lock().await.abort();
-                if matches!(p.state(), ProcState::Running | ProcState::Created) {
-                    self.report_exit(&p, 137, SystemTime::now()).await;
-                }
-            }
-        }
+        self.report_all_killed().await;
         self.detach_net(None).await;
         // Keep state.json and the logs until containerd deletes the sandbox;
         // the mounts, the shared directory and the sockets go now.
@@ -308,6 +300,20 @@ impl Sandbox {
             if let Err(e) = res {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     tracing::warn!(path = %path.display(), "release: {e}");
+                }
+            }
+        }
+    }
+
+    /// Stops every process's output copies and reports the processes not
+    /// yet exited as killed (137): the VM they ran in is gone.
+    pub(super) async fn report_all_killed(&self) {
+        let containers: Vec<_> = self.containers().values().cloned().collect();
+        for c in &containers {
+            for p in c.all_processes() {
+                p.pumps.lock().await.abort();
+                if matches!(p.state(), ProcState::Running | ProcState::Created) {
+                    self.report_exit(&p, 137, SystemTime::now()).await;
                 }
             }
         }
