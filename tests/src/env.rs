@@ -171,6 +171,26 @@ impl Env {
         Ok(())
     }
 
+    /// Ends kuasar-vmm with `signal`, leaving its VMs running, waits `gap`,
+    /// and starts it again with the same configuration.
+    pub fn restart_sandboxer(&self, signal: i32, gap: Duration) -> Result<(), String> {
+        let mut slot = lock(&self.sandboxer);
+        let Some(mut old) = slot.take() else {
+            return Err("kuasar-vmm is not running".into());
+        };
+        old.end_keeping_vms(signal)?;
+        let config = old.config.clone();
+        drop(old);
+        std::thread::sleep(gap);
+        *slot = Some(Sandboxer::start(&self.dir, config)?);
+        Ok(())
+    }
+
+    /// The running kuasar-vmm's pid.
+    pub fn sandboxer_pid(&self) -> Option<i32> {
+        lock(&self.sandboxer).as_ref().and_then(Sandboxer::pid)
+    }
+
     /// Stops kuasar-vmm (and any QEMU of its state dir).
     pub fn stop_sandboxer(&self) {
         if let Some(mut s) = lock(&self.sandboxer).take() {

@@ -122,6 +122,9 @@ pub struct Sandboxer {
     pub config: SandboxerConfig,
     pub log: PathBuf,
     pid_file: PathBuf,
+    /// Set once it was ended on purpose with its VMs left running (a
+    /// restart): dropping it then leaves them to the next kuasar-vmm.
+    keep_vms: bool,
 }
 
 impl Sandboxer {
@@ -154,6 +157,7 @@ impl Sandboxer {
             config,
             log,
             pid_file,
+            keep_vms: false,
         };
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -209,6 +213,27 @@ impl Sandboxer {
         self.log_since(0)
     }
 
+    /// Ends kuasar-vmm with `signal` (SIGKILL: a crash; SIGTERM: a clean
+    /// stop) and waits for it to exit, leaving its VMs running.
+    pub fn end_keeping_vms(&mut self, signal: i32) -> Result<(), String> {
+        let Some(mut child) = self.child.take() else {
+            return Err("kuasar-vmm is not running".into());
+        };
+        procs::signal(child.id() as i32, signal);
+        let gone = cmd::wait_until(STOP_GRACE, || matches!(child.try_wait(), Ok(Some(_))));
+        if !gone {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "kuasar-vmm did not exit within {STOP_GRACE:?} of signal {signal}"
+            ));
+        }
+        let _ = child.wait();
+        let _ = fs::remove_file(&self.pid_file);
+        self.keep_vms = true;
+        Ok(())
+    }
+
     /// SIGTERM, SIGKILL after a grace period; kills QEMUs of its state dir.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -222,7 +247,9 @@ impl Sandboxer {
             let _ = child.wait();
         }
         let _ = fs::remove_file(&self.pid_file);
-        procs::kill_all(&self.config.state_dir, &[procs::QEMU]);
+        if !self.keep_vms {
+            procs::kill_all(&self.config.state_dir, &[procs::QEMU]);
+        }
     }
 }
 

@@ -133,8 +133,30 @@ impl ControllerService {
             // A concurrent Start got there first (cannot bind twice: it bound).
             return Ok(format!("ttrpc+unix://{}", other.path.display()));
         }
-        tasks.insert(id, TaskSocket { path, server });
+        tasks.insert(
+            id,
+            TaskSocket {
+                path: path.clone(),
+                server,
+            },
+        );
+        drop(tasks);
+        sandbox.set_task_socket(Some(path.display().to_string()));
         Ok(address)
+    }
+
+    /// Serves again the task sockets of the sandboxes an earlier run of the
+    /// sandboxer served and that were taken back running (containerd
+    /// reconnects to the same address).
+    pub async fn resume_task_sockets(&self) {
+        for sandbox in self.registry.all() {
+            if sandbox.task_socket().is_none() || !sandbox.is_running() {
+                continue;
+            }
+            if let Err(e) = self.serve_tasks(&sandbox).await {
+                tracing::error!(sandbox = %sandbox.info.id, "{}", crate::error::chain(&e));
+            }
+        }
     }
 
     /// Stops serving a sandbox's task socket and removes it.

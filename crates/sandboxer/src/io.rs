@@ -12,7 +12,8 @@ use tokio::task::JoinHandle;
 use crate::agent::Agent;
 
 /// The fifo paths containerd handed over for one process.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StdioPaths {
     pub stdin: String,
     pub stdout: String,

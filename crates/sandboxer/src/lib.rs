@@ -82,16 +82,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let socket = config.socket.clone();
     let grpc_socket = config.grpc_socket.clone();
     let host = Arc::new(host::Host::new(config));
-    let cleaned = recovery::clean_all(&host.config.state_dir, &host.publisher).await;
+    // Recovery comes before the sockets are bound: nothing is served, and
+    // readiness is not reported, until every sandbox is back or cleaned.
+    let recovered = recovery::recover_all(&host).await;
     let registry = Arc::new(Registry::new(host));
-    if !cleaned.is_empty() {
-        tracing::warn!(
-            cleaned = cleaned.len(),
-            "sandboxes of an earlier run were stopped; their containers are reported exited"
-        );
-    }
-    for record in cleaned {
-        registry.insert_stopped(record);
+    tracing::info!(
+        adopted = recovered.adopted.len(),
+        stopped = recovered.stopped.len(),
+        unreadable = recovered.unreadable,
+        "recovery done"
+    );
+    for sandbox in recovered.adopted.into_iter().chain(recovered.stopped) {
+        registry.insert(sandbox);
     }
     let listener = bind(&socket)?;
     let sandboxer = service::SandboxerService::new(registry.clone());
@@ -117,6 +119,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let grpc_listener =
         tokio::net::UnixListener::from_std(grpc_listener).context("serve the gRPC socket")?;
     let controller = Arc::new(controller::ControllerService::new(registry.clone()));
+    controller.resume_task_sockets().await;
     let grpc = tokio::spawn(controller::serve(grpc_listener, controller.clone()));
     tracing::info!(
         socket = %socket.display(),

@@ -22,14 +22,16 @@ pub const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
 
 /// The pod's resources as CRI states them: the sum of its containers'
 /// limits (0 = none given).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PodResources {
     pub cpu_period: u64,
     pub cpu_quota: i64,
     pub memory_limit_bytes: u64,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PodConfig {
     /// The network namespace CNI set up; None when the pod has no network
     /// of its own (plain `ctr run`).

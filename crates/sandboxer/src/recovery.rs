@@ -1,77 +1,129 @@
-//! What the sandboxer finds of earlier runs at start-up. Sandboxes are not
-//! yet re-adopted after a restart: each one left behind is reported, its VMM
-//! stopped, its directory removed, and its containers' exits published; the
-//! caller keeps the sandbox registered with its containers stopped, so that
-//! containerd can still query and delete them and the shim can exit.
+//! What the sandboxer finds of earlier runs at start-up, before it serves
+//! anything. A sandbox whose VMM still runs is taken back (its containers go
+//! on, containerd notices nothing). One whose VMM is gone is cleaned: its
+//! directory removed, its containers not yet exited reported exited, and it
+//! stays registered, stopped, so that containerd can still query and delete
+//! it. A directory whose state cannot be read is reported, its VMM (when
+//! its pid file names one of ours) stopped, and removed; the rest recover.
 use std::path::Path;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use kuasar_api::containerd::events::task::TaskExit;
 use kuasar_api::containerd::topics::TASK_EXIT_EVENT_TOPIC;
 
-use crate::events::{timestamp, Publisher};
-use crate::state::SandboxRecord;
+use crate::events::timestamp;
+use crate::host::Host;
+use crate::sandbox::Sandbox;
+use crate::state::{ProcRecord, SandboxRecord};
 
-/// Exit status reported for a container whose VM was stopped at recovery.
+/// Exit status reported for a container whose VM was gone at recovery.
 pub const LOST_EXIT_STATUS: u32 = 255;
 
-/// Cleans every sandbox directory under `state_dir`; returns the records of
-/// those whose state was readable.
-pub async fn clean_all(state_dir: &Path, publisher: &Publisher) -> Vec<SandboxRecord> {
-    let Ok(entries) = std::fs::read_dir(state_dir) else {
-        return Vec::new();
+/// What recovery found.
+#[derive(Default)]
+pub struct Recovered {
+    /// Sandboxes whose VM runs on, taken back.
+    pub adopted: Vec<Arc<Sandbox>>,
+    /// Sandboxes whose VM is gone, their containers stopped.
+    pub stopped: Vec<Arc<Sandbox>>,
+    /// Directories removed because their state could not be read.
+    pub unreadable: usize,
+}
+
+/// Recovers every sandbox directory under the host's state directory.
+pub async fn recover_all(host: &Arc<Host>) -> Recovered {
+    let mut found = Recovered::default();
+    let Ok(entries) = std::fs::read_dir(&host.config.state_dir) else {
+        return found;
     };
-    let mut records = Vec::new();
     for entry in entries.flatten() {
         if !entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
             continue;
         }
-        let Some(record) = clean_leftover(&entry.path()) else {
+        let dir = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // The zero-shim mode's short task socket paths live under `t/`.
+        if name == "t" {
             continue;
-        };
-        for c in &record.containers {
-            let exit = TaskExit {
-                container_id: c.id.clone(),
-                id: c.id.clone(),
-                pid: c.pid,
-                exit_status: LOST_EXIT_STATUS,
-                exited_at: Some(timestamp(SystemTime::now())).into(),
-                ..Default::default()
-            };
-            publisher
-                .publish(
-                    &record.ttrpc_address,
-                    &record.namespace,
-                    TASK_EXIT_EVENT_TOPIC,
-                    exit,
-                )
-                .await;
         }
-        records.push(record);
+        let record = match SandboxRecord::load(&dir) {
+            Ok(r) if r.id == name && crate::container::validate_id("sandbox", &r.id).is_ok() => r,
+            Ok(r) => {
+                tracing::error!(sandbox = %name, recorded = %r.id, "sandbox state names another sandbox; cleaning the directory");
+                clean_leftover(&dir);
+                found.unreadable += 1;
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(sandbox = %name, "unreadable sandbox state, cleaning the directory: {}", crate::error::chain(&e));
+                clean_leftover(&dir);
+                found.unreadable += 1;
+                continue;
+            }
+        };
+        let alive = record.vmm_pid.filter(|&pid| is_our_vmm(pid, &record.id));
+        if let Some(pid) = alive {
+            match Sandbox::adopt(host.clone(), record.clone(), pid).await {
+                Ok(sandbox) => {
+                    tracing::info!(sandbox = %record.id, vmm_pid = pid, containers = record.containers.len(), "sandbox re-adopted");
+                    found.adopted.push(sandbox);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(sandbox = %record.id, vmm_pid = pid, "cannot take the sandbox back, stopping it: {}", crate::error::chain(&e))
+                }
+            }
+        } else if !record.containers.is_empty() || record.vmm_pid.is_some() {
+            tracing::warn!(sandbox = %record.id, "the sandbox's VM is gone");
+        }
+        clean_leftover(&dir);
+        report_lost(host, &record).await;
+        found
+            .stopped
+            .push(Sandbox::stopped(host.clone(), record, LOST_EXIT_STATUS));
     }
-    records
+    found
+}
+
+/// Publishes the exit of every container of `record` not yet exited.
+async fn report_lost(host: &Host, record: &SandboxRecord) {
+    for c in &record.containers {
+        if matches!(c.state, ProcRecord::Exited { .. }) {
+            continue;
+        }
+        let exit = TaskExit {
+            container_id: c.id.clone(),
+            id: c.id.clone(),
+            pid: c.pid,
+            exit_status: LOST_EXIT_STATUS,
+            exited_at: Some(timestamp(SystemTime::now())).into(),
+            ..Default::default()
+        };
+        host.publisher
+            .publish(
+                &record.ttrpc_address,
+                &record.namespace,
+                TASK_EXIT_EVENT_TOPIC,
+                exit,
+            )
+            .await;
+    }
 }
 
 /// Stops the VMM a sandbox directory names (when it still runs and really is
-/// that sandbox's QEMU) and removes the directory. Returns the sandbox's
-/// record when it was readable.
-pub fn clean_leftover(dir: &Path) -> Option<SandboxRecord> {
+/// that sandbox's QEMU) and removes the directory, mounts included. The
+/// network a pod's VM took over goes with the pod's netns.
+pub fn clean_leftover(dir: &Path) {
     let id = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let record = match SandboxRecord::load(dir) {
-        Ok(record) => {
-            if let Some(pid) = record.vmm_pid {
-                kill_vmm(pid, &id);
-            }
-            Some(record)
+    if let Ok(record) = SandboxRecord::load(dir) {
+        if let Some(pid) = record.vmm_pid {
+            kill_vmm(pid, &id);
         }
-        Err(e) => {
-            tracing::warn!(sandbox = %id, "unreadable sandbox state: {}", crate::error::chain(&e));
-            None
-        }
-    };
+    }
     // A VMM that started but never got its state recorded.
     if let Some(pid) = std::fs::read_to_string(dir.join("qemu.pid"))
         .ok()
@@ -83,13 +135,18 @@ pub fn clean_leftover(dir: &Path) -> Option<SandboxRecord> {
         Ok(()) => tracing::warn!(sandbox = %id, "removed a sandbox left by an earlier run"),
         Err(e) => tracing::error!(sandbox = %id, "remove {}: {e}", dir.display()),
     }
-    record
+}
+
+/// True when `pid` runs the QEMU of sandbox `id` (its command line carries
+/// the VM's name): a recycled pid is never mistaken for it.
+fn is_our_vmm(pid: u32, id: &str) -> bool {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let marker = format!("kuasar-{id},");
+    String::from_utf8_lossy(&cmdline).contains(&marker)
 }
 
 fn kill_vmm(pid: u32, id: &str) {
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let marker = format!("kuasar-{id},");
-    if String::from_utf8_lossy(&cmdline).contains(&marker) {
+    if is_our_vmm(pid, id) {
         tracing::warn!(sandbox = %id, pid, "stopping a VMM left by an earlier run");
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),

@@ -45,14 +45,14 @@ impl Registry {
         Ok(sandbox)
     }
 
-    /// Registers a sandbox of an earlier run whose VM is gone, with its
-    /// containers stopped, so that containerd can delete them.
-    pub fn insert_stopped(&self, record: crate::state::SandboxRecord) {
-        if validate_id("sandbox", &record.id).is_err() {
-            return;
-        }
-        let sandbox = Sandbox::stopped(self.host.clone(), record);
+    /// Registers a sandbox recovered from an earlier run.
+    pub fn insert(&self, sandbox: Arc<Sandbox>) {
         self.map().insert(sandbox.info.id.clone(), sandbox);
+    }
+
+    /// Every sandbox, in no particular order.
+    pub fn all(&self) -> Vec<Arc<Sandbox>> {
+        self.map().values().cloned().collect()
     }
 
     pub fn get(&self, id: &str) -> Result<Arc<Sandbox>> {
@@ -72,7 +72,7 @@ impl Registry {
             None => {
                 let dir = self.host.config.state_dir.join(id);
                 if dir.exists() {
-                    let _ = crate::recovery::clean_leftover(&dir);
+                    crate::recovery::clean_leftover(&dir);
                 }
             }
         }

@@ -6,12 +6,17 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 /// Version of [`SandboxRecord`]'s layout; bump on any incompatible change.
-pub const RECORD_VERSION: u32 = 1;
+/// Version 1 (no stdio, no pod, no process states) cannot be re-adopted:
+/// such a sandbox is stopped and cleaned at recovery.
+pub const RECORD_VERSION: u32 = 2;
 pub const RECORD_FILE: &str = "state.json";
 /// Largest state file read back.
 const MAX_RECORD: u64 = 1 << 20;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+/// What a restarted sandboxer needs to take a running sandbox back: who it
+/// belongs to, its VMM and agent, the pod, the network it took over, and
+/// every container with its stdio and state.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct SandboxRecord {
     pub version: u32,
@@ -21,18 +26,61 @@ pub struct SandboxRecord {
     pub ttrpc_address: String,
     /// The VMM's pid, once it runs.
     pub vmm_pid: Option<u32>,
+    /// Where the guest agent is reached (empty before the VM booted).
+    #[serde(default)]
+    pub agent_address: String,
     /// Seconds since the Unix epoch.
     pub created_at: u64,
+    /// Driven through containerd's sandbox API (shim or zero-shim mode).
+    #[serde(default)]
+    pub managed: bool,
+    /// The zero-shim mode's per-sandbox task socket, while it is served.
+    #[serde(default)]
+    pub task_socket: Option<String>,
+    /// The Kubernetes pod, once known.
+    #[serde(default)]
+    pub pod: Option<crate::pod::PodConfig>,
+    /// The pod network handed to the VM.
+    #[serde(default)]
+    pub net: Option<NetRecord>,
     /// The sandbox's containers, by id.
     pub containers: Vec<ContainerRecord>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetRecord {
+    pub netns: String,
+    /// (tap device, pod interface) pairs in the netns.
+    pub links: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ContainerRecord {
     pub id: String,
     /// The init process's pid (in the guest).
     pub pid: u32,
+    #[serde(default)]
+    pub bundle: String,
+    #[serde(default)]
+    pub stdio: crate::io::StdioPaths,
+    #[serde(default)]
+    pub state: ProcRecord,
+}
+
+/// A process's state as last recorded.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum ProcRecord {
+    #[default]
+    Created,
+    Running,
+    /// Exit status and time (nanoseconds since the Unix epoch).
+    Exited {
+        status: u32,
+        at_ns: u64,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,10 +190,31 @@ mod tests {
             bundle: "/b".into(),
             ttrpc_address: "/run/containerd/containerd.sock.ttrpc".into(),
             vmm_pid: Some(42),
+            agent_address: "unix:///run/sb/agent.sock".into(),
             created_at: 1,
+            managed: true,
+            task_socket: None,
+            pod: Some(crate::pod::PodConfig {
+                netns: Some("/var/run/netns/cni-1".into()),
+                hostname: "pod".into(),
+                ..Default::default()
+            }),
+            net: Some(NetRecord {
+                netns: "/var/run/netns/cni-1".into(),
+                links: vec![("tap0_kuasar".into(), "eth0".into())],
+            }),
             containers: vec![ContainerRecord {
                 id: "c1".into(),
                 pid: 7,
+                bundle: "/b/c1".into(),
+                stdio: crate::io::StdioPaths {
+                    stdout: "/run/fifo/c1-stdout".into(),
+                    ..Default::default()
+                },
+                state: ProcRecord::Exited {
+                    status: 137,
+                    at_ns: 5,
+                },
             }],
         }
     }
@@ -164,10 +233,10 @@ mod tests {
             SandboxRecord::parse(b"{not json", "f"),
             Err(StateError::Parse { .. })
         ));
-        let v2 = br#"{"version": 2, "id": "x"}"#;
+        let v1 = br#"{"version": 1, "id": "x"}"#;
         assert!(matches!(
-            SandboxRecord::parse(v2, "f"),
-            Err(StateError::Version { found: 2, .. })
+            SandboxRecord::parse(v1, "f"),
+            Err(StateError::Version { found: 1, .. })
         ));
     }
 

@@ -125,6 +125,14 @@ impl NetAttachment {
     pub fn interfaces(&self) -> impl Iterator<Item = &PodInterface> {
         self.nics.iter().map(|n| &n.interface)
     }
+
+    /// (tap, pod interface) name pairs, what [`release`] needs.
+    pub fn links(&self) -> Vec<(String, String)> {
+        self.nics
+            .iter()
+            .map(|n| (n.tap_name.clone(), n.interface.name.clone()))
+            .collect()
+    }
 }
 
 /// The name of the tap for the pod's `n`th interface.
@@ -140,21 +148,25 @@ pub async fn attach(netns: &Path) -> Result<NetAttachment, NetError> {
 /// Removes what [`attach`] added to the namespace (the taps, the ingress
 /// qdiscs with their filters) and closes the taps.
 pub async fn detach(attachment: NetAttachment) -> Result<(), NetError> {
+    let links = attachment.links();
     let NetAttachment { netns, nics, .. } = attachment;
-    let names: Vec<(String, String)> = nics
-        .iter()
-        .map(|n| (n.tap_name.clone(), n.interface.name.clone()))
-        .collect();
-    let res = netns::run_in(&netns, NETNS_TIMEOUT, move |netns| {
+    let res = release(&netns, links).await;
+    drop(nics);
+    res
+}
+
+/// Removes the taps (with the pod interfaces' redirects) named by `links`,
+/// (tap, pod interface) pairs, from `netns`: [`detach`] for a pod whose
+/// attachment an earlier run of the sandboxer made.
+pub async fn release(netns: &Path, links: Vec<(String, String)>) -> Result<(), NetError> {
+    netns::run_in(netns, NETNS_TIMEOUT, move |netns| {
         let mut nl = open(netns)?;
-        for (tap, pod_if) in &names {
+        for (tap, pod_if) in &links {
             remove(&mut nl, netns, tap, pod_if)?;
         }
         Ok(())
     })
-    .await;
-    drop(nics);
-    res
+    .await
 }
 
 fn step(netns: &Path, op: impl Into<String>) -> impl FnOnce(io::Error) -> NetError {

@@ -1,4 +1,5 @@
 //! One sandbox: its VM, its agent connection, its containers.
+mod adopt;
 mod lifecycle;
 mod vm;
 
@@ -21,7 +22,6 @@ use crate::host::Host;
 use crate::io::{Pumps, StdioPaths};
 use crate::mount::{self, MountSpec};
 use crate::pod::{self, PodConfig};
-use crate::state::{ContainerRecord, SandboxRecord, RECORD_VERSION};
 use crate::vmm::{Vmm, GUEST_SHARED_DIR};
 
 /// Largest OCI spec (config.json) accepted from a bundle.
@@ -84,18 +84,30 @@ pub struct Sandbox {
     exit: tokio::sync::watch::Sender<Option<(u32, SystemTime)>>,
     /// The pod's network as attached to the VM (pods with a netns only).
     net: Mutex<Option<crate::net::NetAttachment>>,
+    /// The pod's network as an earlier run of the sandboxer attached it
+    /// (an adopted sandbox: QEMU holds the taps, we know their names).
+    adopted_net: Mutex<Option<crate::state::NetRecord>>,
+    /// Where the guest agent is reached, once the VM runs.
+    agent_address: Mutex<String>,
+    /// The zero-shim task socket, while it is served.
+    task_socket: Mutex<Option<String>>,
 }
 
 impl Sandbox {
     pub fn new(host: Arc<Host>, info: SandboxInfo) -> Arc<Self> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        Self::created_at(host, info, now)
+    }
+
+    fn created_at(host: Arc<Host>, info: SandboxInfo, created_at: u64) -> Arc<Self> {
         Arc::new(Sandbox {
             dir: host.config.state_dir.join(&info.id),
             info,
             host,
-            created_at: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs(),
+            created_at,
             vm: tokio::sync::Mutex::new(None),
             agent: RwLock::new(None),
             vmm_pid: std::sync::atomic::AtomicU32::new(0),
@@ -106,36 +118,10 @@ impl Sandbox {
             managed: std::sync::atomic::AtomicBool::new(false),
             exit: tokio::sync::watch::channel(None).0,
             net: Mutex::new(None),
+            adopted_net: Mutex::new(None),
+            agent_address: Mutex::new(String::new()),
+            task_socket: Mutex::new(None),
         })
-    }
-
-    /// A sandbox of an earlier run whose VM is gone: its containers are
-    /// known, stopped, and can only be deleted.
-    pub fn stopped(host: Arc<Host>, record: SandboxRecord) -> Arc<Self> {
-        let sandbox = Sandbox::new(
-            host,
-            SandboxInfo {
-                id: record.id.clone(),
-                namespace: record.namespace,
-                bundle: record.bundle.clone(),
-                ttrpc_address: record.ttrpc_address,
-            },
-        );
-        let now = SystemTime::now();
-        for c in record.containers {
-            let init = Process::new(&c.id, "", StdioPaths::default(), Vec::new());
-            init.set_pid(c.pid);
-            init.set_exited(crate::recovery::LOST_EXIT_STATUS, now);
-            let container = Arc::new(Container {
-                id: c.id.clone(),
-                bundle: record.bundle.clone(),
-                dir: sandbox.dir.join("shared").join(&c.id),
-                init,
-                execs: Mutex::new(HashMap::new()),
-            });
-            sandbox.containers().insert(c.id, container);
-        }
-        sandbox
     }
 
     /// Records the pod this sandbox runs; the VM boots to its measure.
@@ -258,6 +244,7 @@ impl Sandbox {
         let init = Process::new(&spec.id, "", spec.stdio.clone(), Vec::new());
         init.set_pid(pid);
         *init.pumps.lock().await = Pumps::start(&agent, &self.info.id, &spec.id, "", &spec.stdio);
+        self.hold_stdio(&spec.id, &spec.stdio).await;
         let container = Arc::new(Container {
             id: spec.id.clone(),
             bundle: spec.bundle.clone(),
@@ -334,6 +321,9 @@ impl Sandbox {
         };
         process.set_pid(pid);
         process.set_running();
+        if exec_id.is_empty() {
+            self.save_record();
+        }
         self.spawn_waiter(agent, process.clone());
         if exec_id.is_empty() {
             self.publish(
@@ -384,6 +374,9 @@ impl Sandbox {
                 }
             };
             process.pumps.lock().await.drain(OUTPUT_DRAIN).await;
+            if process.exec_id.is_empty() {
+                sandbox.release_stdio(&process.container_id).await;
+            }
             if oom && process.exec_id.is_empty() && process.state() == ProcState::Running {
                 // containerd's CRI marks the container OOMKilled when this
                 // event comes before the exit (as runc's shim sends it).
@@ -405,6 +398,11 @@ impl Sandbox {
     async fn report_exit(&self, process: &Process, status: u32, at: SystemTime) {
         if !process.set_exited(status, at) {
             return;
+        }
+        if process.exec_id.is_empty() && !self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            // Recorded before containerd hears of it: a restarted sandboxer
+            // must not report this exit a second time.
+            self.save_record();
         }
         tracing::info!(sandbox = %self.info.id, container = %process.container_id, exec = %process.exec_id, status, "process exited");
         self.publish(
@@ -546,6 +544,7 @@ impl Sandbox {
         for process in c.all_processes() {
             process.pumps.lock().await.abort();
         }
+        self.release_stdio(id).await;
         if let Err(e) = mount::remove_dir(&c.dir) {
             tracing::warn!(dir = %c.dir.display(), "remove container directory: {e}");
         }

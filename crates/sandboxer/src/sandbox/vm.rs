@@ -111,6 +111,8 @@ impl Sandbox {
                     "agent ready"
                 );
                 *self.agent.write().unwrap_or_else(|p| p.into_inner()) = Some(agent.clone());
+                *self.agent_address.lock().unwrap_or_else(|p| p.into_inner()) =
+                    qemu.agent_address();
                 self.vmm_pid.store(
                     qemu.pid().unwrap_or(0),
                     std::sync::atomic::Ordering::Relaxed,
@@ -170,6 +172,17 @@ impl Sandbox {
     /// sandbox holds. Failures are logged (the namespace goes with the pod).
     pub(super) async fn detach_net(&self, net: Option<crate::net::NetAttachment>) {
         let net = net.or_else(|| self.net.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let adopted = self
+            .adopted_net
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(adopted) = adopted {
+            let netns = std::path::PathBuf::from(&adopted.netns);
+            if let Err(e) = crate::net::release(&netns, adopted.links).await {
+                tracing::warn!(sandbox = %self.info.id, "{}", crate::error::chain(&e));
+            }
+        }
         let Some(net) = net else { return };
         let netns = net.netns.clone();
         match crate::net::detach(net).await {
@@ -232,27 +245,7 @@ impl Sandbox {
     /// Persists what the sandbox holds now; a failure is logged (the live
     /// sandbox goes on).
     pub(super) fn save_record(&self) {
-        let pid = self.vmm_pid.load(std::sync::atomic::Ordering::Relaxed);
-        let mut containers: Vec<ContainerRecord> = self
-            .containers()
-            .values()
-            .map(|c| ContainerRecord {
-                id: c.id.clone(),
-                pid: c.init.pid(),
-            })
-            .collect();
-        containers.sort_by(|a, b| a.id.cmp(&b.id));
-        let record = SandboxRecord {
-            version: RECORD_VERSION,
-            id: self.info.id.clone(),
-            namespace: self.info.namespace.clone(),
-            bundle: self.info.bundle.clone(),
-            ttrpc_address: self.info.ttrpc_address.clone(),
-            vmm_pid: (pid != 0).then_some(pid),
-            created_at: self.created_at,
-            containers,
-        };
-        if let Err(e) = record.save(&self.dir) {
+        if let Err(e) = self.record().save(&self.dir) {
             tracing::warn!(sandbox = %self.info.id, "{}", crate::error::chain(&e));
         }
     }
@@ -262,7 +255,7 @@ impl Sandbox {
     /// Follows the VMM: when it exits without being asked to, the
     /// sandbox's processes are reported killed and what the VM held on the
     /// host is released at once.
-    fn watch_vm(
+    pub(super) fn watch_vm(
         self: &Arc<Self>,
         mut exited: tokio::sync::watch::Receiver<Option<crate::vmm::VmExit>>,
     ) {

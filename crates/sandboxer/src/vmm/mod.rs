@@ -13,6 +13,9 @@ pub mod qemu;
 pub enum VmExit {
     Code(i32),
     Signal(i32),
+    /// It ended, how is unknown: a VMM adopted from an earlier run of the
+    /// sandboxer is not our child, and only a parent learns the status.
+    Unknown,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +73,14 @@ pub trait Vmm: Send + Sync {
     fn console_log(&self) -> &Path;
     /// Changes to `Some` when the VMM process has exited.
     fn exited(&self) -> watch::Receiver<Option<VmExit>>;
+    /// Keeps each descriptor open inside the VMM process, under its name,
+    /// until released or the VMM exits. What must outlive a sandboxer
+    /// restart (the write ends of a container's output fifos, which tell
+    /// containerd the output ended when the last one closes) is held there.
+    async fn hold_fds(&self, fds: Vec<(String, std::os::fd::OwnedFd)>) -> Result<(), String>;
+    /// Closes what [`Vmm::hold_fds`] holds under these names (unknown names
+    /// are ignored).
+    async fn release_fds(&self, names: Vec<String>) -> Result<(), String>;
 }
 
 /// Where the guest mounts the host's shared directory.

@@ -1,6 +1,6 @@
 //! QEMU `microvm`: PVH kernel boot, virtio-serial agent channel, virtio-9p
 //! shared directory, QMP control.
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -16,6 +16,8 @@ pub mod qmp;
 
 pub use cmdline::{Accel, AgentChannel, NicSpec, VmSpec};
 
+/// Bound on one QMP exchange about held descriptors.
+const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long QEMU may take to create its sockets after being spawned.
 const SOCKET_WAIT: Duration = Duration::from_secs(10);
 
@@ -137,6 +139,35 @@ impl QemuVm {
         Ok(())
     }
 
+    /// Takes over the QEMU `pid` that an earlier run of the sandboxer
+    /// started for `spec` (the caller checked that it is that VM). Its exit
+    /// is followed with a pidfd: it is not our child.
+    pub fn adopt(binary: PathBuf, spec: VmSpec, pid: u32) -> std::io::Result<Self> {
+        let mut vm = QemuVm::new(binary, spec);
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd
+        // (or -1); no memory is shared with the kernel.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the fd was just returned by the kernel and is ours alone.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        // SAFETY: the OwnedFd is open and owned by the AsyncFd for its whole
+        // life, so its raw fd stays valid and the same.
+        let pidfd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
+        }
+        .map_err(std::io::Error::from)?;
+        vm.pid = Some(pid);
+        let tx = vm.exited_tx.take().expect("a new QemuVm has its sender");
+        tokio::spawn(async move {
+            // A pidfd polls readable once the process has exited.
+            let _ = pidfd.readable().await;
+            let _ = tx.send(Some(VmExit::Unknown));
+        });
+        Ok(vm)
+    }
+
     /// Waits until QEMU has created the agent and QMP sockets.
     async fn wait_sockets(&self) -> Result<(), StartVmError> {
         let started = Instant::now();
@@ -247,6 +278,38 @@ impl Vmm for QemuVm {
 
     fn exited(&self) -> watch::Receiver<Option<VmExit>> {
         self.exited.clone()
+    }
+
+    async fn hold_fds(&self, fds: Vec<(String, OwnedFd)>) -> Result<(), String> {
+        if fds.is_empty() {
+            return Ok(());
+        }
+        let mut qmp = qmp::Qmp::connect(&self.spec.qmp_socket(), QMP_TIMEOUT)
+            .await
+            .map_err(|e| crate::error::chain(&e))?;
+        for (name, fd) in &fds {
+            tokio::time::timeout(QMP_TIMEOUT, qmp.getfd(name, fd.as_fd()))
+                .await
+                .map_err(|_| format!("QMP getfd {name} timed out"))?
+                .map_err(|e| crate::error::chain(&e))?;
+        }
+        Ok(())
+    }
+
+    async fn release_fds(&self, names: Vec<String>) -> Result<(), String> {
+        if names.is_empty() || self.exited.borrow().is_some() {
+            return Ok(());
+        }
+        let mut qmp = qmp::Qmp::connect(&self.spec.qmp_socket(), QMP_TIMEOUT)
+            .await
+            .map_err(|e| crate::error::chain(&e))?;
+        for name in &names {
+            tokio::time::timeout(QMP_TIMEOUT, qmp.closefd(name))
+                .await
+                .map_err(|_| format!("QMP closefd {name} timed out"))?
+                .map_err(|e| crate::error::chain(&e))?;
+        }
+        Ok(())
     }
 }
 

@@ -1,4 +1,6 @@
-//! A minimal QMP client: enough to ask QEMU to quit.
+//! A minimal QMP client: enough to ask QEMU to quit and to hand it file
+//! descriptors to keep (`getfd`/`closefd`).
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::time::Duration;
 
@@ -88,6 +90,72 @@ impl Qmp {
             return Err(QmpError::Protocol(format!("{command}: {err}")));
         }
         Ok(reply)
+    }
+
+    /// Sends a command with arguments and waits for its reply.
+    async fn execute_args(
+        &mut self,
+        command: &str,
+        arguments: serde_json::Value,
+    ) -> Result<serde_json::Value, QmpError> {
+        let msg =
+            serde_json::json!({ "execute": command, "arguments": arguments }).to_string() + "\n";
+        self.writer.write_all(msg.as_bytes()).await?;
+        self.reply(command).await
+    }
+
+    async fn reply(&mut self, command: &str) -> Result<serde_json::Value, QmpError> {
+        let reply = self.read_message().await?;
+        if let Some(err) = reply.get("error") {
+            return Err(QmpError::Protocol(format!("{command}: {err}")));
+        }
+        Ok(reply)
+    }
+
+    /// Hands QEMU a duplicate of `fd`, which it keeps open under `name`
+    /// (replacing an earlier one of that name) until [`Qmp::closefd`] or
+    /// its exit: QMP `getfd`, the descriptor passed with SCM_RIGHTS.
+    pub async fn getfd(&mut self, name: &str, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
+        let msg = serde_json::json!({ "execute": "getfd", "arguments": { "fdname": name } })
+            .to_string()
+            + "\n";
+        let stream: &UnixStream = self.writer.as_ref();
+        let raw = stream.as_raw_fd();
+        let fds = [fd.as_raw_fd()];
+        let sent = loop {
+            stream.writable().await?;
+            let res = stream.try_io(tokio::io::Interest::WRITABLE, || {
+                nix::sys::socket::sendmsg::<()>(
+                    raw,
+                    &[std::io::IoSlice::new(msg.as_bytes())],
+                    &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
+                    nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            });
+            match res {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        // The descriptor went with the first byte; the rest is plain text.
+        self.writer.write_all(&msg.as_bytes()[sent..]).await?;
+        self.reply("getfd").await.map(drop)
+    }
+
+    /// Closes what QEMU keeps under `name`; a name it does not know is not
+    /// an error.
+    pub async fn closefd(&mut self, name: &str) -> Result<(), QmpError> {
+        match self
+            .execute_args("closefd", serde_json::json!({ "fdname": name }))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(QmpError::Protocol(m)) if m.contains("not found") => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Asks QEMU to quit. QEMU may close the connection before it replies.

@@ -1,0 +1,306 @@
+//! What survives the sandboxer: the persisted record of a sandbox, taking a
+//! running sandbox back after a restart (its VMM, agent, network and
+//! containers with their stdio), and the stdio descriptors its VMM holds
+//! meanwhile so that containerd never sees a container's output end.
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::*;
+use crate::state::{ContainerRecord, NetRecord, ProcRecord, SandboxRecord, RECORD_VERSION};
+use crate::vmm::qemu::{QemuVm, VmSpec};
+
+/// How long a re-adopted VM's agent may take to answer.
+const ADOPT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The names under which the VMM holds a container's stdio fifos. QEMU
+/// wants a letter first and then letters, digits, `-`, `.` or `_`.
+fn held_names(cid: &str) -> Vec<String> {
+    let cid: String = cid
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '-' | '.' | '_' => c,
+            _ => '_',
+        })
+        .collect();
+    ["out", "err", "in"]
+        .iter()
+        .map(|s| format!("c.{cid}.{s}"))
+        .collect()
+}
+
+fn proc_record(p: &Process) -> ProcRecord {
+    match p.state() {
+        ProcState::Created => ProcRecord::Created,
+        ProcState::Running => ProcRecord::Running,
+        ProcState::Stopped {
+            exit_status,
+            exited_at,
+        } => ProcRecord::Exited {
+            status: exit_status,
+            at_ns: exited_at
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos() as u64,
+        },
+    }
+}
+
+impl Sandbox {
+    /// The sandbox as persisted.
+    pub(super) fn record(&self) -> SandboxRecord {
+        let pid = self.vmm_pid.load(Ordering::Relaxed);
+        let mut containers: Vec<ContainerRecord> = self
+            .containers()
+            .values()
+            .map(|c| ContainerRecord {
+                id: c.id.clone(),
+                pid: c.init.pid(),
+                bundle: c.bundle.clone(),
+                stdio: c.init.stdio.clone(),
+                state: proc_record(&c.init),
+            })
+            .collect();
+        containers.sort_by(|a, b| a.id.cmp(&b.id));
+        let net = match self.net.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            Some(net) => Some(NetRecord {
+                netns: net.netns.display().to_string(),
+                links: net.links(),
+            }),
+            None => self
+                .adopted_net
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        };
+        SandboxRecord {
+            version: RECORD_VERSION,
+            id: self.info.id.clone(),
+            namespace: self.info.namespace.clone(),
+            bundle: self.info.bundle.clone(),
+            ttrpc_address: self.info.ttrpc_address.clone(),
+            vmm_pid: (pid != 0).then_some(pid),
+            agent_address: self
+                .agent_address
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            created_at: self.created_at,
+            managed: self.is_managed(),
+            task_socket: self
+                .task_socket
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            pod: self.pod(),
+            net,
+            containers,
+        }
+    }
+
+    fn from_record(host: Arc<Host>, record: &SandboxRecord) -> Arc<Self> {
+        let sandbox = Sandbox::created_at(
+            host,
+            SandboxInfo {
+                id: record.id.clone(),
+                namespace: record.namespace.clone(),
+                bundle: record.bundle.clone(),
+                ttrpc_address: record.ttrpc_address.clone(),
+            },
+            record.created_at,
+        );
+        sandbox
+            .managed
+            .store(record.managed, std::sync::atomic::Ordering::SeqCst);
+        *sandbox.pod.lock().unwrap_or_else(|p| p.into_inner()) = record.pod.clone();
+        sandbox
+    }
+
+    /// Registers a record's containers with the states it gives them;
+    /// `lost` replaces the state of those not exited (their VM is gone).
+    fn restore_containers(&self, record: &SandboxRecord, lost: Option<u32>) {
+        for c in &record.containers {
+            let init = Process::new(&c.id, "", c.stdio.clone(), Vec::new());
+            init.set_pid(c.pid);
+            match (c.state, lost) {
+                (ProcRecord::Exited { status, at_ns }, _) => {
+                    init.set_exited(status, UNIX_EPOCH + Duration::from_nanos(at_ns));
+                }
+                (_, Some(status)) => {
+                    init.set_exited(status, SystemTime::now());
+                }
+                (ProcRecord::Running, None) => init.set_running(),
+                (ProcRecord::Created, None) => {}
+            }
+            let container = Arc::new(Container {
+                id: c.id.clone(),
+                bundle: if c.bundle.is_empty() {
+                    record.bundle.clone()
+                } else {
+                    c.bundle.clone()
+                },
+                dir: self.dir.join("shared").join(&c.id),
+                init,
+                execs: Mutex::new(HashMap::new()),
+            });
+            self.containers().insert(c.id.clone(), container);
+        }
+    }
+
+    /// A sandbox of an earlier run whose VM is gone: its containers are
+    /// known, stopped (those that had not exited with `lost_status`), and
+    /// can only be deleted.
+    pub fn stopped(host: Arc<Host>, record: SandboxRecord, lost_status: u32) -> Arc<Self> {
+        let sandbox = Self::from_record(host, &record);
+        sandbox.restore_containers(&record, Some(lost_status));
+        sandbox.mark_exited(lost_status);
+        sandbox
+    }
+
+    /// Takes back a sandbox whose VMM (pid `vmm_pid`, checked to be this
+    /// sandbox's by the caller) still runs: connects to its agent, follows
+    /// the VMM, and resumes every live container's stdio and exit watch.
+    pub async fn adopt(host: Arc<Host>, record: SandboxRecord, vmm_pid: u32) -> Result<Arc<Self>> {
+        let sandbox = Self::from_record(host.clone(), &record);
+        let config = &host.config;
+        let spec = VmSpec::from_config(
+            record.id.clone(),
+            host.accel,
+            host.agent_channel(),
+            host.tsc_khz,
+            &config.qemu,
+            config.kernel_path(),
+            config.initrd_path(),
+            sandbox.dir.clone(),
+        );
+        let vm = QemuVm::adopt(config.qemu.binary.clone(), spec, vmm_pid)
+            .map_err(|e| Error::io(format!("follow VMM pid {vmm_pid}"), e))?;
+        let (agent, _) =
+            Agent::connect(&record.agent_address, Instant::now() + ADOPT_TIMEOUT).await?;
+        *sandbox.agent.write().unwrap_or_else(|p| p.into_inner()) = Some(agent.clone());
+        *sandbox
+            .agent_address
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = record.agent_address.clone();
+        *sandbox
+            .task_socket
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = record.task_socket.clone();
+        *sandbox
+            .adopted_net
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = record.net.clone();
+        sandbox.vmm_pid.store(vmm_pid, Ordering::Relaxed);
+        sandbox.restore_containers(&record, None);
+        let exited = vm.exited();
+        *sandbox.vm.lock().await = Some(Box::new(vm));
+        let containers: Vec<_> = sandbox.containers().values().cloned().collect();
+        for c in containers {
+            let p = &c.init;
+            match p.state() {
+                ProcState::Stopped { .. } => sandbox.release_stdio(&c.id).await,
+                state => {
+                    *p.pumps.lock().await =
+                        Pumps::start(&agent, &sandbox.info.id, &c.id, "", &p.stdio);
+                    if state == ProcState::Running {
+                        sandbox.spawn_waiter(agent.clone(), p.clone());
+                    }
+                }
+            }
+        }
+        sandbox.watch_vm(exited);
+        sandbox.save_record();
+        Ok(sandbox)
+    }
+
+    /// Hands the VMM a copy of the container's stdio fifos (outputs open
+    /// read-write, stdin read-only) to keep until [`Sandbox::release_stdio`]:
+    /// while the sandboxer restarts, containerd's reader of the container's
+    /// output sees no end and its writer of stdin no broken pipe. Best
+    /// effort: a failure costs only that protection.
+    pub(super) async fn hold_stdio(&self, cid: &str, stdio: &crate::io::StdioPaths) {
+        let mut fds = Vec::new();
+        for ((path, output), name) in [
+            (&stdio.stdout, true),
+            (&stdio.stderr, true),
+            (&stdio.stdin, false),
+        ]
+        .into_iter()
+        .zip(held_names(cid))
+        {
+            if path.is_empty() || crate::io::streaming::is_stream(path) {
+                continue;
+            }
+            let opened = std::fs::OpenOptions::new()
+                .read(true)
+                .write(output)
+                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open(path);
+            match opened {
+                Ok(f) => fds.push((name, std::os::fd::OwnedFd::from(f))),
+                Err(e) => tracing::debug!(sandbox = %self.info.id, path, "hold fifo: {e}"),
+            }
+        }
+        if fds.is_empty() {
+            return;
+        }
+        let vm = self.vm.lock().await;
+        if let Some(vm) = vm.as_ref() {
+            if let Err(e) = vm.hold_fds(fds).await {
+                tracing::warn!(sandbox = %self.info.id, container = cid, "the VMM does not hold the stdio (a sandboxer restart would end its output): {e}");
+            }
+        }
+    }
+
+    /// Closes the VMM's copies of a container's stdio fifos.
+    pub(super) async fn release_stdio(&self, cid: &str) {
+        let vm = self.vm.lock().await;
+        if let Some(vm) = vm.as_ref() {
+            if let Err(e) = vm.release_fds(held_names(cid)).await {
+                tracing::warn!(sandbox = %self.info.id, container = cid, "release held stdio: {e}");
+            }
+        }
+    }
+
+    /// Records the zero-shim task socket (None once no longer served).
+    pub fn set_task_socket(&self, path: Option<String>) {
+        *self.task_socket.lock().unwrap_or_else(|p| p.into_inner()) = path;
+        if self.vmm_pid.load(Ordering::Relaxed) != 0 {
+            self.save_record();
+        }
+    }
+
+    pub fn task_socket(&self) -> Option<String> {
+        self.task_socket
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// True while the VM runs and its agent is connected.
+    pub fn is_running(&self) -> bool {
+        self.exit.borrow().is_none()
+            && self
+                .agent
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn held_names_are_qemu_ids() {
+        let names = super::held_names("0abc_d.e-f:g");
+        assert_eq!(
+            names,
+            [
+                "c.0abc_d.e-f_g.out",
+                "c.0abc_d.e-f_g.err",
+                "c.0abc_d.e-f_g.in"
+            ]
+        );
+    }
+}
