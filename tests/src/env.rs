@@ -186,6 +186,11 @@ impl Env {
         Ok(())
     }
 
+    /// kuasar-vmm's whole log (all its runs in this environment).
+    pub fn sandboxer_log(&self) -> String {
+        fs::read_to_string(self.dir.join("kuasar-vmm.log")).unwrap_or_default()
+    }
+
     /// The running kuasar-vmm's pid.
     pub fn sandboxer_pid(&self) -> Option<i32> {
         lock(&self.sandboxer).as_ref().and_then(Sandboxer::pid)
