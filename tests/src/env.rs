@@ -174,6 +174,16 @@ impl Env {
     /// Ends kuasar-vmm with `signal`, leaving its VMs running, waits `gap`,
     /// and starts it again with the same configuration.
     pub fn restart_sandboxer(&self, signal: i32, gap: Duration) -> Result<(), String> {
+        self.restart_sandboxer_with(signal, gap, || {})
+    }
+
+    /// [`Env::restart_sandboxer`], running `meanwhile` while it is down.
+    pub fn restart_sandboxer_with(
+        &self,
+        signal: i32,
+        gap: Duration,
+        meanwhile: impl FnOnce(),
+    ) -> Result<(), String> {
         let mut slot = lock(&self.sandboxer);
         let Some(mut old) = slot.take() else {
             return Err("kuasar-vmm is not running".into());
@@ -181,6 +191,7 @@ impl Env {
         old.end_keeping_vms(signal)?;
         let config = old.config.clone();
         drop(old);
+        meanwhile();
         std::thread::sleep(gap);
         *slot = Some(Sandboxer::start(&self.dir, config)?);
         Ok(())

@@ -100,10 +100,29 @@ fn check_alive(cri: &Cri, pods: &[Pod], what: &str) {
 /// Restarts kuasar-vmm with `signal` under the running pods and checks that
 /// nothing was lost.
 fn restart_and_check(env: &Env, cri: &Cri, pods: &[Pod], signal: i32, what: &str) {
+    restart_and_check_with(env, cri, pods, signal, what, || {})
+}
+
+fn restart_and_check_with(
+    env: &Env,
+    cri: &Cri,
+    pods: &[Pod],
+    signal: i32,
+    what: &str,
+    meanwhile: impl FnOnce(),
+) {
     let before: Vec<u64> = pods.iter().map(|p| check_contiguous(p, what)).collect();
     let old_pid = env.sandboxer_pid();
-    env.restart_sandboxer(signal, DOWN)
+    env.restart_sandboxer_with(signal, DOWN, meanwhile)
         .unwrap_or_else(|e| panic!("{what}: {e}\n{}", env.diagnostics()));
+    // Ready is reported only once recovery is done.
+    let log = env.sandboxer_log();
+    let run = &log[log.rfind("host probed").unwrap_or(0)..];
+    let (recovered, ready) = (run.find("recovery done"), run.find("kuasar-vmm ready"));
+    assert!(
+        recovered.is_some() && recovered < ready,
+        "{what}: not recovered before ready:\n{run}"
+    );
     assert_ne!(env.sandboxer_pid(), old_pid);
     let vms = cmd::wait_until(Duration::from_secs(10), || env.qemu_count() == pods.len());
     assert!(
@@ -184,36 +203,57 @@ fn sandboxer_restarts_under_running_pods() {
     restart_and_check(&env, &cri, &pods, libc::SIGKILL, "after kill -9");
     restart_and_check(&env, &cri, &pods, libc::SIGTERM, "after SIGTERM");
 
-    // One sandbox's state is garbage at the next start.
+    // One sandbox's state is garbage at the next start, and another one's
+    // VM dies while kuasar-vmm is down.
     let broken = pods.pop().expect("a pod");
-    let dir = env.state_dir().join(&broken.guard.id);
-    std::fs::write(dir.join("state.json"), b"{\"version\": 2, \"id\": [garbage")
-        .expect("corrupt the state file");
-    restart_and_check(&env, &cri, &pods, libc::SIGKILL, "after a corrupted state");
+    let dead = pods.pop().expect("a pod");
+    let broken_dir = env.state_dir().join(&broken.guard.id);
+    let dead_dir = env.state_dir().join(&dead.guard.id);
+    std::fs::write(
+        broken_dir.join("state.json"),
+        b"{\"version\": 2, \"id\": [garbage",
+    )
+    .expect("corrupt the state file");
+    let dead_vmm: i32 = std::fs::read_to_string(dead_dir.join("qemu.pid"))
+        .expect("qemu.pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+    restart_and_check_with(
+        &env,
+        &cri,
+        &pods,
+        libc::SIGKILL,
+        "after a corrupted state and a dead VM",
+        || {
+            // SAFETY: kill(2) with a pid and a signal touches no memory.
+            unsafe { libc::kill(dead_vmm, libc::SIGKILL) };
+        },
+    );
     let log = env.sandboxer_log();
     assert!(
         log.contains("unreadable sandbox state") && log.contains(&broken.guard.id),
         "the broken sandbox was not reported:\n{log}"
     );
-    assert!(
-        cmd::wait_until(Duration::from_secs(10), || !dir.exists()),
-        "the broken sandbox's directory is left"
-    );
-    assert_eq!(
-        env.qemu_count(),
-        pods.len(),
-        "the broken sandbox's VM runs on"
-    );
-    // containerd learns that its container is gone; the pod can be removed.
-    let exited = cmd::wait_until(Duration::from_secs(30), || {
-        cri.container_status(&broken.container)
-            .map(|s| s.state == ContainerState::ContainerExited as i32)
-            .unwrap_or(false)
-    });
-    assert!(
-        exited,
-        "the broken sandbox's container is not reported exited"
-    );
+    for (pod, dir) in [(&broken, &broken_dir), (&dead, &dead_dir)] {
+        assert!(
+            cmd::wait_until(Duration::from_secs(10), || !dir.exists()),
+            "the directory of {} is left",
+            pod.guard.id
+        );
+        // containerd learns that its container is gone; the pod can go.
+        let exited = cmd::wait_until(Duration::from_secs(30), || {
+            cri.container_status(&pod.container)
+                .map(|s| s.state == ContainerState::ContainerExited as i32)
+                .unwrap_or(false)
+        });
+        assert!(
+            exited,
+            "the container of {} is not reported exited",
+            pod.guard.id
+        );
+    }
+    pods.push(dead);
     pods.push(broken);
     remove_all(&env, pods);
 }
