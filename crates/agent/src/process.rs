@@ -191,32 +191,93 @@ impl PendingIo {
 }
 
 /// One output stream of a process; empty reads mean end of stream.
-pub struct OutStream(Mutex<Option<FdStream>>);
+///
+/// Reads can be acknowledged ([`OutStream::read_acked`]): what a read
+/// returned is kept until a later read says the host delivered it, and is
+/// returned again to a host that did not (one that restarted, or whose
+/// reply was lost with its connection). So no output is lost across a host
+/// restart; at worst the chunk in flight at that moment is delivered twice.
+pub struct OutStream(Mutex<OutState>);
+
+struct OutState {
+    rx: Option<FdStream>,
+    /// Returned, not yet acknowledged; starts at stream offset `base`.
+    kept: Vec<u8>,
+    base: u64,
+}
 
 impl OutStream {
     fn new(rx: Option<FdStream>) -> Self {
-        OutStream(Mutex::new(rx))
+        OutStream(Mutex::new(OutState {
+            rx,
+            kept: Vec::new(),
+            base: 0,
+        }))
     }
 
     /// Reads up to `len` bytes (capped at [`MAX_READ`]), waiting for data;
     /// returns an empty vector at end of stream (or when the stream was not
-    /// requested).
+    /// requested). Nothing is kept for a later read.
     pub async fn read(&self, len: usize) -> Result<Vec<u8>> {
+        let (_, data) = self.read_inner(len, None).await?;
+        Ok(data)
+    }
+
+    /// Like [`OutStream::read`], acknowledged: the caller has delivered the
+    /// stream up to offset `delivered`. Returns (offset of the chunk, chunk):
+    /// what was returned before and not delivered, else new data.
+    pub async fn read_acked(&self, len: usize, delivered: u64) -> Result<(u64, Vec<u8>)> {
+        self.read_inner(len, Some(delivered)).await
+    }
+
+    async fn read_inner(&self, len: usize, delivered: Option<u64>) -> Result<(u64, Vec<u8>)> {
         let len = match len {
             0 => DEFAULT_READ,
             n => n.min(MAX_READ),
         };
-        let mut guard = self.0.lock().await;
-        let Some(rx) = guard.as_mut() else {
-            return Ok(Vec::new());
+        let mut st = self.0.lock().await;
+        let st = &mut *st;
+        match delivered {
+            Some(d) if d > st.base => {
+                let done = usize::try_from(d - st.base)
+                    .unwrap_or(usize::MAX)
+                    .min(st.kept.len());
+                st.kept.drain(..done);
+                st.base += done as u64;
+            }
+            // A host that knows nothing yet (it starts at 0) gets what is kept.
+            Some(_) => {}
+            // Plain reads: what is kept goes first, and is not kept again.
+            None => {
+                if !st.kept.is_empty() {
+                    let n = len.min(st.kept.len());
+                    let chunk: Vec<u8> = st.kept.drain(..n).collect();
+                    let at = st.base;
+                    st.base += n as u64;
+                    return Ok((at, chunk));
+                }
+            }
+        }
+        if !st.kept.is_empty() {
+            let n = len.min(st.kept.len());
+            return Ok((st.base, st.kept[..n].to_vec()));
+        }
+        let Some(rx) = st.rx.as_mut() else {
+            return Ok((st.base, Vec::new()));
         };
         let mut buf = vec![0u8; len];
+        // Cancel-safe: a read cancelled while waiting consumed nothing.
         let n = rx.read(&mut buf).await.context("read output")?;
         if n == 0 {
-            *guard = None;
+            st.rx = None;
         }
         buf.truncate(n);
-        Ok(buf)
+        if delivered.is_some() {
+            st.kept.extend_from_slice(&buf);
+        } else {
+            st.base += n as u64;
+        }
+        Ok((st.base, buf))
     }
 }
 
@@ -378,5 +439,28 @@ mod tests {
         assert_eq!(got, b"hello");
         assert!(p.stdout.read(10).await.unwrap().is_empty());
         assert!(p.stderr.read(10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn acknowledged_reads_return_what_was_not_delivered() {
+        let (io, child) = make_stdio(false, true, false).unwrap();
+        let p = Process::new(1, io, oneshot::channel().1);
+        std::process::Command::new("sh")
+            .args(["-c", "printf hello; printf world"])
+            .stdout(child.stdout)
+            .status()
+            .unwrap();
+        let (at, a) = p.stdout.read_acked(5, 0).await.unwrap();
+        assert_eq!((at, a.as_slice()), (0, &b"hello"[..]));
+        // A host that restarted (it knows nothing) gets the same chunk.
+        let (at, again) = p.stdout.read_acked(64, 0).await.unwrap();
+        assert_eq!((at, again.as_slice()), (0, &b"hello"[..]));
+        // Delivered: the next read returns new data.
+        let (at, b) = p.stdout.read_acked(64, 5).await.unwrap();
+        assert_eq!((at, b.as_slice()), (5, &b"world"[..]));
+        let (at, end) = p.stdout.read_acked(64, 10).await.unwrap();
+        assert_eq!((at, end.len()), (10, 0));
+        // A claim past what was sent drops what is kept, nothing more.
+        assert!(p.stdout.read_acked(64, 99).await.unwrap().1.is_empty());
     }
 }

@@ -444,12 +444,16 @@ impl Agent for AgentService {
     ) -> TtrpcResult<ReadStreamResponse> {
         let res = async {
             let p = self.process(&req.container_id, &req.exec_id)?;
-            p.stdout.read(req.len as usize).await
+            match req.delivered {
+                Some(d) => p.stdout.read_acked(req.len as usize, d).await,
+                None => p.stdout.read(req.len as usize).await.map(|data| (0, data)),
+            }
         }
         .await;
-        let data = reply("ReadStdout", res)?;
+        let (offset, data) = reply("ReadStdout", res)?;
         Ok(ReadStreamResponse {
             data,
+            offset,
             ..Default::default()
         })
     }
@@ -461,12 +465,16 @@ impl Agent for AgentService {
     ) -> TtrpcResult<ReadStreamResponse> {
         let res = async {
             let p = self.process(&req.container_id, &req.exec_id)?;
-            p.stderr.read(req.len as usize).await
+            match req.delivered {
+                Some(d) => p.stderr.read_acked(req.len as usize, d).await,
+                None => p.stderr.read(req.len as usize).await.map(|data| (0, data)),
+            }
         }
         .await;
-        let data = reply("ReadStderr", res)?;
+        let (offset, data) = reply("ReadStderr", res)?;
         Ok(ReadStreamResponse {
             data,
+            offset,
             ..Default::default()
         })
     }

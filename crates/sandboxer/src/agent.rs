@@ -67,6 +67,42 @@ impl AgentError {
     }
 }
 
+/// Reads one output stream of a guest process, chunk by chunk. Asking for
+/// the next chunk acknowledges the previous one as delivered: the guest
+/// keeps a chunk until then, so a sandboxer that dies between reading a
+/// chunk and writing it out loses nothing (its successor, starting from
+/// offset 0, gets that chunk again).
+pub struct OutputReader {
+    agent: Agent,
+    container_id: String,
+    exec_id: String,
+    stderr: bool,
+    /// End offset of the last chunk returned.
+    end: u64,
+}
+
+impl OutputReader {
+    pub fn new(agent: Agent, container_id: &str, exec_id: &str, stderr: bool) -> Self {
+        OutputReader {
+            agent,
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            stderr,
+            end: 0,
+        }
+    }
+
+    /// The next chunk; empty at the end of the stream.
+    pub async fn next(&mut self) -> Result<Vec<u8>, AgentError> {
+        let (offset, data) = self
+            .agent
+            .read_output(&self.container_id, &self.exec_id, self.stderr, self.end)
+            .await?;
+        self.end = offset.saturating_add(data.len() as u64);
+        Ok(data)
+    }
+}
+
 /// One connection to one guest's agent.
 #[derive(Clone)]
 pub struct Agent {
@@ -253,26 +289,38 @@ impl Agent {
 
     /// Reads the next chunk of a process's stdout (`stderr` false) or
     /// stderr; an empty chunk is the end of the stream.
+    /// Reads the next chunk of a process's stdout or stderr (empty at its
+    /// end), acknowledging that the stream was delivered up to `delivered`;
+    /// returns the chunk's offset in the stream with it. See
+    /// [`OutputReader`].
     pub async fn read_output(
         &self,
         container_id: &str,
         exec_id: &str,
         stderr: bool,
-    ) -> Result<Vec<u8>, AgentError> {
+        delivered: u64,
+    ) -> Result<(u64, Vec<u8>), AgentError> {
         let req = ReadStreamRequest {
             container_id: container_id.to_owned(),
             exec_id: exec_id.to_owned(),
             len: READ_CHUNK,
+            delivered: Some(delivered),
             ..Default::default()
         };
-        let res = if stderr {
-            call!(self, read_stderr, "ReadStderr", req, None)?
+        let (method, res) = if stderr {
+            (
+                "ReadStderr",
+                call!(self, read_stderr, "ReadStderr", req, None)?,
+            )
         } else {
-            call!(self, read_stdout, "ReadStdout", req, None)?
+            (
+                "ReadStdout",
+                call!(self, read_stdout, "ReadStdout", req, None)?,
+            )
         };
         if res.data.len() > READ_CHUNK as usize {
             return Err(AgentError::Transport {
-                method: "ReadStdout",
+                method,
                 message: format!(
                     "guest sent {} bytes, more than the {} asked",
                     res.data.len(),
@@ -280,7 +328,7 @@ impl Agent {
                 ),
             });
         }
-        Ok(res.data)
+        Ok((res.offset, res.data))
     }
 
     pub async fn resize_tty(

@@ -138,8 +138,9 @@ async fn copy_output(agent: Agent, cid: String, eid: String, path: String, stder
             None
         }
     };
+    let mut reader = crate::agent::OutputReader::new(agent, &cid, &eid, stderr);
     loop {
-        match agent.read_output(&cid, &eid, stderr).await {
+        match reader.next().await {
             Ok(data) if data.is_empty() => break,
             Ok(data) => {
                 if let Some(s) = sink.as_mut() {

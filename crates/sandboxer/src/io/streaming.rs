@@ -255,8 +255,9 @@ pub async fn copy_output(
             (None, None, None, Arc::new(Semaphore::new(0)))
         }
     };
+    let mut output = crate::agent::OutputReader::new(agent, &cid, &eid, stderr);
     loop {
-        match agent.read_output(&cid, &eid, stderr).await {
+        match output.next().await {
             Ok(data) if data.is_empty() => break,
             Ok(data) => {
                 for chunk in data.chunks(MAX_CHUNK) {

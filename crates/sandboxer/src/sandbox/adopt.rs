@@ -24,7 +24,7 @@ fn held_names(cid: &str) -> Vec<String> {
             _ => '_',
         })
         .collect();
-    ["out", "err", "in"]
+    ["out", "err"]
         .iter()
         .map(|s| format!("c.{cid}.{s}"))
         .collect()
@@ -214,27 +214,24 @@ impl Sandbox {
         Ok(sandbox)
     }
 
-    /// Hands the VMM a copy of the container's stdio fifos (outputs open
-    /// read-write, stdin read-only) to keep until [`Sandbox::release_stdio`]:
-    /// while the sandboxer restarts, containerd's reader of the container's
-    /// output sees no end and its writer of stdin no broken pipe. Best
-    /// effort: a failure costs only that protection.
+    /// Hands the VMM a copy (read-write) of the container's output fifos to
+    /// keep until [`Sandbox::release_stdio`]: while the sandboxer restarts,
+    /// containerd's reader of the container's output sees no end. Best
+    /// effort: a failure costs only that protection. (Not stdin: a reader
+    /// held there would let containerd's writer come and go before our own
+    /// reader opens the fifo, which then waits for a writer forever.)
     pub(super) async fn hold_stdio(&self, cid: &str, stdio: &crate::io::StdioPaths) {
         let mut fds = Vec::new();
-        for ((path, output), name) in [
-            (&stdio.stdout, true),
-            (&stdio.stderr, true),
-            (&stdio.stdin, false),
-        ]
-        .into_iter()
-        .zip(held_names(cid))
+        for (path, name) in [&stdio.stdout, &stdio.stderr]
+            .into_iter()
+            .zip(held_names(cid))
         {
             if path.is_empty() || crate::io::streaming::is_stream(path) {
                 continue;
             }
             let opened = std::fs::OpenOptions::new()
                 .read(true)
-                .write(output)
+                .write(true)
                 .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
                 .open(path);
             match opened {
