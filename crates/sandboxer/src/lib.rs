@@ -18,6 +18,7 @@ pub mod host;
 pub mod io;
 pub mod mount;
 pub mod net;
+pub mod panic_guard;
 pub mod pod;
 pub mod recovery;
 pub mod registry;
@@ -100,14 +101,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .set_domain_unix()
         .add_listener(listener.into_raw_fd())
         .context("serve the socket")?
-        .register_service(
+        .register_service(panic_guard::ttrpc_services(
             kuasar_api::sandboxer::sandboxer_ttrpc_async::create_sandboxer(Arc::new(sandboxer)),
-        )
-        .register_service(kuasar_api::containerd::shim_async::create_task(Arc::new(
-            tasks,
-        )))
-        .register_service(kuasar_api::sandbox::sandbox_ttrpc_async::create_sandbox(
-            Arc::new(sandbox_api::SandboxService::new(registry.clone())),
+            None,
+        ))
+        .register_service(panic_guard::ttrpc_services(
+            kuasar_api::containerd::shim_async::create_task(Arc::new(tasks)),
+            None,
+        ))
+        .register_service(panic_guard::ttrpc_services(
+            kuasar_api::sandbox::sandbox_ttrpc_async::create_sandbox(Arc::new(
+                sandbox_api::SandboxService::new(registry.clone()),
+            )),
+            None,
         ));
     server.start().await.context("start the ttrpc server")?;
     let grpc_listener = bind(&grpc_socket)?;
