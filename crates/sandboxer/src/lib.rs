@@ -80,6 +80,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("create state directory {}", config.state_dir.display()))?;
     std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("chmod {}", config.state_dir.display()))?;
+    agent::set_call_timeout(std::time::Duration::from_secs(
+        config.qemu.call_timeout_secs,
+    ));
     let socket = config.socket.clone();
     let grpc_socket = config.grpc_socket.clone();
     let host = Arc::new(host::Host::new(config));
