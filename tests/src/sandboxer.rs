@@ -29,6 +29,8 @@ pub struct SandboxerConfig {
     pub log_level: String,
     pub qemu_binary: Option<PathBuf>,
     pub boot_timeout_secs: Option<u64>,
+    /// `[qemu] call_timeout_secs`: the bound on each agent call.
+    pub call_timeout_secs: Option<u64>,
     pub kernel_params: Option<String>,
 }
 
@@ -48,6 +50,7 @@ impl SandboxerConfig {
             log_level: "info".into(),
             qemu_binary: None,
             boot_timeout_secs: None,
+            call_timeout_secs: None,
             kernel_params: None,
         }
     }
@@ -80,6 +83,9 @@ impl SandboxerConfig {
         }
         if let Some(t) = self.boot_timeout_secs {
             s += &format!("boot_timeout_secs = {t}\n");
+        }
+        if let Some(t) = self.call_timeout_secs {
+            s += &format!("call_timeout_secs = {t}\n");
         }
         if let Some(k) = &self.kernel_params {
             s += &format!("kernel_params = {}\n", toml_str(k));

@@ -65,7 +65,7 @@ pub fn lookup_port(class_dir: &Path, name: &str) -> Option<String> {
 }
 
 /// Opens the port and starts the proxy thread.
-pub fn start_proxy(port: &Path, server: &Path) -> Result<()> {
+pub fn start_proxy(port: &Path, server: &Path, fault: Option<crate::proxy::Fault>) -> Result<()> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -76,7 +76,7 @@ pub fn start_proxy(port: &Path, server: &Path) -> Result<()> {
     let port = port.to_path_buf();
     std::thread::Builder::new()
         .name("port-proxy".into())
-        .spawn(move || crate::proxy::run(&file, &port, &server))
+        .spawn(move || crate::proxy::run(&file, &port, &server, fault))
         .context("spawn proxy thread")?;
     Ok(())
 }

@@ -60,6 +60,7 @@ fn main() {
     let (ready_tx, guest_ready) = tokio::sync::watch::channel(!pid1);
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let channel = channel::parse_channel(&cmdline);
+    let fault = proxy::Fault::from_cmdline(&cmdline);
     if pid1 {
         let vsock = matches!(channel, channel::Channel::Vsock(_));
         let setup = std::thread::Builder::new()
@@ -96,7 +97,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = runtime.block_on(serve(started, channel, guest_ready)) {
+    if let Err(e) = runtime.block_on(serve(started, channel, fault, guest_ready)) {
         error!("agent failed: {e}");
     }
     // As PID 1, exiting panics the kernel, and the VM stops (-no-reboot).
@@ -117,6 +118,7 @@ fn init_logging() {
 async fn serve(
     started: Instant,
     channel: channel::Channel,
+    fault: Option<proxy::Fault>,
     guest_ready: tokio::sync::watch::Receiver<bool>,
 ) -> Result<()> {
     let reaper = reaper::Reaper::start().context("install SIGCHLD handler")?;
@@ -159,7 +161,7 @@ async fn serve(
     let where_ = match channel {
         channel::Channel::Serial => {
             let port = channel::find_port(channel::PORT_NAME, PORT_TIMEOUT).await?;
-            channel::start_proxy(&port, Path::new(SERVER_SOCKET))?;
+            channel::start_proxy(&port, Path::new(SERVER_SOCKET), fault)?;
             port.display().to_string()
         }
         channel::Channel::Vsock(_) => address,

@@ -63,6 +63,129 @@ pub fn parse_header(buf: &[u8]) -> Result<Option<Header>, ()> {
     }))
 }
 
+/// A misbehaviour the proxy shows when the kernel command line asks for it
+/// with `kuasar.fault=MODE` or `kuasar.fault=MODE@METHOD` (from the first
+/// request for METHOD on): the host's tests of a hostile or hung guest
+/// (tests/tests/hostile.rs) use it on a real guest. Only the host sets a
+/// guest's command line (`[qemu] kernel_params`), and nothing else turns it
+/// on; it costs a guest nothing it could not do anyway (the guest is
+/// untrusted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fault {
+    pub mode: FaultMode,
+    /// The request method from which on the fault shows; `None`: at once.
+    pub from_method: Option<String>,
+    armed: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultMode {
+    /// Requests are swallowed: nothing is ever answered.
+    Silent,
+    /// Each request is answered with bytes that are not ttrpc.
+    Garbage,
+}
+
+/// What the proxy does with a frame from the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Forward,
+    Drop,
+    Garbage,
+}
+
+impl Fault {
+    /// The last `kuasar.fault=` of the command line; unknown modes are ignored.
+    pub fn from_cmdline(cmdline: &str) -> Option<Fault> {
+        let value = cmdline
+            .split_whitespace()
+            .filter_map(|p| p.strip_prefix("kuasar.fault="))
+            .next_back()?;
+        let (mode, from_method) = match value.split_once('@') {
+            Some((m, method)) if !method.is_empty() => (m, Some(method.to_owned())),
+            Some(_) => return None,
+            None => (value, None),
+        };
+        let mode = match mode {
+            "silent" => FaultMode::Silent,
+            "garbage" => FaultMode::Garbage,
+            _ => return None,
+        };
+        Some(Fault {
+            mode,
+            armed: from_method.is_none(),
+            from_method,
+        })
+    }
+
+    /// Decides the fate of one whole frame from the host.
+    pub fn action(&mut self, h: &Header, frame: &[u8]) -> Action {
+        if !self.armed && h.kind == TYPE_REQUEST {
+            let method = request_method(frame.get(HEADER_LEN..).unwrap_or_default());
+            if method.is_some() && method == self.from_method.as_deref() {
+                warn!(fault = ?self.mode, method, "fault injection (kuasar.fault) from now on");
+                self.armed = true;
+            }
+        }
+        if !self.armed {
+            return Action::Forward;
+        }
+        match self.mode {
+            FaultMode::Silent => Action::Drop,
+            FaultMode::Garbage if h.kind == TYPE_REQUEST => Action::Garbage,
+            FaultMode::Garbage => Action::Drop,
+        }
+    }
+}
+
+/// Bytes that are not ttrpc (a fixed pseudo-random sequence).
+pub fn garbage(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// The method of a ttrpc `Request` (field 2), if the payload has one.
+pub fn request_method(payload: &[u8]) -> Option<&str> {
+    fn varint(buf: &[u8], pos: &mut usize) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = *buf.get(*pos)?;
+            *pos += 1;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    let mut pos = 0;
+    while pos < payload.len() {
+        let key = varint(payload, &mut pos)?;
+        match key & 7 {
+            0 => {
+                varint(payload, &mut pos)?;
+            }
+            2 => {
+                let len = usize::try_from(varint(payload, &mut pos)?).ok()?;
+                let end = pos.checked_add(len).filter(|e| *e <= payload.len())?;
+                if key >> 3 == 2 {
+                    return std::str::from_utf8(&payload[pos..end]).ok();
+                }
+                pos = end;
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
 /// Splits whole frames off the front of a byte buffer.
 #[derive(Default)]
 pub struct Framer {
@@ -183,7 +306,13 @@ fn fill(mut src: impl Read, framer: &mut Framer, scratch: &mut [u8]) -> std::io:
 }
 
 /// Serves host connections on `port` forever.
-pub fn run(port: &File, port_path: &Path, server: &Path) {
+pub fn run(port: &File, port_path: &Path, server: &Path, mut fault: Option<Fault>) {
+    if let Some(f) = &fault {
+        warn!(
+            ?f,
+            "fault injection requested on the kernel command line (kuasar.fault)"
+        );
+    }
     let mut first = true;
     loop {
         // Nobody connected: the port polls readable (EOF) and hung up.
@@ -196,7 +325,7 @@ pub fn run(port: &File, port_path: &Path, server: &Path) {
         } else {
             info!("host reconnected");
         }
-        serve_host(port, server);
+        serve_host(port, server, &mut fault);
         info!("host disconnected");
     }
 }
@@ -226,7 +355,7 @@ fn connect(server: &Path) -> UnixStream {
 }
 
 /// Moves frames until the host hangs up.
-fn serve_host(port: &File, server: &Path) {
+fn serve_host(port: &File, server: &Path, fault: &mut Option<Fault>) {
     let mut sock = connect(server);
     let mut tracker = SessionTracker::default();
     let (mut from_host, mut from_server) = (Framer::default(), Framer::default());
@@ -283,7 +412,14 @@ fn serve_host(port: &File, server: &Path) {
                             to_host.clear();
                             from_server.clear();
                         }
-                        to_server.push(frame);
+                        match fault
+                            .as_mut()
+                            .map_or(Action::Forward, |f| f.action(&h, &frame))
+                        {
+                            Action::Forward => to_server.push(frame),
+                            Action::Drop => {}
+                            Action::Garbage => to_host.push(garbage(4096)),
+                        }
                     }
                     Ok(None) => break,
                     Err(()) => {
@@ -375,6 +511,56 @@ mod tests {
         assert!(!t.is_new_session(&h(7, TYPE_REQUEST)));
         assert!(t.is_new_session(&h(1, TYPE_REQUEST)));
         assert!(!t.is_new_session(&h(3, TYPE_REQUEST)));
+    }
+
+    fn request(stream: u32, method: &str) -> Vec<u8> {
+        let service = "kuasar.agent.v1.Agent";
+        let mut p = vec![0x0a, service.len() as u8];
+        p.extend(service.as_bytes());
+        p.extend([0x12, method.len() as u8]);
+        p.extend(method.as_bytes());
+        p.extend([0x1a, 0]);
+        frame(stream, TYPE_REQUEST, &p)
+    }
+
+    #[test]
+    fn faults_from_the_command_line() {
+        assert_eq!(Fault::from_cmdline("console=ttyS0 quiet"), None);
+        let f = Fault::from_cmdline("quiet kuasar.fault=silent").unwrap();
+        assert_eq!(
+            (f.mode, f.from_method.as_deref()),
+            (FaultMode::Silent, None)
+        );
+        let f = Fault::from_cmdline("kuasar.fault=garbage@ExecProcess x").unwrap();
+        assert_eq!(
+            (f.mode, f.from_method.as_deref()),
+            (FaultMode::Garbage, Some("ExecProcess"))
+        );
+        assert_eq!(Fault::from_cmdline("kuasar.fault=explode"), None);
+        assert_eq!(Fault::from_cmdline("kuasar.fault=silent@"), None);
+    }
+
+    #[test]
+    fn a_fault_shows_from_its_method_on() {
+        let h = |f: &[u8]| parse_header(f).unwrap().unwrap();
+        let ping = request(1, "Ping");
+        let exec = request(3, "ExecProcess");
+        let wait = request(5, "WaitProcess");
+        assert_eq!(request_method(&ping[HEADER_LEN..]), Some("Ping"));
+        let mut f = Fault::from_cmdline("kuasar.fault=silent@ExecProcess").unwrap();
+        assert_eq!(f.action(&h(&ping), &ping), Action::Forward);
+        assert_eq!(f.action(&h(&exec), &exec), Action::Drop);
+        assert_eq!(f.action(&h(&wait), &wait), Action::Drop);
+        let mut f = Fault::from_cmdline("kuasar.fault=garbage").unwrap();
+        assert_eq!(f.action(&h(&ping), &ping), Action::Garbage);
+        let g = garbage(4096);
+        assert_eq!(g.len(), 4096);
+        assert!(
+            parse_header(&g).is_err(),
+            "the garbage must not frame as ttrpc"
+        );
+        assert_eq!(request_method(b"\xff\xff"), None);
+        assert_eq!(request_method(b"\x12\x09Ping"), None);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The host side of the guest agent protocol. The guest is untrusted: every
 //! call is bounded in time (except the ones that wait for a process by
 //! design) and ttrpc bounds every message's size.
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use kuasar_api::agent::agent_ttrpc_async::AgentClient;
@@ -9,8 +11,21 @@ use ttrpc::context::{self, Context};
 use ttrpc::r#async::Client;
 use ttrpc::Code;
 
-/// Bound on every agent call that does not wait for a process by design.
+/// Default bound on every agent call that does not wait for a process by
+/// design (`[qemu] call_timeout_secs`).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+static CALL_TIMEOUT_SECS: AtomicU64 = AtomicU64::new(CALL_TIMEOUT.as_secs());
+
+/// Sets the bound on agent calls (from the configuration, at start-up).
+pub fn set_call_timeout(t: Duration) {
+    CALL_TIMEOUT_SECS.store(t.as_secs().max(1), Ordering::Relaxed);
+}
+
+/// The bound on every agent call that does not wait for a process.
+pub fn call_timeout() -> Duration {
+    Duration::from_secs(CALL_TIMEOUT_SECS.load(Ordering::Relaxed))
+}
 /// Largest stdout/stderr chunk asked of the guest in one call; replies up to
 /// this size cross a host reconnect intact.
 pub const READ_CHUNK: u32 = 32 * 1024;
@@ -37,6 +52,12 @@ pub enum AgentError {
     Transport {
         method: &'static str,
         message: String,
+    },
+    /// The guest broke the protocol; its connection was cut off.
+    #[error("agent call {method}: the guest broke the agent protocol ({reason}); its connection was cut off")]
+    Protocol {
+        method: &'static str,
+        reason: String,
     },
 }
 
@@ -107,6 +128,8 @@ impl OutputReader {
 #[derive(Clone)]
 pub struct Agent {
     client: AgentClient,
+    /// Why the guard cut the connection off, once it did.
+    broken: Arc<OnceLock<String>>,
 }
 
 /// Runs one agent call with a timeout (None: wait as long as it takes).
@@ -130,7 +153,13 @@ macro_rules! call {
                 })?,
             None => fut.await,
         };
-        res.map_err(|e| AgentError::from_ttrpc($name, e))
+        res.map_err(|e| match $self.broken.get() {
+            Some(reason) => AgentError::Protocol {
+                method: $name,
+                reason: reason.clone(),
+            },
+            None => AgentError::from_ttrpc($name, e),
+        })
     }};
 }
 
@@ -141,12 +170,24 @@ impl Agent {
         address: &str,
         deadline: Instant,
     ) -> Result<(Self, PingResponse), AgentError> {
-        let client = Client::connect(address).map_err(|source| AgentError::Connect {
-            address: address.to_owned(),
-            source,
-        })?;
+        let broken = Arc::new(OnceLock::new());
+        let client = match address.strip_prefix("unix://") {
+            Some(path) => {
+                guard::connect(path, broken.clone()).map_err(|e| AgentError::Connect {
+                    address: address.to_owned(),
+                    source: ttrpc::Error::Socket(e.to_string()),
+                })?
+            }
+            // vsock: no guard (no host here has vhost-vsock to test it on);
+            // ttrpc still bounds each frame to 4 MiB.
+            None => Client::connect(address).map_err(|source| AgentError::Connect {
+                address: address.to_owned(),
+                source,
+            })?,
+        };
         let agent = Agent {
             client: AgentClient::new(client),
+            broken,
         };
         // One ping for the whole wait: the request waits in the channel until
         // the guest opens its end, so there is nothing to gain by resending.
@@ -161,7 +202,7 @@ impl Agent {
             create_container,
             "CreateContainer",
             req,
-            Some(CALL_TIMEOUT)
+            Some(call_timeout())
         )?
         .pid)
     }
@@ -176,7 +217,7 @@ impl Agent {
             start_container,
             "StartContainer",
             req,
-            Some(CALL_TIMEOUT)
+            Some(call_timeout())
         )?
         .pid)
     }
@@ -191,13 +232,13 @@ impl Agent {
             remove_container,
             "RemoveContainer",
             req,
-            Some(CALL_TIMEOUT)
+            Some(call_timeout())
         )
         .map(drop)
     }
 
     pub async fn exec_process(&self, req: ExecProcessRequest) -> Result<u32, AgentError> {
-        Ok(call!(self, exec_process, "ExecProcess", req, Some(CALL_TIMEOUT))?.pid)
+        Ok(call!(self, exec_process, "ExecProcess", req, Some(call_timeout()))?.pid)
     }
 
     pub async fn signal_process(
@@ -219,7 +260,7 @@ impl Agent {
             signal_process,
             "SignalProcess",
             req,
-            Some(CALL_TIMEOUT)
+            Some(call_timeout())
         )
         .map(drop)
     }
@@ -243,7 +284,7 @@ impl Agent {
                     wait_process,
                     "WaitProcess",
                     req,
-                    Some(WAIT_ROUND + CALL_TIMEOUT)
+                    Some(WAIT_ROUND + call_timeout())
                 )
             };
             match round.await {
@@ -279,12 +320,12 @@ impl Agent {
             data,
             ..Default::default()
         };
-        Ok(call!(self, write_stdin, "WriteStdin", req, Some(CALL_TIMEOUT))?.len)
+        Ok(call!(self, write_stdin, "WriteStdin", req, Some(call_timeout()))?.len)
     }
 
     pub async fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<(), AgentError> {
         let req = process_request(container_id, exec_id);
-        call!(self, close_stdin, "CloseStdin", req, Some(CALL_TIMEOUT)).map(drop)
+        call!(self, close_stdin, "CloseStdin", req, Some(call_timeout())).map(drop)
     }
 
     /// Reads the next chunk of a process's stdout (`stderr` false) or
@@ -345,7 +386,7 @@ impl Agent {
             height,
             ..Default::default()
         };
-        call!(self, resize_tty, "ResizeTty", req, Some(CALL_TIMEOUT)).map(drop)
+        call!(self, resize_tty, "ResizeTty", req, Some(call_timeout())).map(drop)
     }
 
     pub async fn list_pids(&self, container_id: &str) -> Result<Vec<u32>, AgentError> {
@@ -353,7 +394,7 @@ impl Agent {
             container_id: container_id.to_owned(),
             ..Default::default()
         };
-        Ok(call!(self, list_pids, "ListPids", req, Some(CALL_TIMEOUT))?.pids)
+        Ok(call!(self, list_pids, "ListPids", req, Some(call_timeout()))?.pids)
     }
 
     pub async fn stats(&self, container_id: &str) -> Result<StatsResponse, AgentError> {
@@ -361,11 +402,17 @@ impl Agent {
             container_id: container_id.to_owned(),
             ..Default::default()
         };
-        call!(self, stats, "Stats", req, Some(CALL_TIMEOUT))
+        call!(self, stats, "Stats", req, Some(call_timeout()))
     }
 
     pub async fn setup_sandbox(&self, req: SetupSandboxRequest) -> Result<(), AgentError> {
-        call!(self, setup_sandbox, "SetupSandbox", req, Some(CALL_TIMEOUT))?;
+        call!(
+            self,
+            setup_sandbox,
+            "SetupSandbox",
+            req,
+            Some(call_timeout())
+        )?;
         Ok(())
     }
 
@@ -384,7 +431,7 @@ impl Agent {
             update_container,
             "UpdateContainer",
             req,
-            Some(CALL_TIMEOUT)
+            Some(call_timeout())
         )?;
         Ok(())
     }
@@ -409,5 +456,254 @@ fn process_request(container_id: &str, exec_id: &str) -> ProcessRequest {
         container_id: container_id.to_owned(),
         exec_id: exec_id.to_owned(),
         ..Default::default()
+    }
+}
+
+/// Stands between the ttrpc client and the guest's channel: frames from the
+/// guest are checked before the client sees them, and a guest that breaks
+/// the protocol is cut off at once with the reason, instead of feeding the
+/// client bytes it would skip or wait on until each call times out.
+mod guard {
+    use std::os::fd::IntoRawFd;
+    use std::sync::{Arc, OnceLock};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UnixStream;
+    use ttrpc::r#async::Client;
+
+    /// ttrpc's frame header: length (u32 BE), stream id (u32 BE), type, flags.
+    pub const HEADER_LEN: usize = 10;
+    /// ttrpc's largest payload.
+    pub const MAX_PAYLOAD: usize = 4 << 20;
+    const TYPE_RESPONSE: u8 = 2;
+    const TYPE_DATA: u8 = 3;
+    /// REMOTE_CLOSED | REMOTE_OPEN | NO_DATA.
+    const KNOWN_FLAGS: u8 = 0x1 | 0x2 | 0x4;
+
+    /// The payload length a frame header from the guest announces, or why
+    /// the header cannot come from a ttrpc server answering us.
+    pub fn check_header(h: &[u8; HEADER_LEN]) -> Result<usize, String> {
+        let len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
+        let stream = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+        let (kind, flags) = (h[8], h[9]);
+        if len > MAX_PAYLOAD {
+            return Err(format!(
+                "a frame of {len} bytes, more than ttrpc's {MAX_PAYLOAD}"
+            ));
+        }
+        if kind != TYPE_RESPONSE && kind != TYPE_DATA {
+            return Err(format!("a frame of type {kind}, not a response"));
+        }
+        // The host opens every stream, with odd ids.
+        if stream & 1 == 0 {
+            return Err(format!(
+                "a frame on stream {stream}, which the host never opened"
+            ));
+        }
+        if flags & !KNOWN_FLAGS != 0 {
+            return Err(format!("a frame with unknown flags {flags:#04x}"));
+        }
+        Ok(len)
+    }
+
+    /// Connects to the guest's channel at `path` and returns a ttrpc
+    /// client whose traffic goes through the guard.
+    pub fn connect(path: &str, broken: Arc<OnceLock<String>>) -> std::io::Result<Client> {
+        let guest = std::os::unix::net::UnixStream::connect(path)?;
+        guest.set_nonblocking(true)?;
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        theirs.set_nonblocking(true)?;
+        let guest = UnixStream::from_std(guest)?;
+        let theirs = UnixStream::from_std(theirs)?;
+        tokio::spawn(relay(guest, theirs, path.to_owned(), broken));
+        Ok(Client::new(ours.into_raw_fd()))
+    }
+
+    /// Moves bytes until either side closes or the guest breaks the protocol;
+    /// then both connections close (the client fails its pending calls).
+    async fn relay(
+        guest: UnixStream,
+        client: UnixStream,
+        path: String,
+        broken: Arc<OnceLock<String>>,
+    ) {
+        let (mut guest_rd, mut guest_wr) = guest.into_split();
+        let (mut client_rd, mut client_wr) = client.into_split();
+        let to_guest = async {
+            let _ = tokio::io::copy(&mut client_rd, &mut guest_wr).await;
+        };
+        let from_guest = async {
+            match forward_checked(&mut guest_rd, &mut client_wr).await {
+                Ok(()) => {}
+                Err(Some(reason)) => {
+                    tracing::error!(
+                        channel = %path,
+                        "the guest broke the agent protocol ({reason}); cutting its connection off"
+                    );
+                    let _ = broken.set(reason);
+                }
+                Err(None) => {}
+            }
+        };
+        tokio::select! {
+            _ = to_guest => {}
+            _ = from_guest => {}
+        }
+        let _ = client_wr.shutdown().await;
+    }
+
+    /// Copies whole checked frames; `Err(Some(reason))` on a bad one,
+    /// `Err(None)` or `Ok` when a side closed.
+    async fn forward_checked(
+        from: &mut (impl AsyncReadExt + Unpin),
+        to: &mut (impl AsyncWriteExt + Unpin),
+    ) -> Result<(), Option<String>> {
+        let mut header = [0u8; HEADER_LEN];
+        loop {
+            if from.read_exact(&mut header).await.is_err() {
+                return Ok(());
+            }
+            let len = check_header(&header).map_err(Some)?;
+            let mut frame = Vec::with_capacity(HEADER_LEN + len);
+            frame.extend_from_slice(&header);
+            frame.resize(HEADER_LEN + len, 0);
+            if from.read_exact(&mut frame[HEADER_LEN..]).await.is_err() {
+                return Ok(());
+            }
+            to.write_all(&frame).await.map_err(|_| None)?;
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn header(len: u32, stream: u32, kind: u8, flags: u8) -> [u8; HEADER_LEN] {
+            let mut h = [0u8; HEADER_LEN];
+            h[..4].copy_from_slice(&len.to_be_bytes());
+            h[4..8].copy_from_slice(&stream.to_be_bytes());
+            h[8] = kind;
+            h[9] = flags;
+            h
+        }
+
+        #[test]
+        fn headers_a_guest_may_and_may_not_send() {
+            assert_eq!(check_header(&header(5, 1, TYPE_RESPONSE, 0)), Ok(5));
+            assert_eq!(check_header(&header(0, 7, TYPE_DATA, 0x5)), Ok(0));
+            assert_eq!(
+                check_header(&header(4 << 20, 3, TYPE_RESPONSE, 0)),
+                Ok(4 << 20)
+            );
+            for bad in [
+                header(u32::MAX, 1, TYPE_RESPONSE, 0),
+                header((4 << 20) + 1, 1, TYPE_RESPONSE, 0),
+                header(5, 1, 1, 0),
+                header(5, 1, 0, 0),
+                header(5, 2, TYPE_RESPONSE, 0),
+                header(5, 1, TYPE_RESPONSE, 0x80),
+            ] {
+                assert!(check_header(&bad).is_err(), "{bad:?}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A fake guest channel on a Unix socket: `answer` gets the connection.
+    async fn fake_guest<F, Fut>(answer: F) -> (tempfile::TempDir, String)
+    where
+        F: FnOnce(tokio::net::UnixStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            if let Ok((conn, _)) = listener.accept().await {
+                answer(conn).await;
+            }
+        });
+        (dir, format!("unix://{}", path.display()))
+    }
+
+    #[tokio::test]
+    async fn a_guest_sending_garbage_is_cut_off_at_once() {
+        let (_dir, address) = fake_guest(|mut conn| async move {
+            let mut req = [0u8; 64];
+            let _ = conn.read(&mut req).await;
+            // Garbage that is not a ttrpc frame (announces ~4 GiB).
+            let _ = conn.write_all(&[0xff; 4096]).await;
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        })
+        .await;
+        let started = Instant::now();
+        let err = Agent::connect(&address, Instant::now() + Duration::from_secs(20))
+            .await
+            .err()
+            .expect("a garbage answer was accepted");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(matches!(err, AgentError::Protocol { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains("broke the agent protocol"), "{text}");
+        assert!(text.contains("more than ttrpc's"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_response_on_a_stream_the_host_never_opened_is_cut_off() {
+        let (_dir, address) = fake_guest(|mut conn| async move {
+            let mut req = [0u8; 64];
+            let _ = conn.read(&mut req).await;
+            let mut frame = 3u32.to_be_bytes().to_vec();
+            frame.extend(2u32.to_be_bytes());
+            frame.extend([2, 0, b'a', b'b', b'c']);
+            let _ = conn.write_all(&frame).await;
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        })
+        .await;
+        let err = Agent::connect(&address, Instant::now() + Duration::from_secs(20))
+            .await
+            .err()
+            .expect("accepted");
+        assert!(err.to_string().contains("stream 2"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_silent_guest_costs_the_deadline_only() {
+        let (_dir, address) = fake_guest(|conn| async move {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(conn);
+        })
+        .await;
+        let started = Instant::now();
+        let err = Agent::connect(&address, Instant::now() + Duration::from_millis(500))
+            .await
+            .err()
+            .expect("accepted");
+        assert!(matches!(err, AgentError::Timeout { .. }), "{err:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn the_call_timeout_is_configurable() {
+        assert_eq!(call_timeout(), CALL_TIMEOUT);
+        set_call_timeout(Duration::from_secs(3));
+        assert_eq!(call_timeout(), Duration::from_secs(3));
+        set_call_timeout(CALL_TIMEOUT);
     }
 }

@@ -95,6 +95,9 @@ pub struct QemuConfig {
     pub memory_mib: u32,
     /// How long a guest may take from QEMU's spawn to the agent answering.
     pub boot_timeout_secs: u64,
+    /// How long one call to a booted guest's agent may take (every call but
+    /// the waits for a process, which are re-asked in rounds).
+    pub call_timeout_secs: u64,
     /// Appended to the guest kernel's command line.
     pub kernel_params: String,
     /// Host TSC frequency given to the guest (`tsc_early_khz`) under TCG;
@@ -111,6 +114,7 @@ impl Default for QemuConfig {
             vcpus: 1,
             memory_mib: 256,
             boot_timeout_secs: 30,
+            call_timeout_secs: 30,
             kernel_params: String::new(),
             tsc_khz: 0,
         }
@@ -248,6 +252,12 @@ impl Config {
         if !(1..=600).contains(&self.qemu.boot_timeout_secs) {
             return Err(invalid(
                 "qemu.boot_timeout_secs",
+                "must be between 1 and 600",
+            ));
+        }
+        if !(1..=600).contains(&self.qemu.call_timeout_secs) {
+            return Err(invalid(
+                "qemu.call_timeout_secs",
                 "must be between 1 and 600",
             ));
         }

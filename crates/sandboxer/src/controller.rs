@@ -121,7 +121,7 @@ impl ControllerService {
             .set_domain_unix()
             .add_listener(listener.into_raw_fd())
             .map_err(|e| Error::Internal(format!("task socket of sandbox {id}: {e}")))?
-            .register_service(services);
+            .register_service(crate::panic_guard::ttrpc_services(services, Some(&id)));
         server
             .start()
             .await
@@ -354,7 +354,7 @@ impl Controller for ControllerService {
 /// (gRPC) on each accepted connection.
 pub async fn serve(listener: tokio::net::UnixListener, controller: Arc<ControllerService>) {
     use kuasar_api::grpc::sandbox::controller_server::ControllerServer;
-    let service = ControllerServer::from_arc(controller);
+    let service = ControllerServer::new(crate::panic_guard::GuardedController(controller));
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,

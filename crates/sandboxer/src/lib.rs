@@ -18,6 +18,7 @@ pub mod host;
 pub mod io;
 pub mod mount;
 pub mod net;
+pub mod panic_guard;
 pub mod pod;
 pub mod recovery;
 pub mod registry;
@@ -79,6 +80,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("create state directory {}", config.state_dir.display()))?;
     std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("chmod {}", config.state_dir.display()))?;
+    agent::set_call_timeout(std::time::Duration::from_secs(
+        config.qemu.call_timeout_secs,
+    ));
     let socket = config.socket.clone();
     let grpc_socket = config.grpc_socket.clone();
     let host = Arc::new(host::Host::new(config));
@@ -102,14 +106,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .set_domain_unix()
         .add_listener(listener.into_raw_fd())
         .context("serve the socket")?
-        .register_service(
+        .register_service(panic_guard::ttrpc_services(
             kuasar_api::sandboxer::sandboxer_ttrpc_async::create_sandboxer(Arc::new(sandboxer)),
-        )
-        .register_service(kuasar_api::containerd::shim_async::create_task(Arc::new(
-            tasks,
-        )))
-        .register_service(kuasar_api::sandbox::sandbox_ttrpc_async::create_sandbox(
-            Arc::new(sandbox_api::SandboxService::new(registry.clone())),
+            None,
+        ))
+        .register_service(panic_guard::ttrpc_services(
+            kuasar_api::containerd::shim_async::create_task(Arc::new(tasks)),
+            None,
+        ))
+        .register_service(panic_guard::ttrpc_services(
+            kuasar_api::sandbox::sandbox_ttrpc_async::create_sandbox(Arc::new(
+                sandbox_api::SandboxService::new(registry.clone()),
+            )),
+            None,
         ));
     server.start().await.context("start the ttrpc server")?;
     let grpc_listener = bind(&grpc_socket)?;

@@ -56,6 +56,9 @@ impl Registry {
     }
 
     pub fn get(&self, id: &str) -> Result<Arc<Sandbox>> {
+        // An id that could not have been created is a bad argument, not an
+        // unknown sandbox.
+        validate_id("sandbox", id)?;
         self.map()
             .get(id)
             .cloned()

@@ -62,6 +62,16 @@ impl TaskService {
     }
 }
 
+/// Refuses ids that could never name a container or process (and could
+/// escape a directory), before any lookup: InvalidArgument, not NotFound.
+fn check_ids(id: &str, exec_id: &str) -> Result<(), Error> {
+    crate::container::validate_id("container", id)?;
+    if !exec_id.is_empty() {
+        crate::container::validate_id("exec", exec_id)?;
+    }
+    Ok(())
+}
+
 fn metadata<'a>(ctx: &'a TtrpcContext, key: &str) -> Option<&'a str> {
     ctx.metadata
         .get(key)
@@ -164,6 +174,7 @@ impl Task for TaskService {
         ctx: &TtrpcContext,
         req: task_api::StartRequest,
     ) -> TtrpcResult<task_api::StartResponse> {
+        check_ids(&req.id, &req.exec_id)?;
         let pid = self.sandbox(ctx)?.start(&req.id, &req.exec_id).await?;
         Ok(task_api::StartResponse {
             pid,
@@ -176,6 +187,7 @@ impl Task for TaskService {
         ctx: &TtrpcContext,
         req: task_api::StateRequest,
     ) -> TtrpcResult<task_api::StateResponse> {
+        check_ids(&req.id, &req.exec_id)?;
         let s = self.sandbox(ctx)?.status(&req.id, &req.exec_id)?;
         let (status, exit_status, exited_at) = status_of(s.state);
         Ok(task_api::StateResponse {
@@ -199,6 +211,7 @@ impl Task for TaskService {
         ctx: &TtrpcContext,
         req: task_api::WaitRequest,
     ) -> TtrpcResult<task_api::WaitResponse> {
+        check_ids(&req.id, &req.exec_id)?;
         let (exit_status, at) = self.sandbox(ctx)?.wait(&req.id, &req.exec_id).await?;
         Ok(task_api::WaitResponse {
             exit_status,
@@ -208,6 +221,7 @@ impl Task for TaskService {
     }
 
     async fn kill(&self, ctx: &TtrpcContext, req: task_api::KillRequest) -> TtrpcResult<Empty> {
+        check_ids(&req.id, &req.exec_id)?;
         self.sandbox(ctx)?
             .kill(&req.id, &req.exec_id, req.signal, req.all)
             .await?;
@@ -219,6 +233,7 @@ impl Task for TaskService {
         ctx: &TtrpcContext,
         req: task_api::DeleteRequest,
     ) -> TtrpcResult<task_api::DeleteResponse> {
+        check_ids(&req.id, &req.exec_id)?;
         let (pid, exit_status, at) = self.sandbox(ctx)?.delete(&req.id, &req.exec_id).await?;
         Ok(task_api::DeleteResponse {
             pid,
@@ -233,6 +248,7 @@ impl Task for TaskService {
         ctx: &TtrpcContext,
         req: task_api::ExecProcessRequest,
     ) -> TtrpcResult<Empty> {
+        check_ids(&req.id, &req.exec_id)?;
         let spec = req.spec.into_option().map(|a| a.value).unwrap_or_default();
         if spec.is_empty() {
             return Err(Error::InvalidArgument(format!(
@@ -258,10 +274,10 @@ impl Task for TaskService {
         ctx: &TtrpcContext,
         req: task_api::CloseIORequest,
     ) -> TtrpcResult<Empty> {
+        check_ids(&req.id, &req.exec_id)?;
+        let sandbox = self.sandbox(ctx)?;
         if req.stdin {
-            self.sandbox(ctx)?
-                .close_stdin(&req.id, &req.exec_id)
-                .await?;
+            sandbox.close_stdin(&req.id, &req.exec_id).await?;
         }
         Ok(Empty::new())
     }
@@ -271,6 +287,7 @@ impl Task for TaskService {
         ctx: &TtrpcContext,
         req: task_api::PidsRequest,
     ) -> TtrpcResult<task_api::PidsResponse> {
+        check_ids(&req.id, "")?;
         let pids = self.sandbox(ctx)?.pids(&req.id).await?;
         Ok(task_api::PidsResponse {
             processes: pids
@@ -289,6 +306,7 @@ impl Task for TaskService {
         ctx: &TtrpcContext,
         req: task_api::ConnectRequest,
     ) -> TtrpcResult<task_api::ConnectResponse> {
+        check_ids(&req.id, "")?;
         let sandbox = self.sandbox(ctx)?;
         // The shim fills in its own pid.
         Ok(task_api::ConnectResponse {
@@ -334,6 +352,7 @@ impl Task for TaskService {
         ctx: &TtrpcContext,
         req: task_api::StatsRequest,
     ) -> TtrpcResult<task_api::StatsResponse> {
+        check_ids(&req.id, "")?;
         let s = self.sandbox(ctx)?.stats(&req.id).await?;
         let stats: Any = pack(&metrics_of(&s))
             .map_err(|e| ttrpc::Error::Others(format!("pack metrics: {e}")))?;
@@ -364,6 +383,7 @@ impl Task for TaskService {
         ctx: &TtrpcContext,
         req: task_api::ResizePtyRequest,
     ) -> TtrpcResult<Empty> {
+        check_ids(&req.id, &req.exec_id)?;
         self.sandbox(ctx)?
             .resize_pty(&req.id, &req.exec_id, req.width, req.height)
             .await?;
@@ -375,6 +395,7 @@ impl Task for TaskService {
         ctx: &TtrpcContext,
         req: task_api::UpdateTaskRequest,
     ) -> TtrpcResult<Empty> {
+        check_ids(&req.id, "")?;
         let resources = req
             .resources
             .into_option()

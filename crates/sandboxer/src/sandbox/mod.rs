@@ -472,10 +472,32 @@ impl Sandbox {
                 "exec {exec_id} was not started"
             )));
         }
-        self.agent()?
-            .signal_process(id, exec_id, signal, all)
-            .await?;
-        Ok(())
+        match self.agent()?.signal_process(id, exec_id, signal, all).await {
+            Ok(()) => Ok(()),
+            // A guest that stopped answering (or broke the protocol) cannot
+            // deliver a SIGKILL, and containerd cannot stop the pod without
+            // one: stopping the VM is the only way to honor it (every
+            // process of the pod is then reported killed, as for a VM that
+            // died).
+            Err(
+                e @ (crate::agent::AgentError::Timeout { .. }
+                | crate::agent::AgentError::Protocol { .. }),
+            ) if signal == libc::SIGKILL as u32 => {
+                tracing::error!(
+                    sandbox = %self.info.id,
+                    container = id,
+                    exec = exec_id,
+                    "SIGKILL not delivered ({e}); stopping the VM instead"
+                );
+                if let Some(vm) = self.vm.lock().await.as_mut() {
+                    if let Err(e) = vm.stop(Duration::ZERO).await {
+                        tracing::error!(sandbox = %self.info.id, "{e}");
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub async fn wait(&self, id: &str, exec_id: &str) -> Result<(u32, SystemTime)> {
