@@ -7,10 +7,13 @@
 //!   `ctr` against it;
 //! - [`cmd`]: commands with deadlines and captured output;
 //! - [`procs`]: the processes of an environment (counting, killing, unmounting);
+//! - [`census`]: what an environment holds on the host (processes, mounts,
+//!   network leftovers, sockets, kuasar-vmm's fds and threads), to compare;
 //! - [`sandboxer`]: kuasar-vmm with a configuration of the test's choice;
 //! - [`wire`]: a minimal protobuf/ttrpc codec to talk to the sandboxer directly.
 //!
 //! The tests live in `tests/tests/*.rs`; they need `make build guest images`.
+pub mod census;
 pub mod cmd;
 pub mod cri;
 pub mod env;

@@ -157,6 +157,24 @@ impl Cri {
             .ok_or_else(|| Status::internal("PodSandboxStatus without a status"))
     }
 
+    /// PodSandboxStatus with `verbose`: also containerd's `info` map (JSON
+    /// values: the runtime spec, the network namespace, ...).
+    pub fn pod_status_verbose(
+        &self,
+        id: &str,
+    ) -> Result<(PodSandboxStatus, std::collections::HashMap<String, String>), Status> {
+        let mut c = self.rs();
+        let req = PodSandboxStatusRequest {
+            pod_sandbox_id: id.to_string(),
+            verbose: true,
+        };
+        let r = self.call(self.timeout, c.pod_sandbox_status(req))?;
+        let status = r
+            .status
+            .ok_or_else(|| Status::internal("PodSandboxStatus without a status"))?;
+        Ok((status, r.info))
+    }
+
     pub fn list_pods(&self, filter: Option<PodSandboxFilter>) -> Result<Vec<PodSandbox>, Status> {
         let mut c = self.rs();
         let req = ListPodSandboxRequest { filter };

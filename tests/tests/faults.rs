@@ -1,0 +1,586 @@
+//! Faults through CRI against the real containerd, kuasar-vmm and QEMU:
+//!
+//! - a pod's VMM killed (SIGKILL): its containers are reported exited within
+//!   one second of the kill, the pod becomes NotReady, what its VM held on
+//!   the host is released at once (QEMU, mounts, sockets, tap), the other
+//!   pod is untouched, and the dead pod then stops and goes cleanly;
+//! - a pod's shim killed (SIGKILL): containerd's cleanup (`shim delete`)
+//!   stops the pod's VM and frees everything; the pod ends NotReady with its
+//!   containers exited, RemovePodSandbox works and leaves nothing; the other
+//!   pod is untouched;
+//! - pod cycles: RunPodSandbox -> (a container on some cycles) ->
+//!   StopPodSandbox -> RemovePodSandbox, 300 times, leaves exactly what was
+//!   there before (processes, mounts, netns, bridge ports, IPs, sockets and
+//!   directories in the state dir, kuasar-vmm's fds and threads).
+//!
+//! The first two run once per VM handler: `kuasar-vmm` (CRI's podsandbox
+//! mode: a pause container boots the VM) and `kuasar-vmm-shim` (the shim
+//! serves containerd's sandbox API). Every pod is removed by a guard, also
+//! when a test fails; the environment goes when the binary exits.
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use kuasar_e2e::census::Census;
+use kuasar_e2e::cri::proto::{ContainerState, ContainerStatus, PodSandboxConfig, PodSandboxState};
+use kuasar_e2e::cri::{spec, Cri, PodGuard};
+use kuasar_e2e::env::Shared;
+use kuasar_e2e::{cmd, procs, shared, EnvOptions, BUSYBOX};
+
+/// The issue's bound: the tasks of a killed VM are reported exited within
+/// one second of the kill.
+const EXIT_REPORT_BOUND: Duration = Duration::from_secs(1);
+/// How often CRI is polled while a fault is being reacted to.
+const POLL: Duration = Duration::from_millis(50);
+/// Bounds for what has no timing requirement (failure diagnostics only).
+const SLOW: Duration = Duration::from_secs(30);
+/// The tap kuasar-vmm creates in a pod's network namespace.
+const TAP: &str = "tap0_kuasar";
+
+static CRI: OnceLock<Cri> = OnceLock::new();
+
+struct Fx {
+    env: Shared,
+    cri: &'static Cri,
+    handler: &'static str,
+}
+
+fn fixture(handler: &'static str) -> Fx {
+    let env = shared(EnvOptions { sandboxer: true });
+    let cri = CRI.get_or_init(|| Cri::connect(&env.address()).unwrap_or_else(|e| panic!("{e}")));
+    Fx { env, cri, handler }
+}
+
+/// A pod with one running `sleep` container.
+struct Pod<'a> {
+    guard: PodGuard<'a>,
+    cid: String,
+    netns: PathBuf,
+}
+
+impl Pod<'_> {
+    fn id(&self) -> &str {
+        &self.guard.id
+    }
+}
+
+impl Fx {
+    fn diag(&self) -> String {
+        self.env.diagnostics()
+    }
+
+    fn pod_config(&self, what: &str) -> PodSandboxConfig {
+        let name = format!("{}-{}", self.handler, self.env.unique_id(what));
+        let log_dir = self.env.dir().join("pod-logs").join(&name);
+        std::fs::create_dir_all(&log_dir).expect("create the pod log dir");
+        spec::pod(&name, &log_dir)
+    }
+
+    /// Runs a pod with one container running `sleep 3600`.
+    fn pod_with_sleeper(&self, what: &str) -> Pod<'static> {
+        let guard = PodGuard::run(self.cri, self.pod_config(what), self.handler)
+            .unwrap_or_else(|e| panic!("RunPodSandbox ({}): {e:?}\n{}", self.handler, self.diag()));
+        let c = spec::container("sleeper", BUSYBOX, &["sleep", "3600"]);
+        let cid = self
+            .cri
+            .create_container(&guard.id, &c, &guard.config)
+            .unwrap_or_else(|e| panic!("CreateContainer: {e:?}\n{}", self.diag()));
+        self.cri
+            .start_container(&cid)
+            .unwrap_or_else(|e| panic!("StartContainer: {e:?}\n{}", self.diag()));
+        let netns = self.netns_of(&guard.id);
+        assert_eq!(
+            self.container_state(&cid),
+            ContainerState::ContainerRunning as i32
+        );
+        Pod { guard, cid, netns }
+    }
+
+    fn container_status(&self, id: &str) -> ContainerStatus {
+        self.cri
+            .container_status(id)
+            .unwrap_or_else(|e| panic!("ContainerStatus {id}: {e:?}\n{}", self.diag()))
+    }
+
+    fn container_state(&self, id: &str) -> i32 {
+        self.container_status(id).state
+    }
+
+    fn pod_ready(&self, id: &str) -> bool {
+        let s = self
+            .cri
+            .pod_status(id)
+            .unwrap_or_else(|e| panic!("PodSandboxStatus {id}: {e:?}\n{}", self.diag()));
+        s.state == PodSandboxState::SandboxReady as i32
+    }
+
+    /// The pod's network namespace: as containerd reports it (verbose
+    /// PodSandboxStatus of the podsandbox mode: a path below containerd's
+    /// state dir), else as kuasar-vmm logged it when it attached the pod's
+    /// network (in the shim mode the verbose info is our controller's).
+    fn netns_of(&self, pod: &str) -> PathBuf {
+        let (_, info) = self
+            .cri
+            .pod_status_verbose(pod)
+            .unwrap_or_else(|e| panic!("PodSandboxStatus {pod}: {e:?}"));
+        let mut found = Vec::new();
+        for v in info.values() {
+            if let Ok(json) = serde_json::from_str::<serde_json::Value>(v) {
+                strings_with(&json, "/netns/", &mut found);
+            }
+        }
+        let log =
+            std::fs::read_to_string(self.env.dir().join("kuasar-vmm.log")).unwrap_or_default();
+        let sandbox = format!("sandbox={pod} ");
+        found.extend(
+            log.lines()
+                .filter(|l| l.contains("pod network attached") && l.contains(&sandbox))
+                .filter_map(|l| l.split("netns=").nth(1))
+                .filter_map(|rest| rest.split_whitespace().next())
+                .map(str::to_string),
+        );
+        found
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no network namespace of pod {pod} in {info:?} or kuasar-vmm's log\n{}",
+                    self.diag()
+                )
+            })
+    }
+
+    /// The QEMU of sandbox `id` (its `-name kuasar-<id>,...`).
+    fn qemu_of(&self, id: &str) -> Option<procs::Proc> {
+        let marker = format!("kuasar-{id},");
+        procs::find(self.env.dir(), &[procs::QEMU])
+            .into_iter()
+            .find(|p| p.cmdline.contains(&marker))
+    }
+
+    /// The shim serving sandbox `id` (`-id <id>`).
+    fn shim_of(&self, id: &str) -> Option<procs::Proc> {
+        procs::find(self.env.dir(), &[procs::SHIM])
+            .into_iter()
+            .find(|p| {
+                let args: Vec<&str> = p.cmdline.split(' ').collect();
+                args.windows(2).any(|w| w[0] == "-id" && w[1] == id)
+            })
+    }
+
+    /// What sandbox `id` still holds on the host: its QEMU, mounts and
+    /// sockets below its state directory, the tap in its netns.
+    fn held_by(&self, id: &str, netns: &Path) -> Vec<String> {
+        let dir = self.env.state_dir().join(id);
+        let mut held = Vec::new();
+        if let Some(q) = self.qemu_of(id) {
+            held.push(format!("QEMU pid {}", q.pid));
+        }
+        held.extend(
+            procs::mounts_under(&dir)
+                .into_iter()
+                .map(|m| format!("mount {m}")),
+        );
+        held.extend(
+            sockets_below(&dir)
+                .into_iter()
+                .map(|s| format!("socket {s}")),
+        );
+        if netns.exists() && links_in(netns).iter().any(|l| l == TAP) {
+            held.push(format!("{TAP} in {}", netns.display()));
+        }
+        held
+    }
+
+    /// Checks that pod `p` is untouched by the other pod's fault: Ready,
+    /// its container running, ExecSync works, its VM and tap still there.
+    fn assert_untouched(&self, p: &Pod) {
+        assert!(
+            self.pod_ready(p.id()),
+            "the other pod is not ready\n{}",
+            self.diag()
+        );
+        assert_eq!(
+            self.container_state(&p.cid),
+            ContainerState::ContainerRunning as i32,
+            "the other pod's container\n{}",
+            self.diag()
+        );
+        let r = self
+            .cri
+            .exec_sync(&p.cid, &["echo", "still here"], 30)
+            .unwrap_or_else(|e| panic!("ExecSync in the other pod: {e:?}\n{}", self.diag()));
+        assert_eq!(r.exit_code, 0, "{r:?}");
+        assert_eq!(String::from_utf8_lossy(&r.stdout), "still here\n");
+        assert!(
+            self.qemu_of(p.id()).is_some(),
+            "the other pod's QEMU is gone"
+        );
+        assert!(
+            links_in(&p.netns).iter().any(|l| l == TAP),
+            "the other pod's tap is gone"
+        );
+    }
+
+    /// Stops and removes the faulted pod through CRI, then checks that
+    /// nothing of it is left (state directory, shim, QEMU, netns).
+    fn remove_dead_pod(&self, p: Pod) {
+        let id = p.id().to_string();
+        self.cri
+            .stop_pod(&id)
+            .unwrap_or_else(|e| panic!("StopPodSandbox of the dead pod: {e:?}\n{}", self.diag()));
+        self.cri
+            .remove_pod(&id)
+            .unwrap_or_else(|e| panic!("RemovePodSandbox of the dead pod: {e:?}\n{}", self.diag()));
+        let dir = self.env.state_dir().join(&id);
+        let gone = cmd::wait_until(SLOW, || {
+            !dir.exists()
+                && self.shim_of(&id).is_none()
+                && self.qemu_of(&id).is_none()
+                && !p.netns.exists()
+        });
+        assert!(
+            gone,
+            "after RemovePodSandbox: state dir exists {}, shim {:?}, QEMU {:?}, netns exists {}\n{}",
+            dir.exists(),
+            self.shim_of(&id),
+            self.qemu_of(&id),
+            p.netns.exists(),
+            self.diag()
+        );
+        let _ = p.guard.remove();
+    }
+
+    /// Waits until container `cid` is exited; returns its status and how
+    /// long after `since` CRI first reported it.
+    fn wait_exited(&self, cid: &str, since: Instant) -> (ContainerStatus, Duration) {
+        loop {
+            let s = self.container_status(cid);
+            if s.state == ContainerState::ContainerExited as i32 {
+                return (s, since.elapsed());
+            }
+            assert!(
+                since.elapsed() < SLOW,
+                "container {cid} not exited {SLOW:?} after the fault: {s:?}\n{}",
+                self.diag()
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Waits until pod `id` is NotReady; returns how long after `since`.
+    fn wait_not_ready(&self, id: &str, since: Instant) -> Duration {
+        loop {
+            if !self.pod_ready(id) {
+                return since.elapsed();
+            }
+            assert!(
+                since.elapsed() < SLOW,
+                "pod {id} still ready {SLOW:?} after the fault\n{}",
+                self.diag()
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+
+    fn assert_back_to(&self, before: &Census) {
+        let (after, took) = Census::settle(self.env.dir(), before, Census::diff_host, SLOW);
+        let diff = after.diff_host(before);
+        assert!(
+            diff.is_empty(),
+            "left behind after both pods were removed (waited {took:?}):\n{}\n{}",
+            diff.join("\n"),
+            self.diag()
+        );
+    }
+}
+
+/// Where containerd's and kuasar-vmm's logs ended at some point, to show
+/// what they said about a fault.
+struct LogMark {
+    files: Vec<(PathBuf, u64)>,
+}
+
+impl LogMark {
+    fn new(dir: &Path) -> Self {
+        let files = ["containerd.log", "kuasar-vmm.log"]
+            .iter()
+            .map(|f| {
+                let p = dir.join(f);
+                let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+                (p, len)
+            })
+            .collect();
+        Self { files }
+    }
+
+    fn since(&self) -> String {
+        let mut out = String::new();
+        for (p, off) in &self.files {
+            let text = std::fs::read(p).unwrap_or_default();
+            let text = &text[(*off as usize).min(text.len())..];
+            out.push_str(&format!(
+                "--- {} since the fault ---\n{}",
+                p.display(),
+                String::from_utf8_lossy(text)
+            ));
+        }
+        out
+    }
+}
+
+/// String values anywhere in `v` that contain `needle`.
+fn strings_with(v: &serde_json::Value, needle: &str, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::String(s) if s.contains(needle) => out.push(s.clone()),
+        serde_json::Value::Array(a) => a.iter().for_each(|x| strings_with(x, needle, out)),
+        serde_json::Value::Object(o) => o.values().for_each(|x| strings_with(x, needle, out)),
+        _ => {}
+    }
+}
+
+/// Names of the network interfaces in the namespace at `netns`.
+fn links_in(netns: &Path) -> Vec<String> {
+    let out = cmd::run(
+        std::process::Command::new("nsenter")
+            .arg(format!("--net={}", netns.display()))
+            .args(["ip", "-o", "link", "show"]),
+        None,
+        Duration::from_secs(10),
+    );
+    // "2: eth0@if7: <...> ..." -> "eth0"
+    out.stdout
+        .lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
+        .collect()
+}
+
+fn sockets_below(dir: &Path) -> Vec<String> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_socket() => out.push(e.path().display().to_string()),
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// Point 2: a pod's VMM dies.
+fn vmm_killed(handler: &'static str) {
+    let fx = fixture(handler);
+    let before = Census::take(fx.env.dir());
+    let victim = fx.pod_with_sleeper("vmm-dies");
+    let other = fx.pod_with_sleeper("vmm-lives");
+    for p in [&victim, &other] {
+        assert!(
+            links_in(&p.netns).iter().any(|l| l == TAP),
+            "no {TAP} in {} of a running pod",
+            p.netns.display()
+        );
+    }
+    let qemu = fx
+        .qemu_of(victim.id())
+        .unwrap_or_else(|| panic!("no QEMU for {}\n{}", victim.id(), fx.diag()));
+
+    procs::signal(qemu.pid, libc::SIGKILL);
+    let killed = Instant::now();
+    let (status, exit_latency) = fx.wait_exited(&victim.cid, killed);
+    let not_ready_latency = fx.wait_not_ready(victim.id(), killed);
+    let released = cmd::wait_until(SLOW, || fx.held_by(victim.id(), &victim.netns).is_empty());
+    let release_latency = killed.elapsed();
+    eprintln!(
+        "{handler}: QEMU {} killed: container exited after {exit_latency:?} (exit code {}, \
+         reason {:?}), pod NotReady after {not_ready_latency:?}, host resources released \
+         after at most {release_latency:?}",
+        qemu.pid, status.exit_code, status.reason
+    );
+    assert!(
+        exit_latency <= EXIT_REPORT_BOUND,
+        "the container of a killed VM was reported exited after {exit_latency:?} \
+         (bound {EXIT_REPORT_BOUND:?})\n{}",
+        fx.diag()
+    );
+    assert!(
+        [137, 255].contains(&status.exit_code),
+        "exit code of a container whose VM was killed: {status:?}"
+    );
+    assert!(
+        released,
+        "the killed VM's sandbox still holds {:?}\n{}",
+        fx.held_by(victim.id(), &victim.netns),
+        fx.diag()
+    );
+    assert!(!fx.pod_ready(victim.id()));
+
+    fx.assert_untouched(&other);
+    fx.remove_dead_pod(victim);
+    fx.assert_untouched(&other);
+    other.guard.remove().expect("remove the other pod");
+    fx.assert_back_to(&before);
+}
+
+/// Point 3: a pod's shim dies.
+fn shim_killed(handler: &'static str) {
+    let fx = fixture(handler);
+    let before = Census::take(fx.env.dir());
+    let victim = fx.pod_with_sleeper("shim-dies");
+    let other = fx.pod_with_sleeper("shim-lives");
+    let shim = fx
+        .shim_of(victim.id())
+        .unwrap_or_else(|| panic!("no shim for {}\n{}", victim.id(), fx.diag()));
+    let logs = LogMark::new(fx.env.dir());
+
+    procs::signal(shim.pid, libc::SIGKILL);
+    let killed = Instant::now();
+    let (status, exit_latency) = fx.wait_exited(&victim.cid, killed);
+    let not_ready_latency = fx.wait_not_ready(victim.id(), killed);
+    let released = cmd::wait_until(SLOW, || fx.held_by(victim.id(), &victim.netns).is_empty());
+    let release_latency = killed.elapsed();
+    eprintln!(
+        "{handler}: shim {} killed: container exited after {exit_latency:?} (exit code {}, \
+         reason {:?}), pod NotReady after {not_ready_latency:?}, VM and host resources \
+         released after at most {release_latency:?}\n{}",
+        shim.pid,
+        status.exit_code,
+        status.reason,
+        logs.since()
+    );
+    assert!(
+        released,
+        "the dead shim's sandbox still holds {:?}\n{}",
+        fx.held_by(victim.id(), &victim.netns),
+        fx.diag()
+    );
+    assert!(!fx.pod_ready(victim.id()));
+
+    fx.assert_untouched(&other);
+    fx.remove_dead_pod(victim);
+    fx.assert_untouched(&other);
+    other.guard.remove().expect("remove the other pod");
+    fx.assert_back_to(&before);
+}
+
+macro_rules! handler_suite {
+    ($module:ident, $handler:literal) => {
+        mod $module {
+            #[test]
+            fn vmm_killed() {
+                super::vmm_killed($handler);
+            }
+
+            #[test]
+            fn shim_killed() {
+                super::shim_killed($handler);
+            }
+        }
+    };
+}
+
+handler_suite!(kuasar_vmm, "kuasar-vmm");
+handler_suite!(kuasar_vmm_shim, "kuasar-vmm-shim");
+
+/// How many pod cycles (`KUASAR_FAULT_CYCLES`, default 300).
+fn cycles() -> usize {
+    std::env::var("KUASAR_FAULT_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300)
+}
+
+/// Every how many cycles the pod also runs a container (and an ExecSync).
+const CONTAINER_EVERY: usize = 5;
+
+/// Point 4: pod cycles leave nothing behind.
+#[test]
+fn pod_cycles_leave_nothing() {
+    let fx = fixture("kuasar-vmm");
+    let n = cycles();
+    // Time spent in RunPodSandbox, the container, StopPodSandbox and
+    // RemovePodSandbox, over all cycles.
+    let phases = std::cell::RefCell::new([Duration::ZERO; 4]);
+    let one = |i: usize| {
+        let mut t = Instant::now();
+        let mut lap = |phase: usize| {
+            phases.borrow_mut()[phase] += t.elapsed();
+            t = Instant::now();
+        };
+        let pod = PodGuard::run(fx.cri, fx.pod_config("cycle"), fx.handler)
+            .unwrap_or_else(|e| panic!("cycle {i}: RunPodSandbox: {e:?}\n{}", fx.diag()));
+        lap(0);
+        if i.is_multiple_of(CONTAINER_EVERY) {
+            let c = spec::container("c", BUSYBOX, &["sleep", "3600"]);
+            let cid = fx
+                .cri
+                .create_container(&pod.id, &c, &pod.config)
+                .unwrap_or_else(|e| panic!("cycle {i}: CreateContainer: {e:?}\n{}", fx.diag()));
+            fx.cri
+                .start_container(&cid)
+                .unwrap_or_else(|e| panic!("cycle {i}: StartContainer: {e:?}\n{}", fx.diag()));
+            let r = fx
+                .cri
+                .exec_sync(&cid, &["echo", "ok"], 30)
+                .unwrap_or_else(|e| panic!("cycle {i}: ExecSync: {e:?}\n{}", fx.diag()));
+            assert_eq!(String::from_utf8_lossy(&r.stdout), "ok\n", "cycle {i}");
+        }
+        lap(1);
+        let id = pod.id.clone();
+        fx.cri
+            .stop_pod(&id)
+            .unwrap_or_else(|e| panic!("cycle {i}: StopPodSandbox: {e:?}\n{}", fx.diag()));
+        lap(2);
+        pod.remove()
+            .unwrap_or_else(|e| panic!("cycle {i}: RemovePodSandbox: {e:?}\n{}", fx.diag()));
+        lap(3);
+    };
+
+    // A warm-up cycle (with a container): kuasar-vmm's connections to
+    // containerd and lazily made resources exist from then on.
+    one(0);
+    // Blocking-pool threads linger 10 s after their last use.
+    std::thread::sleep(Duration::from_secs(11));
+    let before = Census::take(fx.env.dir());
+    eprintln!("before: {}", before.summary());
+    let start = Instant::now();
+    for i in 1..=n {
+        one(i);
+        if i.is_multiple_of(50) || i == n {
+            let now = Census::take(fx.env.dir());
+            let p = *phases.borrow();
+            eprintln!(
+                "cycle {i}/{n} after {:?} (in RunPodSandbox {:?}, containers {:?}, \
+                 StopPodSandbox {:?}, RemovePodSandbox {:?}): {}",
+                start.elapsed(),
+                p[0],
+                p[1],
+                p[2],
+                p[3],
+                now.summary()
+            );
+        }
+    }
+    let cycles_took = start.elapsed();
+    let (after, settled) = Census::settle(fx.env.dir(), &before, Census::diff, SLOW);
+    eprintln!(
+        "after {n} cycles ({cycles_took:?}, {:?} per cycle; settled in {settled:?}): {}",
+        cycles_took / n.max(1) as u32,
+        after.summary()
+    );
+    let diff = after.diff(&before);
+    assert!(
+        diff.is_empty(),
+        "{n} pod cycles left behind:\n{}\n{}",
+        diff.join("\n"),
+        fx.diag()
+    );
+}
