@@ -446,6 +446,34 @@ fn vmm_killed(handler: &'static str) {
     let qemu = fx
         .qemu_of(victim.id())
         .unwrap_or_else(|| panic!("no QEMU for {}\n{}", victim.id(), fx.diag()));
+    // An ExecSync (no timeout) is running in the victim when its VM dies:
+    // it must end, not wait for its `sleep 600`.
+    let (exec_tx, exec_rx) = std::sync::mpsc::channel();
+    {
+        let address = fx.env.address();
+        let cid = victim.cid.clone();
+        std::thread::spawn(move || {
+            let res = Cri::connect(&address)
+                .map_err(|e| e.to_string())
+                .and_then(|cri| {
+                    cri.exec_sync(&cid, &["sleep", "600"], 0)
+                        .map_err(|e| format!("{e:?}"))
+                });
+            let _ = exec_tx.send(res);
+        });
+    }
+    // Until the exec's `sleep 600` runs (the container's processes are in
+    // one pid namespace).
+    assert!(
+        cmd::wait_until(SLOW, || {
+            fx.cri
+                .exec_sync(&victim.cid, &["ps", "-o", "args"], 30)
+                .map(|r| String::from_utf8_lossy(&r.stdout).contains("sleep 600"))
+                .unwrap_or(false)
+        }),
+        "the ExecSync never ran in the guest\n{}",
+        fx.diag()
+    );
 
     procs::signal(qemu.pid, libc::SIGKILL);
     let killed = Instant::now();
@@ -453,11 +481,22 @@ fn vmm_killed(handler: &'static str) {
         fx.wait_fault_seen(&victim.cid, victim.id(), killed);
     let released = cmd::wait_until(SLOW, || fx.held_by(victim.id(), &victim.netns).is_empty());
     let release_latency = killed.elapsed();
+    let exec = exec_rx.recv_timeout(SLOW);
+    let exec_latency = killed.elapsed();
     eprintln!(
         "{handler}: QEMU {} killed: container exited after {exit_latency:?} (exit code {}, \
          reason {:?}), pod NotReady after {not_ready_latency:?}, host resources released \
-         after at most {release_latency:?}",
-        qemu.pid, status.exit_code, status.reason
+         after at most {release_latency:?}; the ExecSync in flight ended after at most \
+         {exec_latency:?}: {:?}",
+        qemu.pid,
+        status.exit_code,
+        status.reason,
+        exec.as_ref().map(|r| r.as_ref().map(|r| r.exit_code))
+    );
+    assert!(
+        exec.is_ok(),
+        "an ExecSync into the killed VM still runs {SLOW:?} after the kill\n{}",
+        fx.diag()
     );
     assert!(
         exit_latency <= EXIT_REPORT_BOUND,
