@@ -475,6 +475,7 @@ fn vmm_killed(handler: &'static str) {
         fx.diag()
     );
 
+    let logs = LogMark::new(fx.env.dir());
     procs::signal(qemu.pid, libc::SIGKILL);
     let killed = Instant::now();
     let (status, exit_latency, not_ready_latency) =
@@ -501,7 +502,8 @@ fn vmm_killed(handler: &'static str) {
     assert!(
         exit_latency <= EXIT_REPORT_BOUND,
         "the container of a killed VM was reported exited after {exit_latency:?} \
-         (bound {EXIT_REPORT_BOUND:?})\n{}",
+         (bound {EXIT_REPORT_BOUND:?})\n{}\n{}",
+        logs.since(),
         fx.diag()
     );
     assert!(
