@@ -8,8 +8,8 @@
 //! A virtio-serial port has no reliable connection boundary: a host that
 //! disconnects and reconnects at once may never be seen hung up. So the proxy
 //! also reads the frames: a new ttrpc client starts its stream ids at 1 again,
-//! so a request whose stream id is not above the session's highest starts a
-//! new session. Ending a session closes its server connection (the server
+//! so a request on stream 1 after others starts a new session (not any lower
+//! id: one client's concurrent requests can arrive out of order). Ending a session closes its server connection (the server
 //! then cancels the requests still pending on it, so they cannot consume a
 //! process's output) and drops its unsent replies. Replies are written whole
 //! (the driver takes up to 32 KiB per write), so a reply never straddles two
@@ -225,17 +225,22 @@ pub struct SessionTracker {
 }
 
 impl SessionTracker {
-    /// True when `h` starts a new session (a new client reuses stream ids).
+    /// True when `h` starts a new session: a new client starts its stream
+    /// ids at 1 again. Only stream 1 counts: one client's requests may
+    /// arrive out of stream-id order (ttrpc's client takes an id, then
+    /// queues the frame, and concurrent calls race between the two), and
+    /// taking such a request for a new session would cancel every request
+    /// in flight. A client's first request (the host's Ping) goes alone.
     pub fn is_new_session(&mut self, h: &Header) -> bool {
         if h.kind != TYPE_REQUEST {
             return false;
         }
-        let new = self.max_stream.is_some_and(|max| h.stream_id <= max);
-        if new {
-            self.max_stream = Some(h.stream_id);
+        let new = h.stream_id == 1 && self.max_stream.is_some();
+        self.max_stream = Some(if new {
+            h.stream_id
         } else {
-            self.max_stream = Some(self.max_stream.map_or(h.stream_id, |m| m.max(h.stream_id)));
-        }
+            self.max_stream.map_or(h.stream_id, |m| m.max(h.stream_id))
+        });
         new
     }
 
@@ -509,6 +514,9 @@ mod tests {
         assert!(!t.is_new_session(&h(3, TYPE_REQUEST)));
         assert!(!t.is_new_session(&h(3, 3))); // data frames never do
         assert!(!t.is_new_session(&h(7, TYPE_REQUEST)));
+        // One client's concurrent requests may arrive out of order.
+        assert!(!t.is_new_session(&h(5, TYPE_REQUEST)));
+        assert!(!t.is_new_session(&h(9, TYPE_REQUEST)));
         assert!(t.is_new_session(&h(1, TYPE_REQUEST)));
         assert!(!t.is_new_session(&h(3, TYPE_REQUEST)));
     }
