@@ -58,13 +58,8 @@ impl Sandbox {
 
     pub fn pod_status(&self) -> PodStatus {
         let exit = *self.exit.borrow();
-        let agent = self
-            .agent
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some();
         PodStatus {
-            ready: exit.is_none() && agent,
+            ready: self.is_running(),
             pid: if exit.is_none() {
                 self.vmm_pid.load(Ordering::Relaxed)
             } else {
