@@ -199,13 +199,45 @@ pub fn become_idle_priority() {
     }
 }
 
+/// The running kernel's release (`uname -r`).
+const OSRELEASE: &str = "/proc/sys/kernel/osrelease";
+
+/// The modules of a load order that were built for kernel `release`, i.e.
+/// live under `/lib/modules/<release>/`. The image may carry the modules of
+/// another kernel than the one running (Debian's, the fallback, while the
+/// project's own kernel has everything built in): those are not loaded.
+pub fn modules_for_release<'a>(order: Vec<&'a str>, release: &str) -> Vec<&'a str> {
+    let prefix = format!("/lib/modules/{release}/");
+    order
+        .into_iter()
+        .filter(|p| p.starts_with(&prefix))
+        .collect()
+}
+
 /// Loads one set of the modules listed in `list`; already loaded is fine.
+/// Modules of another kernel than the running one are skipped: a kernel
+/// with everything built in (the project's own) loads nothing.
 pub fn load_modules(list: &Path, vsock: bool, set: ModuleSet) {
     let Ok(text) = std::fs::read_to_string(list) else {
         warn!("no module list at {}", list.display());
         return;
     };
-    let (first, rest) = split_after_shared_fs(module_order(&text, vsock));
+    let release = std::fs::read_to_string(OSRELEASE).unwrap_or_default();
+    let release = release.trim();
+    let listed = module_order(&text, vsock);
+    let listed_count = listed.len();
+    let order = modules_for_release(listed, release);
+    if order.is_empty() {
+        if set == ModuleSet::ForContainers {
+            info!(
+                release,
+                listed = listed_count,
+                "no modules for the running kernel: everything built in"
+            );
+        }
+        return;
+    }
+    let (first, rest) = split_after_shared_fs(order);
     // Without a NIC its driver need not delay the guest: it loads with the
     // rest (loading it twice is harmless: EEXIST).
     let nic_modules: Vec<&str> = first.iter().copied().filter(|p| is_nic_module(p)).collect();
@@ -317,6 +349,20 @@ mod tests {
         assert!(is_nic_module(&format!("{m}/net/core/failover.ko")));
         assert!(!is_nic_module(&format!("{m}/net/9p/9pnet.ko")));
         assert!(!is_nic_module(&format!("{m}/net/vmw_vsock/vsock.ko")));
+    }
+
+    #[test]
+    fn only_the_running_kernels_modules_load() {
+        let order = vec![
+            "/lib/modules/6.1.0-56-amd64/kernel/drivers/virtio/virtio.ko",
+            "/lib/modules/6.1.0-56-amd64/kernel/fs/9p/9p.ko",
+        ];
+        assert_eq!(modules_for_release(order.clone(), "6.1.0-56-amd64"), order);
+        // The project's kernel: everything built in, nothing to load.
+        assert!(modules_for_release(order.clone(), "6.1.192-kuasar").is_empty());
+        // A release that is a prefix of another matches whole components only.
+        assert!(modules_for_release(order.clone(), "6.1.0-56").is_empty());
+        assert!(modules_for_release(order, "").is_empty());
     }
 
     #[test]
