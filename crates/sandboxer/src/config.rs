@@ -4,8 +4,12 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-/// Name of the guest kernel (ELF vmlinux, PVH entry) inside `image_dir`.
+/// Name of the default guest kernel (ELF vmlinux, PVH entry) inside
+/// `image_dir`: the project's own, built by scripts/build-kernel.sh.
 pub const KERNEL_FILE: &str = "vmlinux";
+/// Name of Debian's kernel (extracted from its bzImage) inside `image_dir`:
+/// the fallback, chosen with `kernel = "vmlinux-debian"`.
+pub const DEBIAN_KERNEL_FILE: &str = "vmlinux-debian";
 /// Name of the guest initramfs (uncompressed cpio) inside `image_dir`.
 pub const INITRD_FILE: &str = "initramfs.cpio";
 
@@ -40,8 +44,13 @@ pub struct Config {
     pub containerd_ttrpc_address: String,
     /// One directory per sandbox lives here.
     pub state_dir: PathBuf,
-    /// Holds the guest kernel (`vmlinux`) and initramfs (`initramfs.cpio`).
+    /// Holds the guest kernels (`vmlinux`, `vmlinux-debian`) and the
+    /// initramfs (`initramfs.cpio`).
     pub image_dir: PathBuf,
+    /// The guest kernel: a file name inside `image_dir` (`vmlinux`, the
+    /// project's own kernel; `vmlinux-debian`, Debian's) or an absolute path
+    /// to an ELF vmlinux with a PVH entry.
+    pub kernel: PathBuf,
     /// Default log filter (overridden by the `KUASAR_LOG` environment variable).
     pub log_level: String,
     pub qemu: QemuConfig,
@@ -56,6 +65,7 @@ impl Default for Config {
             containerd_ttrpc_address: "/run/containerd/containerd.sock.ttrpc".into(),
             state_dir: PathBuf::from("/run/kuasar/vmm"),
             image_dir: PathBuf::from("/var/lib/kuasar"),
+            kernel: PathBuf::from(KERNEL_FILE),
             log_level: "info".into(),
             qemu: QemuConfig::default(),
             sizing: SizingConfig::default(),
@@ -171,8 +181,14 @@ impl Config {
         toml::from_str(text)
     }
 
+    /// The guest kernel: `kernel` inside `image_dir`, or `kernel` itself
+    /// when it is an absolute path.
     pub fn kernel_path(&self) -> PathBuf {
-        self.image_dir.join(KERNEL_FILE)
+        if self.kernel.is_absolute() {
+            self.kernel.clone()
+        } else {
+            self.image_dir.join(&self.kernel)
+        }
     }
 
     pub fn initrd_path(&self) -> PathBuf {
@@ -216,6 +232,12 @@ impl Config {
             return Err(invalid(
                 "containerd_ttrpc_address",
                 "must be an absolute socket path (optionally unix://) shorter than 108 bytes",
+            ));
+        }
+        if !kernel_setting_is_valid(&self.kernel) {
+            return Err(invalid(
+                "kernel",
+                "must be a file name inside `image_dir` (such as \"vmlinux\" or \"vmlinux-debian\") or an absolute path",
             ));
         }
         if !self.state_dir.is_absolute() {
@@ -284,6 +306,25 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// `kernel`: an absolute path, or one plain file name (no directory, not
+/// `.` or `..`), which then lives in `image_dir`.
+fn kernel_setting_is_valid(kernel: &Path) -> bool {
+    use std::path::Component;
+    if kernel.as_os_str().is_empty() || kernel.as_os_str().len() > 4096 {
+        return false;
+    }
+    if kernel.is_absolute() {
+        return kernel
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    }
+    let mut components = kernel.components();
+    matches!(
+        (components.next(), components.next()),
+        (Some(Component::Normal(_)), None)
+    ) && !kernel.as_os_str().as_encoded_bytes().contains(&b'/')
 }
 
 /// Longest log filter accepted (`log_level`, `KUASAR_LOG`).
@@ -433,6 +474,55 @@ mod tests {
         c.sizing.vcpu_overhead = 100;
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("sizing.vcpu_overhead"), "{err}");
+    }
+
+    #[test]
+    fn kernel_is_a_file_of_the_image_or_an_absolute_path() {
+        let c = Config::parse("image_dir = \"/img\"").unwrap();
+        assert_eq!(c.kernel_path(), PathBuf::from("/img/vmlinux"));
+        let c = Config::parse("image_dir = \"/img\"\nkernel = \"vmlinux-debian\"").unwrap();
+        c.validate_values().unwrap();
+        assert_eq!(c.kernel_path(), PathBuf::from("/img/vmlinux-debian"));
+        let c = Config::parse("kernel = \"/opt/k/vmlinux\"").unwrap();
+        c.validate_values().unwrap();
+        assert_eq!(c.kernel_path(), PathBuf::from("/opt/k/vmlinux"));
+        for bad in [
+            "",
+            "k/vmlinux",
+            "..",
+            ".",
+            "../vmlinux",
+            "vmlinux/",
+            "/opt/../k",
+        ] {
+            let c = Config {
+                kernel: PathBuf::from(bad),
+                ..Config::default()
+            };
+            let err = c.validate_values().unwrap_err().to_string();
+            assert!(err.contains("`kernel`"), "{bad:?}: {err}");
+        }
+        assert!(Config::parse("kernel = 3").is_err());
+    }
+
+    #[test]
+    fn a_missing_fallback_kernel_names_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("vmlinux"), b"").unwrap();
+        std::fs::write(dir.path().join("initramfs.cpio"), b"").unwrap();
+        let mut c = Config {
+            image_dir: dir.path().to_owned(),
+            kernel: PathBuf::from(DEBIAN_KERNEL_FILE),
+            ..Config::default()
+        };
+        c.qemu.binary = PathBuf::from("/bin/sh");
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains(&dir.path().join("vmlinux-debian").display().to_string()),
+            "{err}"
+        );
+        c.kernel = PathBuf::from(KERNEL_FILE);
+        c.validate().unwrap();
     }
 
     #[test]
