@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # Builds the guest image into OUTDIR (default /var/lib/kuasar), idempotently:
-#   vmlinux          the ELF kernel extracted from Debian's /boot/vmlinuz-<release> (cached)
+#   vmlinux          the project's own guest kernel (the default): built by
+#                    scripts/build-kernel.sh from Debian's linux-source-6.1 and
+#                    guest/kernel/microvm.config, everything built in (cached by hash)
+#   kernel-release   vmlinux's release string (uname -r in its guests)
+#   vmlinux-debian   the ELF kernel extracted from Debian's /boot/vmlinuz-<release> (cached):
+#                    the fallback, chosen with `kernel = "vmlinux-debian"` in kuasar-vmm's config
+#   vmlinux-debian.release  its release string
 #   initramfs.cpio   uncompressed newc: /init (static kuasar-agent), /usr/bin/crun (the
-#                    guest's OCI runtime) and its libraries, the guest's kernel modules,
+#                    guest's OCI runtime) and its libraries, Debian's kernel's modules (for
+#                    the fallback; the agent loads only the running kernel's), and
 #                    /etc/kuasar/modules (load order)
-#   kernel-release   the guest kernel's release string
-# The kernel is the newest installed one that has /lib/modules/<release>.
+# Debian's kernel is the newest installed one that has /lib/modules/<release>.
 # Needs the packages of scripts/install-deps.sh, and cargo. Run as root.
 # Every file lands in OUTDIR by rename(2) of a finished temporary file in OUTDIR, so a VM
 # booting meanwhile reads either the old or the new file, never a partial one.
@@ -46,13 +52,19 @@ while read -r rel; do
 done < <(ls /boot/vmlinuz-* 2>/dev/null | sed 's|^/boot/vmlinuz-||' | sort -V)
 [ -n "$RELEASE" ] || die "no /boot/vmlinuz-<release> with /lib/modules/<release> (install linux-image-amd64)"
 VMLINUZ=/boot/vmlinuz-$RELEASE
-log "kernel $RELEASE"
+log "Debian kernel $RELEASE (fallback)"
 mkdir -p "$OUTDIR"
+
+# --- the project's kernel: built or found in the cache (progress on stderr) ------------
+log "guest kernel: scripts/build-kernel.sh"
+KDIR=$("$ROOT/scripts/build-kernel.sh") || die "building the guest kernel failed"
+OWN_RELEASE=$(cat "$KDIR/kernel-release")
+OWN_STAMP="build-kernel $(basename "$KDIR")"
 
 # Temporary files live in OUTDIR (same file system, so mv is a rename) and go on exit.
 STAGE=$(mktemp -d)
-VMLINUX_TMP="" CPIO_TMP=""
-trap 'rm -rf "$STAGE"; rm -f ${VMLINUX_TMP:+"$VMLINUX_TMP"} ${CPIO_TMP:+"$CPIO_TMP"}' EXIT
+VMLINUX_TMP="" OWN_TMP="" CPIO_TMP=""
+trap 'rm -rf "$STAGE"; rm -f ${VMLINUX_TMP:+"$VMLINUX_TMP"} ${OWN_TMP:+"$OWN_TMP"} ${CPIO_TMP:+"$CPIO_TMP"}' EXIT
 # put NAME CONTENT: replaces the small file OUTDIR/NAME whole.
 put() {
   local tmp
@@ -72,13 +84,23 @@ if readelf -l "$AGENT" | grep -q 'program interpreter'; then
   die "$AGENT is dynamically linked"
 fi
 
-# --- vmlinux: decompress the payload of the bzImage (cached; installed with the initramfs)
+# --- vmlinux: the project's kernel, copied next to OUTDIR's files first ----------------
+if [ -s "$OUTDIR/vmlinux" ] && [ "$(cat "$OUTDIR/vmlinux.source" 2>/dev/null)" = "$OWN_STAMP" ]; then
+  log "vmlinux up to date ($OWN_RELEASE)"
+else
+  OWN_TMP=$(mktemp "$OUTDIR/.vmlinux.XXXXXX")
+  cp "$KDIR/vmlinux" "$OWN_TMP"
+  chmod 0644 "$OWN_TMP"
+fi
+
+# --- vmlinux-debian: decompress the payload of Debian's bzImage (cached) ---------------
 stamp="$RELEASE $(stat -c '%s %Y' "$VMLINUZ")"
-if [ -s "$OUTDIR/vmlinux" ] && [ "$(cat "$OUTDIR/vmlinux.source" 2>/dev/null)" = "$stamp" ]; then
-  log "vmlinux up to date"
+if [ -s "$OUTDIR/vmlinux-debian" ] &&
+   [ "$(cat "$OUTDIR/vmlinux-debian.source" 2>/dev/null)" = "$stamp" ]; then
+  log "vmlinux-debian up to date"
 else
   log "extracting vmlinux from $VMLINUZ"
-  VMLINUX_TMP=$(mktemp "$OUTDIR/.vmlinux.XXXXXX")
+  VMLINUX_TMP=$(mktemp "$OUTDIR/.vmlinux-debian.XXXXXX")
   tmp=$VMLINUX_TMP
   found=0
   # magic (grep -P) : decompressor
@@ -148,11 +170,17 @@ CPIO_TMP=$(mktemp "$OUTDIR/.initramfs.XXXXXX")
   cpio --null --create --format=newc --owner=0:0 --reproducible --quiet) > "$CPIO_TMP"
 chmod 0644 "$CPIO_TMP"
 
-# --- install: renames only, kernel and initramfs back to back --------------------------
+# --- install: renames only, kernels and initramfs back to back -------------------------
 if [ -n "$VMLINUX_TMP" ]; then
-  mv -f "$VMLINUX_TMP" "$OUTDIR/vmlinux"
+  mv -f "$VMLINUX_TMP" "$OUTDIR/vmlinux-debian"
   VMLINUX_TMP=""
-  put vmlinux.source "$stamp"
+  put vmlinux-debian.source "$stamp"
+fi
+put vmlinux-debian.release "$RELEASE"
+if [ -n "$OWN_TMP" ]; then
+  mv -f "$OWN_TMP" "$OUTDIR/vmlinux"
+  OWN_TMP=""
+  put vmlinux.source "$OWN_STAMP"
 fi
 if cmp -s "$CPIO_TMP" "$OUTDIR/initramfs.cpio"; then
   log "initramfs.cpio unchanged"
@@ -160,10 +188,11 @@ else
   mv -f "$CPIO_TMP" "$OUTDIR/initramfs.cpio"
   CPIO_TMP=""
 fi
-put kernel-release "$RELEASE"
+put kernel-release "$OWN_RELEASE"
 
 size() { du -h --apparent-size "$1" | cut -f1; }
 echo "guest image in $OUTDIR:"
-echo "  vmlinux         $(size "$OUTDIR/vmlinux")  (from $VMLINUZ)"
-echo "  initramfs.cpio  $(size "$OUTDIR/initramfs.cpio")  (agent $(size "$AGENT"), crun $(size "$CRUN"), $(wc -l < "$STAGE/etc/kuasar/modules") modules)"
-echo "  kernel-release  $RELEASE"
+echo "  vmlinux         $(size "$OUTDIR/vmlinux")  $OWN_RELEASE, the default (from $KDIR)"
+echo "  vmlinux-debian  $(size "$OUTDIR/vmlinux-debian")  $RELEASE, the fallback (from $VMLINUZ)"
+echo "  initramfs.cpio  $(size "$OUTDIR/initramfs.cpio")  (agent $(size "$AGENT"), crun $(size "$CRUN"), $(wc -l < "$STAGE/etc/kuasar/modules") modules of $RELEASE)"
+echo "  kernel-release  $OWN_RELEASE"
