@@ -14,7 +14,8 @@
 # Env: KUASAR_BIN_DIR (default <repo>/target/release), KUASAR_IMAGE_DIR (default
 #      /var/lib/kuasar), KUASAR_LOG_LEVEL (default info), KUASAR_BOOT_TIMEOUT_SECS,
 #      KUASAR_KERNEL_PARAMS, KUASAR_ACCELERATOR (auto|kvm|tcg), KUASAR_VCPUS,
-#      KUASAR_MEMORY_MIB: written into the config when set;
+#      KUASAR_MEMORY_MIB, KUASAR_KERNEL (the guest kernel: a file of the image dir, e.g.
+#      vmlinux-debian, or an absolute path): written into the config when set;
 #      KUASAR_VMM_START_TIMEOUT (seconds to wait for the socket, default 20).
 set -euo pipefail
 
@@ -49,6 +50,7 @@ config() {
   echo "state_dir = $(toml_str "$DIR/vmm")"
   echo "image_dir = $(toml_str "$IMAGE_DIR")"
   echo "log_level = $(toml_str "${KUASAR_LOG_LEVEL:-info}")"
+  [ -n "${KUASAR_KERNEL:-}" ] && echo "kernel = $(toml_str "$KUASAR_KERNEL")"
   echo
   echo "[qemu]"
   [ -n "${KUASAR_ACCELERATOR:-}" ] && echo "accelerator = $(toml_str "$KUASAR_ACCELERATOR")"
@@ -62,7 +64,9 @@ config() {
 start() {
   check_dir "$DIR" || exit 1
   [ -x "$BIN" ] || die "$BIN not found (run: make build)"
-  [ -f "$IMAGE_DIR/vmlinux" ] || die "$IMAGE_DIR/vmlinux not found (run: make guest)"
+  local kernel=${KUASAR_KERNEL:-vmlinux}
+  [ "${kernel#/}" != "$kernel" ] || kernel=$IMAGE_DIR/$kernel
+  [ -f "$kernel" ] || die "$kernel not found (run: make guest)"
   local pid
   if pid=$(pid_from_file "$PIDFILE") && [ -S "$SOCK" ]; then
     echo "sandboxer.sh: kuasar-vmm already running for $DIR (pid $pid)"

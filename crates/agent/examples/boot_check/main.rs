@@ -6,7 +6,8 @@
 //!
 //! ```text
 //! scripts/build-guest.sh /var/lib/kuasar
-//! cargo run -p kuasar-agent --example boot_check -- [--image-dir DIR] [--keep] [--append PARAMS]
+//! cargo run -p kuasar-agent --example boot_check -- [--image-dir DIR] [--kernel FILE] [--keep] [--append PARAMS]
+//!   (--kernel: a file of the image dir, default vmlinux; vmlinux-debian is Debian's kernel)
 //! cargo run -p kuasar-agent --example boot_check -- --boots 5   # boot-to-Ping timings only
 //! cargo run -p kuasar-agent --example boot_check -- --reconnect-gap-ms 0   # instant reconnect
 //! cargo run -p kuasar-agent --example boot_check -- --bench 10   # OCI runtime op timings only
@@ -126,16 +127,12 @@ async fn create_spec(
 
 /// Boots the VM and waits for a Ping answer; returns the client, the answer,
 /// the milliseconds from QEMU spawn to the answer and the TSC kHz used.
-async fn boot_and_ping(
-    vm: &mut Vm,
-    image_dir: &Path,
-    extra: &str,
-) -> Res<(AgentClient, PingResponse, u128, u64)> {
+async fn boot_and_ping(vm: &mut Vm, opts: &Opts) -> Res<(AgentClient, PingResponse, u128, u64)> {
     let dir = vm.dir.clone();
     std::fs::create_dir_all(dir.join("shared")).map_err(|e| e.to_string())?;
     let tsc = host_tsc_khz().ok_or("no 'tsc: Detected' line in dmesg")?;
     let t0 = Instant::now();
-    vm.qemu = Some(boot(image_dir, &dir, tsc, extra)?);
+    vm.qemu = Some(boot(&opts.image_dir, &opts.kernel, &dir, tsc, &opts.extra)?);
     let c = connect(&dir.join("agent.sock"), t0 + Duration::from_secs(10)).await?;
     let ping = c
         .ping(ctx(), &Empty::new())
@@ -169,6 +166,8 @@ async fn guest_ready_at(console: &Path) -> Option<String> {
 /// Command line options.
 struct Opts {
     image_dir: PathBuf,
+    /// The kernel: a file of `image_dir` (`vmlinux`, `vmlinux-debian`) or a path.
+    kernel: PathBuf,
     keep: bool,
     extra: String,
     boots: usize,
@@ -178,7 +177,7 @@ struct Opts {
 
 async fn run(vm: &mut Vm, opts: &Opts) -> Res<()> {
     let dir = vm.dir.clone();
-    let (c, ping, boot_ms, tsc) = boot_and_ping(vm, &opts.image_dir, &opts.extra).await?;
+    let (c, ping, boot_ms, tsc) = boot_and_ping(vm, opts).await?;
     println!(
         "boot: QEMU spawn -> Ping answered in {boot_ms} ms (agent {}, kernel {}, tsc_early_khz={tsc})",
         ping.agent_version, ping.kernel_release
@@ -601,6 +600,7 @@ awk 'BEGIN { x = sprintf(\"%60000000s\", \"\"); print length(x) }'; echo awk=$?
 async fn main() {
     let mut opts = Opts {
         image_dir: PathBuf::from("/var/lib/kuasar"),
+        kernel: PathBuf::from("vmlinux"),
         keep: false,
         extra: String::new(),
         boots: 0,
@@ -612,6 +612,7 @@ async fn main() {
         let mut value = || args.next().unwrap_or_default();
         match a.as_str() {
             "--image-dir" => opts.image_dir = PathBuf::from(value()),
+            "--kernel" => opts.kernel = PathBuf::from(value()),
             "--keep" => opts.keep = true,
             "--append" => opts.extra = value(),
             "--boots" => opts.boots = value().parse().unwrap_or(5),
@@ -619,7 +620,7 @@ async fn main() {
             "--reconnect-gap-ms" => opts.reconnect_gap_ms = value().parse().unwrap_or(200),
             _ => {
                 eprintln!(
-                    "usage: boot_check [--image-dir DIR] [--keep] [--append KERNEL_PARAMS] \
+                    "usage: boot_check [--image-dir DIR] [--kernel FILE] [--keep] [--append KERNEL_PARAMS] \
                      [--boots N] [--bench N] [--reconnect-gap-ms MS]"
                 );
                 std::process::exit(2);
@@ -636,7 +637,7 @@ async fn main() {
                 qemu: None,
                 keep: false,
             };
-            match boot_and_ping(&mut vm, &opts.image_dir, &opts.extra).await {
+            match boot_and_ping(&mut vm, &opts).await {
                 Ok((_, _, ms, _)) => {
                     let ready = guest_ready_at(&vm.dir.join("console.log")).await;
                     println!(

@@ -89,7 +89,9 @@ pub fn make_spec(dir: &Path, args: &[&str]) -> Res<Vec<u8>> {
     serde_json::to_vec(&spec).map_err(|e| e.to_string())
 }
 
-pub fn boot(image_dir: &Path, dir: &Path, tsc_khz: u64, extra: &str) -> Res<Child> {
+/// Boots `kernel` (a file of `image_dir`, or an absolute path) with the
+/// image's initramfs.
+pub fn boot(image_dir: &Path, kernel: &Path, dir: &Path, tsc_khz: u64, extra: &str) -> Res<Child> {
     let d = |f: &str| dir.join(f).display().to_string();
     let append =
         format!("console=ttyS0 quiet panic=-1 cryptomgr.notests tsc_early_khz={tsc_khz} {extra}");
@@ -108,7 +110,7 @@ pub fn boot(image_dir: &Path, dir: &Path, tsc_khz: u64, extra: &str) -> Res<Chil
         ])
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
         .arg("-kernel")
-        .arg(image_dir.join("vmlinux"))
+        .arg(image_dir.join(kernel))
         .arg("-initrd")
         .arg(image_dir.join("initramfs.cpio"))
         .args(["-append", &append])
