@@ -28,6 +28,10 @@ use kuasar_e2e::cri::proto::{
 use kuasar_e2e::cri::{spec, stream, Code, ContainerGuard, Cri, PodGuard};
 use kuasar_e2e::{cmd, shared, EnvOptions, BUSYBOX};
 
+#[path = "cri/k8s.rs"]
+mod k8s;
+use k8s::{host_namespaces, pod_settings_reach_containers, stop_sends_sigterm};
+
 /// How long a container may take to reach a state.
 const STATE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -1101,6 +1105,9 @@ macro_rules! handler_suite {
                 host_path_volumes,
                 shared_scratch_dir_between_containers,
                 pod_networking,
+                stop_sends_sigterm,
+                pod_settings_reach_containers,
+                host_namespaces,
             );
         }
     };

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
+use crate::pod::PodAdditions;
 use crate::process::Process;
 
 /// Longest accepted container/exec id.
@@ -50,8 +51,13 @@ const CRUN_OCI_VERSION: &str = "1.0.2";
 
 /// Rewrites a container's OCI spec: `root.path` = `rootfs` (keeping
 /// `root.readonly`), `process.terminal` = `terminal`, a 1.x `ociVersion`
-/// that crun 1.8 accepts.
-pub fn rewrite_spec(spec_json: &[u8], rootfs: &str, terminal: bool) -> Result<Vec<u8>> {
+/// that crun 1.8 accepts, and what the pod adds (`pod`).
+pub fn rewrite_spec(
+    spec_json: &[u8],
+    rootfs: &str,
+    terminal: bool,
+    pod: &PodAdditions,
+) -> Result<Vec<u8>> {
     if !rootfs.starts_with('/') || rootfs.split('/').any(|c| c == "..") {
         return Err(Error::InvalidArgument(format!(
             "rootfs path {rootfs:?} must be absolute, without '..'"
@@ -74,6 +80,7 @@ pub fn rewrite_spec(spec_json: &[u8], rootfs: &str, terminal: bool) -> Result<Ve
         _ => return Err(Error::InvalidArgument("spec has no process object".into())),
     }
     drop_network_namespace(&mut spec);
+    pod.apply(&mut spec);
     // crun 1.8 (Debian 12) refuses any ociVersion without "1.0" in it, while
     // containerd 2.x writes "1.2.1". The field selects nothing in crun: name
     // the last version it accepts. Other major versions stay refused.
@@ -372,7 +379,13 @@ mod tests {
     fn spec_rewrite() {
         let spec = br#"{"ociVersion":"1.0.2","process":{"terminal":true,"args":["sh"]},
             "root":{"path":"rootfs","readonly":true},"hostname":"h"}"#;
-        let out = rewrite_spec(spec, "/run/kuasar/shared/c1/rootfs", false).unwrap();
+        let out = rewrite_spec(
+            spec,
+            "/run/kuasar/shared/c1/rootfs",
+            false,
+            &PodAdditions::default(),
+        )
+        .unwrap();
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["root"]["path"], "/run/kuasar/shared/c1/rootfs");
         assert_eq!(v["root"]["readonly"], true);
@@ -380,18 +393,24 @@ mod tests {
         assert_eq!(v["hostname"], "h");
 
         let spec = br#"{"ociVersion":"1.2.1","process":{"args":["sh"]}}"#;
-        let v: Value = serde_json::from_slice(&rewrite_spec(spec, "/r", false).unwrap()).unwrap();
+        let v: Value = serde_json::from_slice(
+            &rewrite_spec(spec, "/r", false, &PodAdditions::default()).unwrap(),
+        )
+        .unwrap();
         assert_eq!(v["root"]["readonly"], false);
         assert_eq!(v["ociVersion"], "1.0.2");
         let spec = br#"{"ociVersion":"2.0.0","process":{"args":["sh"]}}"#;
-        let v: Value = serde_json::from_slice(&rewrite_spec(spec, "/r", false).unwrap()).unwrap();
+        let v: Value = serde_json::from_slice(
+            &rewrite_spec(spec, "/r", false, &PodAdditions::default()).unwrap(),
+        )
+        .unwrap();
         assert_eq!(v["ociVersion"], "2.0.0");
 
-        assert!(rewrite_spec(b"not json", "/r", false).is_err());
-        assert!(rewrite_spec(b"[1]", "/r", false).is_err());
-        assert!(rewrite_spec(br#"{"root":{}}"#, "/r", false).is_err());
-        assert!(rewrite_spec(spec, "relative", false).is_err());
-        assert!(rewrite_spec(spec, "/a/../b", false).is_err());
+        assert!(rewrite_spec(b"not json", "/r", false, &PodAdditions::default()).is_err());
+        assert!(rewrite_spec(b"[1]", "/r", false, &PodAdditions::default()).is_err());
+        assert!(rewrite_spec(br#"{"root":{}}"#, "/r", false, &PodAdditions::default()).is_err());
+        assert!(rewrite_spec(spec, "relative", false, &PodAdditions::default()).is_err());
+        assert!(rewrite_spec(spec, "/a/../b", false, &PodAdditions::default()).is_err());
     }
 
     #[test]
@@ -410,7 +429,10 @@ mod tests {
         let spec = br#"{"process":{"args":["sh"]},"linux":{"namespaces":[
             {"type":"pid"},{"type":"network","path":"/var/run/netns/cni-1"},
             {"type":"ipc","path":"/proc/42/ns/ipc"},{"type":"mount"}]}}"#;
-        let v: Value = serde_json::from_slice(&rewrite_spec(spec, "/r", false).unwrap()).unwrap();
+        let v: Value = serde_json::from_slice(
+            &rewrite_spec(spec, "/r", false, &PodAdditions::default()).unwrap(),
+        )
+        .unwrap();
         let types: Vec<&str> = v["linux"]["namespaces"]
             .as_array()
             .unwrap()
@@ -421,9 +443,18 @@ mod tests {
         assert_eq!(v["linux"]["namespaces"][1]["path"], "/proc/42/ns/ipc");
         // A fresh namespace (no path) goes too; no namespaces at all is fine.
         let spec = br#"{"process":{"args":["sh"]},"linux":{"namespaces":[{"type":"network"}]}}"#;
-        let v: Value = serde_json::from_slice(&rewrite_spec(spec, "/r", false).unwrap()).unwrap();
+        let v: Value = serde_json::from_slice(
+            &rewrite_spec(spec, "/r", false, &PodAdditions::default()).unwrap(),
+        )
+        .unwrap();
         assert_eq!(v["linux"]["namespaces"], serde_json::json!([]));
-        assert!(rewrite_spec(br#"{"process":{"args":["sh"]},"linux":{}}"#, "/r", false).is_ok());
+        assert!(rewrite_spec(
+            br#"{"process":{"args":["sh"]},"linux":{}}"#,
+            "/r",
+            false,
+            &PodAdditions::default()
+        )
+        .is_ok());
     }
 
     #[test]

@@ -8,6 +8,8 @@ mod container;
 mod error;
 mod init;
 mod net;
+mod pod;
+mod podns;
 mod process;
 mod proxy;
 mod reaper;
@@ -36,6 +38,12 @@ const RUNTIME_LOGS: &str = "/run/kuasar/crun-logs";
 const PORT_TIMEOUT: Duration = Duration::from_secs(20);
 
 fn main() {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == podns::POD_INIT_ARG)
+    {
+        podns::pod_init_main();
+    }
     let started = Instant::now();
     let pid1 = std::process::id() == 1;
     let early = if pid1 {

@@ -2,7 +2,6 @@
 //! pod's interfaces (found by MAC: the host gave each virtio NIC the MAC of
 //! the pod interface it stands for), their addresses, the routes, DNS.
 use std::net::IpAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kuasar_api::agent::{Interface, Route};
@@ -340,18 +339,6 @@ pub fn setup(interfaces: &[Interface], routes: &[Route]) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Replaces the guest's `/etc/<name>` with `data` (when given), atomically.
-pub fn write_etc(name: &str, data: &[u8]) -> Result<()> {
-    if data.is_empty() {
-        return Ok(());
-    }
-    let path = Path::new("/etc").join(name);
-    let tmp = Path::new("/etc").join(format!(".{name}.kuasar"));
-    std::fs::create_dir_all("/etc").context("mkdir /etc")?;
-    std::fs::write(&tmp, data).with_context(|| format!("write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("rename to {}", path.display()))
 }
 
 #[cfg(test)]

@@ -15,6 +15,8 @@ use crate::container::{
     check_resources, parse_cgroup_path, rewrite_process, rewrite_spec, validate_id, Container,
 };
 use crate::error::{Context, Error, Result};
+use crate::pod::{PodAdditions, POD_DIR};
+use crate::podns::PodPidNamespace;
 use crate::process::{validate_signal, Process, ProcessStdio};
 use crate::reaper::Reaper;
 use crate::runtime::OciRuntime;
@@ -41,6 +43,8 @@ struct Inner {
     guest_ready: watch::Receiver<bool>,
     /// Numbers the resource files of updates.
     updates: std::sync::atomic::AtomicU64,
+    /// The pod's shared PID namespace (made on first use).
+    pod_pid: PodPidNamespace,
 }
 
 impl AgentService {
@@ -57,6 +61,7 @@ impl AgentService {
                 containers: Mutex::new(HashMap::new()),
                 guest_ready,
                 updates: std::sync::atomic::AtomicU64::new(0),
+                pod_pid: PodPidNamespace::default(),
             }),
         }
     }
@@ -106,7 +111,16 @@ impl Inner {
         let sysctls = crate::sysctl::take_pod_sysctls(&mut spec_value)?;
         let spec_json = serde_json::to_vec(&spec_value)
             .map_err(|e| Error::InvalidArgument(format!("spec: {e}")))?;
-        let spec = rewrite_spec(&spec_json, &req.rootfs_path, req.terminal)?;
+        let pid_namespace = if req.pod_pid_namespace {
+            Some(self.pod_pid.path(&self.reaper).await?)
+        } else {
+            None
+        };
+        let pod = PodAdditions {
+            pid_namespace,
+            files: crate::pod::files(Path::new(POD_DIR)),
+        };
+        let spec = rewrite_spec(&spec_json, &req.rootfs_path, req.terminal, &pod)?;
         crate::sysctl::apply(&sysctls)?;
         // The shared directory is mounted once the guest is set up.
         let mut ready = self.guest_ready.clone();
@@ -531,8 +545,16 @@ impl Agent for AgentService {
                 })?;
             }
             crate::net::setup(&req.interfaces, &req.routes)?;
-            crate::net::write_etc("resolv.conf", &req.resolv_conf)?;
-            crate::net::write_etc("hosts", &req.hosts)?;
+            crate::pod::write_files(
+                Path::new(POD_DIR),
+                &req.hostname,
+                &req.resolv_conf,
+                &req.hosts,
+            )?;
+            let mut sysctls: Vec<(String, String)> = req.sysctls.into_iter().collect();
+            sysctls.sort();
+            crate::sysctl::check(&sysctls)?;
+            crate::sysctl::apply(&sysctls)?;
             if !req.interfaces.is_empty() {
                 info!(
                     interfaces = ?req

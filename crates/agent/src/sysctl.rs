@@ -26,18 +26,29 @@ pub fn take_pod_sysctls(spec: &mut Value) -> Result<Vec<(String, String)>> {
     for key in keys {
         let value = sysctl.remove(&key).unwrap_or(Value::Null);
         let value = value.as_str().unwrap_or_default().to_owned();
-        let valid_key = key
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
-            && !key.contains("..");
+        taken.push((key, value));
+    }
+    check(&taken)?;
+    Ok(taken)
+}
+
+/// Checks sysctl names and values: a name is dotted words (never a path
+/// out of /proc/sys), a value bounded.
+pub fn check(sysctls: &[(String, String)]) -> Result<()> {
+    for (key, value) in sysctls {
+        let valid_key = !key.is_empty()
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+            && !key.contains("..")
+            && !key.starts_with('.');
         if !valid_key || value.len() > MAX_VALUE {
             return Err(Error::InvalidArgument(format!(
                 "sysctl {key:?} is not valid"
             )));
         }
-        taken.push((key, value));
     }
-    Ok(taken)
+    Ok(())
 }
 
 /// Sets sysctls on the VM (writes /proc/sys).

@@ -5,12 +5,17 @@
 //! (pause) container's OCI spec: CRI puts the netns path in
 //! `linux.namespaces` and the pod's resources in annotations. In the `shim`
 //! sandboxer mode it comes from CreateSandbox (netns path, options).
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde_json::Value;
 
 use crate::config::{QemuConfig, SizingConfig};
 use crate::error::{Error, Result};
+
+pub mod settings;
+
+pub use settings::{HostNamespace, PodDns};
 
 /// CRI's annotation naming a container's kind ("sandbox" or "container").
 pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
@@ -38,6 +43,13 @@ pub struct PodConfig {
     pub netns: Option<PathBuf>,
     pub hostname: String,
     pub resources: PodResources,
+    /// The pod's sysctls (namespaced ones only: see `settings`).
+    #[serde(default)]
+    pub sysctls: BTreeMap<String, String>,
+    /// The pod's DNS configuration, when CRI hands it to the runtime (the
+    /// `shim` sandboxer modes; in `podsandbox` containerd binds the files).
+    #[serde(default)]
+    pub dns: Option<PodDns>,
 }
 
 /// Reads the pod's configuration from its sandbox container's OCI spec.
@@ -58,8 +70,20 @@ pub fn from_sandbox_spec(spec: &Value) -> Result<Option<PodConfig>> {
     let net = namespaces
         .iter()
         .find(|n| n.get("type").and_then(Value::as_str) == Some("network"));
+    for (kind, host) in [
+        ("network", HostNamespace::Network),
+        ("pid", HostNamespace::Pid),
+        ("ipc", HostNamespace::Ipc),
+    ] {
+        if !namespaces
+            .iter()
+            .any(|n| n.get("type").and_then(Value::as_str) == Some(kind))
+        {
+            return Err(host.refusal());
+        }
+    }
     let netns = match net {
-        None => return Err(host_network()),
+        None => return Err(HostNamespace::Network.refusal()),
         Some(n) => n
             .get("path")
             .and_then(Value::as_str)
@@ -87,8 +111,20 @@ pub fn from_sandbox_spec(spec: &Value) -> Result<Option<PodConfig>> {
             ))
         })?,
     };
+    let sysctls: BTreeMap<String, String> = spec
+        .pointer("/linux/sysctl")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    settings::check_sysctls(&sysctls)?;
     Ok(Some(PodConfig {
         netns,
+        sysctls: settings::normalise_sysctls(sysctls),
+        dns: None,
         hostname: spec
             .get("hostname")
             .and_then(Value::as_str)
@@ -139,14 +175,39 @@ pub fn from_create_sandbox(netns_path: &str, options: Option<(&str, &[u8])>) -> 
         ))
     })?;
     let linux = config.linux.as_ref();
-    let network = linux
+    if let Some(ns) = linux
         .and_then(|l| l.security_context.as_ref())
         .and_then(|s| s.namespace_options.as_ref())
-        .map(|n| n.network.enum_value_or_default());
-    if network == Some(NamespaceMode::NODE) {
-        return Err(host_network());
+    {
+        for (mode, host) in [
+            (ns.network, HostNamespace::Network),
+            (ns.pid, HostNamespace::Pid),
+            (ns.ipc, HostNamespace::Ipc),
+        ] {
+            if mode.enum_value_or_default() == NamespaceMode::NODE {
+                return Err(host.refusal());
+            }
+        }
     }
     pod.hostname = config.hostname.clone();
+    if let Some(l) = linux {
+        let sysctls: BTreeMap<String, String> = l
+            .sysctls
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        settings::check_sysctls(&sysctls)?;
+        pod.sysctls = settings::normalise_sysctls(sysctls);
+    }
+    if let Some(d) = config.dns_config.as_ref() {
+        let dns = PodDns {
+            servers: d.servers.clone(),
+            searches: d.searches.clone(),
+            options: d.options.clone(),
+        };
+        dns.validate()?;
+        pod.dns = Some(dns);
+    }
     if let Some(r) = linux.and_then(|l| l.resources.as_ref()) {
         let overhead = linux.and_then(|l| l.overhead.as_ref());
         let plus = |a: i64, b: Option<i64>| a.max(0).saturating_add(b.unwrap_or(0).max(0));
@@ -160,14 +221,6 @@ pub fn from_create_sandbox(netns_path: &str, options: Option<(&str, &[u8])>) -> 
         };
     }
     Ok(pod)
-}
-
-fn host_network() -> Error {
-    Error::InvalidArgument(
-        "the pod asks for the host's network (hostNetwork: true): a microVM has a network \
-         stack of its own and cannot join the node's; run such pods with a runc RuntimeClass"
-            .into(),
-    )
 }
 
 /// The VM a pod gets.
@@ -287,12 +340,15 @@ mod tests {
             },
             "linux": {"namespaces": [
                 {"type": "pid"},
+                {"type": "ipc"},
                 {"type": "network", "path": "/var/run/netns/cni-1"},
-            ]},
+            ], "sysctl": {"kernel.msgmax": "65536", "net.ipv4.ip_unprivileged_port_start": "80"}},
         });
         let pod = from_sandbox_spec(&spec).unwrap().unwrap();
         assert_eq!(pod.netns, Some(PathBuf::from("/var/run/netns/cni-1")));
         assert_eq!(pod.hostname, "web-1");
+        assert_eq!(pod.sysctls.len(), 2);
+        assert_eq!(pod.sysctls["kernel.msgmax"], "65536");
         assert_eq!(pod.resources.cpu_quota, 150000);
         assert_eq!(pod.resources.memory_limit_bytes, 268435456);
     }
@@ -305,6 +361,32 @@ mod tests {
         });
         let err = from_sandbox_spec(&spec).unwrap_err().to_string();
         assert!(err.contains("hostNetwork"), "{err}");
+    }
+
+    #[test]
+    fn host_pid_and_ipc_and_node_wide_sysctls_are_refused_by_name() {
+        let spec = |namespaces: Value, sysctl: Value| {
+            json!({
+                "annotations": {CONTAINER_TYPE: "sandbox"},
+                "linux": {"namespaces": namespaces, "sysctl": sysctl},
+            })
+        };
+        let net = json!({"type": "network", "path": "/var/run/netns/x"});
+        let cases = [
+            (json!([net, {"type": "ipc"}]), json!({}), "hostPID"),
+            (json!([net, {"type": "pid"}]), json!({}), "hostIPC"),
+            (
+                json!([net, {"type": "pid"}, {"type": "ipc"}]),
+                json!({"vm.swappiness": "1"}),
+                "vm.swappiness",
+            ),
+        ];
+        for (namespaces, sysctl, named) in cases {
+            let err = from_sandbox_spec(&spec(namespaces, sysctl))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(named), "{err}");
+        }
     }
 
     fn encoded(config: &kuasar_api::cri::PodSandboxConfig) -> Vec<u8> {
@@ -323,6 +405,12 @@ mod tests {
         r.cpu_quota = 200_000;
         r.memory_limit_in_bytes = 256 << 20;
         linux.overhead.mut_or_insert_default().memory_limit_in_bytes = 64 << 20;
+        linux
+            .sysctls
+            .insert("net/ipv4/ip_local_port_range".into(), "20000 40000".into());
+        let dns = config.dns_config.mut_or_insert_default();
+        dns.servers = vec!["10.96.0.10".into()];
+        dns.searches = vec!["svc.cluster.local".into()];
         let bytes = encoded(&config);
         let url = "type.googleapis.com/runtime.v1.PodSandboxConfig";
         let pod = from_create_sandbox("/var/run/netns/cni-2", Some((url, &bytes))).unwrap();
@@ -330,6 +418,44 @@ mod tests {
         assert_eq!(pod.hostname, "web-0");
         assert_eq!(pod.resources.cpu_quota, 200_000);
         assert_eq!(pod.resources.memory_limit_bytes, 320 << 20);
+        assert_eq!(
+            pod.sysctls
+                .get("net.ipv4.ip_local_port_range")
+                .map(|s| s.as_str()),
+            Some("20000 40000")
+        );
+        assert_eq!(
+            pod.dns.and_then(|d| d.resolv_conf()).as_deref(),
+            Some("search svc.cluster.local\nnameserver 10.96.0.10\n")
+        );
+    }
+
+    #[test]
+    fn create_sandbox_refuses_host_pid_and_ipc() {
+        use kuasar_api::cri::*;
+        for (field, set) in [
+            (
+                "hostPID",
+                (|n: &mut NamespaceOption| n.pid = NamespaceMode::NODE.into()) as fn(&mut _),
+            ),
+            ("hostIPC", |n: &mut NamespaceOption| {
+                n.ipc = NamespaceMode::NODE.into()
+            }),
+        ] {
+            let mut config = PodSandboxConfig::new();
+            set(config
+                .linux
+                .mut_or_insert_default()
+                .security_context
+                .mut_or_insert_default()
+                .namespace_options
+                .mut_or_insert_default());
+            let bytes = encoded(&config);
+            let err = from_create_sandbox("", Some(("runtime.v1.PodSandboxConfig", &bytes)))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{err}");
+        }
     }
 
     #[test]
@@ -364,7 +490,7 @@ mod tests {
     fn a_bad_annotation_is_named() {
         let spec = json!({
             "annotations": {CONTAINER_TYPE: "sandbox", SANDBOX_MEMORY: "lots"},
-            "linux": {"namespaces": [{"type": "network"}]},
+            "linux": {"namespaces": [{"type": "network"}, {"type": "pid"}, {"type": "ipc"}]},
         });
         let err = from_sandbox_spec(&spec).unwrap_err().to_string();
         assert!(err.contains(SANDBOX_MEMORY), "{err}");

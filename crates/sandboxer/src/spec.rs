@@ -13,9 +13,11 @@
 //!   shared memory with anything in the guest anyway;
 //! - a namespace given by a host path is the pod's: the VM is the pod, so
 //!   IPC and UTS are the VM's own (the agent sets the pod's host name), and a
-//!   shared PID namespace becomes a new one (the guest's root PID namespace
-//!   holds the agent). Likewise the pod's network namespace is the VM's
-//!   root one, where the pod's NIC is;
+//!   shared PID namespace is the one the agent keeps for the pod (the
+//!   guest's root PID namespace holds the agent). Likewise the pod's network
+//!   namespace is the VM's root one, where the pod's NIC is;
+//! - a spec without a PID or IPC namespace asks for the node's (hostPID,
+//!   hostIPC), which a VM cannot give: refused, naming the field;
 //! - a container always gets a cgroup namespace: the guest is cgroup v2.
 use std::path::{Path, PathBuf};
 
@@ -23,6 +25,7 @@ use nix::mount::{mount, MsFlags};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
+use crate::pod::HostNamespace;
 
 /// Most mounts one container may have.
 const MAX_MOUNTS: usize = 256;
@@ -52,11 +55,22 @@ fn options(m: &Value) -> Vec<&str> {
         .unwrap_or_default()
 }
 
+/// What a container needs besides its rewritten spec.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct GuestContainer {
+    /// Host paths to share (see [`share`]).
+    pub binds: Vec<HostBind>,
+    /// The container joins the pod's PID namespace (its spec named the
+    /// pod's by a host path).
+    pub pod_pid_namespace: bool,
+}
+
 /// Rewrites `spec` for the guest. `host_dir` is the container's directory
 /// for shared mounts on the host, `guest_dir` the same directory as the
-/// guest sees it. Returns the host paths to share (see [`share`]).
-pub fn for_guest(spec: &mut Value, host_dir: &Path, guest_dir: &str) -> Result<Vec<HostBind>> {
+/// guest sees it.
+pub fn for_guest(spec: &mut Value, host_dir: &Path, guest_dir: &str) -> Result<GuestContainer> {
     let mut binds = Vec::new();
+    let mut pod_pid_namespace = false;
     if let Some(mounts) = spec.get_mut("mounts").and_then(Value::as_array_mut) {
         if mounts.len() > MAX_MOUNTS {
             return Err(Error::InvalidArgument(format!(
@@ -101,6 +115,14 @@ pub fn for_guest(spec: &mut Value, host_dir: &Path, guest_dir: &str) -> Result<V
         .pointer_mut("/linux/namespaces")
         .and_then(Value::as_array_mut)
     {
+        for (kind, host) in [("pid", HostNamespace::Pid), ("ipc", HostNamespace::Ipc)] {
+            if !namespaces
+                .iter()
+                .any(|n| n.get("type").and_then(Value::as_str) == Some(kind))
+            {
+                return Err(host.refusal());
+            }
+        }
         let mut shares_uts = false;
         namespaces.retain_mut(|ns| {
             let kind = ns.get("type").and_then(Value::as_str).unwrap_or("");
@@ -120,6 +142,13 @@ pub fn for_guest(spec: &mut Value, host_dir: &Path, guest_dir: &str) -> Result<V
                 // The pod's network is the VM's: its NIC carries the pod's
                 // address (see net/).
                 "network" => false,
+                "pid" => {
+                    pod_pid_namespace = true;
+                    if let Some(o) = ns.as_object_mut() {
+                        o.remove("path");
+                    }
+                    true
+                }
                 _ => {
                     if let Some(o) = ns.as_object_mut() {
                         o.remove("path");
@@ -143,7 +172,10 @@ pub fn for_guest(spec: &mut Value, host_dir: &Path, guest_dir: &str) -> Result<V
             }
         }
     }
-    Ok(binds)
+    Ok(GuestContainer {
+        binds,
+        pod_pid_namespace,
+    })
 }
 
 /// Bind-mounts each shared host path at its target (created to match: a
@@ -222,9 +254,9 @@ mod tests {
     #[test]
     fn host_binds_are_shared_and_renamed() {
         let mut spec = cri_spec();
-        let binds = for_guest(&mut spec, Path::new("/h/c1/mounts"), "/g/c1/mounts").unwrap();
+        let guest = for_guest(&mut spec, Path::new("/h/c1/mounts"), "/g/c1/mounts").unwrap();
         assert_eq!(
-            binds,
+            guest.binds,
             vec![
                 HostBind {
                     source: "/var/lib/containerd/sb/hosts".into(),
@@ -254,12 +286,34 @@ mod tests {
     #[test]
     fn pod_namespaces_become_the_vms() {
         let mut spec = cri_spec();
-        for_guest(&mut spec, Path::new("/h"), "/g").unwrap();
+        let guest = for_guest(&mut spec, Path::new("/h"), "/g").unwrap();
         let ns = spec["linux"]["namespaces"].as_array().unwrap();
         let kinds: Vec<&str> = ns.iter().map(|n| n["type"].as_str().unwrap()).collect();
         assert_eq!(kinds, ["pid", "mount", "cgroup"]);
-        assert!(ns[0].get("path").is_none(), "a new PID namespace");
+        assert!(ns[0].get("path").is_none(), "no host path in the guest");
+        assert!(guest.pod_pid_namespace, "the pod's PID namespace is shared");
         assert!(spec.get("hostname").is_none(), "UTS is the VM's");
+    }
+
+    #[test]
+    fn a_pid_namespace_of_its_own_stays_so() {
+        let mut spec = cri_spec();
+        spec["linux"]["namespaces"][0] = json!({"type": "pid"});
+        let guest = for_guest(&mut spec, Path::new("/h"), "/g").unwrap();
+        assert!(!guest.pod_pid_namespace);
+    }
+
+    #[test]
+    fn host_pid_and_ipc_are_refused_by_field() {
+        for (i, field) in [(0, "hostPID"), (1, "hostIPC")] {
+            let mut spec = cri_spec();
+            spec["linux"]["namespaces"]
+                .as_array_mut()
+                .unwrap()
+                .remove(i);
+            let err = for_guest(&mut spec, Path::new("/h"), "/g").unwrap_err();
+            assert!(err.to_string().contains(field), "{err}");
+        }
     }
 
     #[test]
@@ -267,12 +321,14 @@ mod tests {
         let mut spec = json!({
             "hostname": "x",
             "mounts": [{"destination": "/tmp", "type": "tmpfs", "source": "tmpfs"}],
-            "linux": {"namespaces": [{"type": "uts"}, {"type": "ipc"}, {"type": "cgroup"}]},
+            "linux": {"namespaces": [
+                {"type": "pid"}, {"type": "uts"}, {"type": "ipc"}, {"type": "cgroup"}]},
         });
         let before = spec.clone();
-        assert!(for_guest(&mut spec, Path::new("/h"), "/g")
-            .unwrap()
-            .is_empty());
+        assert_eq!(
+            for_guest(&mut spec, Path::new("/h"), "/g").unwrap(),
+            GuestContainer::default()
+        );
         assert_eq!(spec, before);
     }
 

@@ -195,6 +195,11 @@ impl Sandbox {
             Error::InvalidArgument(format!("OCI spec of container {}: {e}", spec.id))
         })?;
         if let Some(pod) = pod::from_sandbox_spec(&oci_value)? {
+            // The pod's sysctls are the VM's (SetupSandbox), not the pause
+            // container's alone.
+            if let Some(linux) = oci_value.get_mut("linux").and_then(|l| l.as_object_mut()) {
+                linux.remove("sysctl");
+            }
             self.set_pod(pod);
         }
         let agent = self.ensure_vm().await?;
@@ -208,14 +213,15 @@ impl Sandbox {
         }
         let dir = self.dir.join("shared").join(&spec.id);
         let rootfs = dir.join("rootfs");
-        let binds = crate::spec::for_guest(
+        let guest = crate::spec::for_guest(
             &mut oci_value,
             &dir.join("mounts"),
             &format!("{GUEST_SHARED_DIR}/{}/mounts", spec.id),
         )?;
         let oci = serde_json::to_vec(&oci_value)
             .map_err(|e| Error::InvalidArgument(format!("OCI spec: {e}")))?;
-        let prepared = prepare_rootfs(&spec, &rootfs).and_then(|()| crate::spec::share(&binds));
+        let prepared =
+            prepare_rootfs(&spec, &rootfs).and_then(|()| crate::spec::share(&guest.binds));
         let created = match prepared {
             Ok(()) => agent
                 .create_container(CreateContainerRequest {
@@ -226,6 +232,7 @@ impl Sandbox {
                     stdout: !spec.stdio.stdout.is_empty(),
                     stderr: !spec.stdio.stderr.is_empty(),
                     terminal: spec.stdio.terminal,
+                    pod_pid_namespace: guest.pod_pid_namespace,
                     ..Default::default()
                 })
                 .await

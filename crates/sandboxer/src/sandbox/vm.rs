@@ -138,8 +138,19 @@ impl Sandbox {
     /// container: host name, network, DNS.
     async fn setup_guest(&self, agent: &Agent, pod: Option<&PodConfig>) -> Result<()> {
         let Some(pod) = pod else { return Ok(()) };
+        let resolv_conf = match pod.dns.as_ref().and_then(|d| d.resolv_conf()) {
+            Some(r) => r.into_bytes(),
+            None => node_file(NODE_RESOLV_CONF),
+        };
         let mut req = kuasar_api::agent::SetupSandboxRequest {
             hostname: pod.hostname.clone(),
+            resolv_conf,
+            hosts: node_file(NODE_HOSTS),
+            sysctls: pod
+                .sysctls
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             ..Default::default()
         };
         if let Some(net) = self.net.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
@@ -338,4 +349,27 @@ impl Sandbox {
         }
         tracing::info!(sandbox = %self.info.id, "sandbox stopped");
     }
+}
+
+/// The node's files a pod gets copies of when it brings none (containerd
+/// does the same for a runc pod).
+const NODE_RESOLV_CONF: &str = "/etc/resolv.conf";
+const NODE_HOSTS: &str = "/etc/hosts";
+/// Most of such a file that is copied.
+const MAX_NODE_FILE: u64 = 64 << 10;
+
+/// Reads a node file for the pod; a missing or unreadable one is empty.
+fn node_file(path: &str) -> Vec<u8> {
+    use std::io::Read;
+    let mut data = Vec::new();
+    match std::fs::File::open(path) {
+        Ok(f) => {
+            if let Err(e) = f.take(MAX_NODE_FILE).read_to_end(&mut data) {
+                tracing::warn!(path, "read the node's file for a pod: {e}");
+                data.clear();
+            }
+        }
+        Err(e) => tracing::debug!(path, "no node file for the pod: {e}"),
+    }
+    data
 }

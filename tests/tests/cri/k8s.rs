@@ -1,0 +1,219 @@
+//! Kubernetes behaviours a VM pod must share with runc: SIGTERM on stop,
+//! pod sysctls, DNS / host name / hosts files in every sandbox mode, and the
+//! host namespaces a VM cannot join (refused, naming the field).
+use std::time::{Duration, Instant};
+
+use kuasar_e2e::cri::proto::{
+    ContainerConfig, ContainerState, DnsConfig, NamespaceMode, NamespaceOption, PodSandboxConfig,
+};
+use kuasar_e2e::cri::{spec, PodGuard};
+use kuasar_e2e::{cmd, BUSYBOX};
+
+use super::{Handler, SHARED_PODS};
+
+/// A container sharing the pod's PID namespace (`shareProcessNamespace`,
+/// CRI NamespaceMode POD for pid, also what a config without namespace
+/// options gets) or having its own (the kubelet's default).
+fn with_pid_mode(mut c: ContainerConfig, mode: NamespaceMode) -> ContainerConfig {
+    spec::security(&mut c).namespace_options = Some(NamespaceOption {
+        pid: mode as i32,
+        ..Default::default()
+    });
+    c
+}
+
+/// StopContainer of a process without a SIGTERM handler of its own
+/// (`sleep`, and `sh -c` which execs it). In the pod's shared PID namespace
+/// it is not the namespace's init, so SIGTERM ends it: runc ends it in well
+/// under a second with 143, and so must a VM handler, not wait out the grace
+/// period and SIGKILL (137). In a PID namespace of its own it is the init,
+/// which only receives signals it handles: SIGKILL after the grace period,
+/// under runc as in a VM.
+pub fn stop_sends_sigterm(h: &Handler) {
+    let pod = h.shared_pod();
+    let cases = [
+        ("sleeper-pid1", vec!["sleep", "1000"]),
+        ("sh-sleeper", vec!["sh", "-c", "sleep 1000"]),
+    ];
+    for (name, argv) in cases {
+        let config = with_pid_mode(spec::container(name, BUSYBOX, &argv), NamespaceMode::Pod);
+        let c = h.start(&pod, &config);
+        h.wait_state(&c.id, ContainerState::ContainerRunning);
+        let t0 = Instant::now();
+        h.cri
+            .stop_container(&c.id, 20)
+            .unwrap_or_else(|e| panic!("StopContainer {name}: {e:?}\n{}", h.diag()));
+        let took = t0.elapsed();
+        let st = h.status(&c.id);
+        eprintln!(
+            "StopContainer ({}) of `{}` (pod PID namespace) with a 20 s grace period: exit {} \
+             after {took:?}",
+            h.name,
+            argv.join(" "),
+            st.exit_code
+        );
+        assert_eq!(st.state, ContainerState::ContainerExited as i32, "{st:?}");
+        assert_eq!(st.exit_code, 143, "not ended by SIGTERM: {st:?}");
+        assert!(
+            took < Duration::from_secs(5),
+            "SIGTERM took {took:?} to end `{}`",
+            argv.join(" ")
+        );
+    }
+
+    let config = with_pid_mode(
+        spec::container("own-pidns", BUSYBOX, &["sleep", "1000"]),
+        NamespaceMode::Container,
+    );
+    let c = h.start(&pod, &config);
+    h.wait_state(&c.id, ContainerState::ContainerRunning);
+    let pid1 = h.sh(&c.id, "cat /proc/1/comm");
+    assert_eq!(pid1.trim(), "sleep", "the container's own PID namespace");
+    let t0 = Instant::now();
+    h.cri
+        .stop_container(&c.id, 2)
+        .unwrap_or_else(|e| panic!("StopContainer own-pidns: {e:?}\n{}", h.diag()));
+    let took = t0.elapsed();
+    let st = h.status(&c.id);
+    eprintln!(
+        "StopContainer ({}) of `sleep 1000` (own PID namespace) with a 2 s grace period: exit {} \
+         after {took:?}",
+        h.name, st.exit_code
+    );
+    assert_eq!(
+        st.exit_code, 137,
+        "an init without a handler ignores SIGTERM: {st:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(1500),
+        "killed before the grace period: {took:?}"
+    );
+}
+
+/// Sysctls a pod asks for (one safe IPC, one unsafe IPC, two net ones).
+const SYSCTLS: [(&str, &str); 4] = [
+    ("kernel.shm_rmid_forced", "1"),
+    ("kernel.msgmax", "65536"),
+    ("net.ipv4.ip_local_port_range", "20000\t40000"),
+    ("net.ipv4.ip_unprivileged_port_start", "80"),
+];
+
+fn pod_with_settings(h: &Handler) -> PodSandboxConfig {
+    let mut config = h.pod_config("settings");
+    let linux = config.linux.get_or_insert_with(Default::default);
+    linux.sysctls = SYSCTLS
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    config.dns_config = Some(DnsConfig {
+        servers: vec!["192.0.2.53".into(), "192.0.2.54".into()],
+        searches: vec!["svc.example.test".into(), "example.test".into()],
+        options: vec!["ndots:5".into(), "timeout:2".into()],
+    });
+    config
+}
+
+/// A pod's sysctls, DNS configuration, host name and hosts file: what each
+/// of its containers sees, in every sandbox mode (the files come from the
+/// pod, not from the image).
+pub fn pod_settings_reach_containers(h: &Handler) {
+    let config = pod_with_settings(h);
+    let guard = PodGuard::run(h.cri, config.clone(), h.name)
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e:?}\n{}", h.diag()));
+    let c = h.start(
+        &(guard.id.clone(), config.clone()),
+        &super::sleeper("reader"),
+    );
+    h.wait_state(&c.id, ContainerState::ContainerRunning);
+
+    for (key, want) in SYSCTLS {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        let got = h.sh(&c.id, &format!("cat {path}"));
+        assert_eq!(
+            got.split_whitespace().collect::<Vec<_>>(),
+            want.split_whitespace().collect::<Vec<_>>(),
+            "sysctl {key} as a container of the pod reads it ({})",
+            h.name
+        );
+    }
+
+    let resolv = h.sh(&c.id, "cat /etc/resolv.conf");
+    for want in [
+        "nameserver 192.0.2.53",
+        "nameserver 192.0.2.54",
+        "search svc.example.test example.test",
+        "options ndots:5 timeout:2",
+    ] {
+        assert!(
+            resolv.lines().any(|l| l.trim() == want),
+            "/etc/resolv.conf ({}) lacks {want:?}:\n{resolv}",
+            h.name
+        );
+    }
+    let hostname = h.sh(&c.id, "hostname");
+    assert_eq!(hostname.trim(), config.hostname, "hostname ({})", h.name);
+    let etc_hostname = h.sh(&c.id, "cat /etc/hostname");
+    assert_eq!(
+        etc_hostname.trim(),
+        config.hostname,
+        "/etc/hostname ({})",
+        h.name
+    );
+    let hosts = h.sh(&c.id, "cat /etc/hosts");
+    assert!(
+        hosts.lines().any(|l| {
+            let mut f = l.split_whitespace();
+            f.next() == Some("127.0.0.1") && f.any(|n| n == "localhost")
+        }),
+        "/etc/hosts ({}) has no localhost line:\n{hosts}",
+        h.name
+    );
+    drop(c);
+    guard
+        .remove()
+        .unwrap_or_else(|e| panic!("remove the pod: {e:?}"));
+}
+
+/// The host namespaces (PID, IPC) a microVM pod cannot share with the node:
+/// a VM handler refuses such a pod naming the field (as for hostNetwork),
+/// leaving no VM; runc runs it.
+pub fn host_namespaces(h: &Handler) {
+    type Set = fn(&mut kuasar_e2e::cri::proto::NamespaceOption);
+    let cases: [(&str, &str, Set); 2] = [
+        ("hostpid", "hostPID", |ns| {
+            ns.pid = NamespaceMode::Node as i32
+        }),
+        ("hostipc", "hostIPC", |ns| {
+            ns.ipc = NamespaceMode::Node as i32
+        }),
+    ];
+    for (what, field, set) in cases {
+        let mut config = h.pod_config(what);
+        if let Some(ns) = config
+            .linux
+            .as_mut()
+            .and_then(|l| l.security_context.as_mut())
+            .and_then(|s| s.namespace_options.as_mut())
+        {
+            set(ns);
+        }
+        let r = PodGuard::run(h.cri, config, h.name);
+        if !h.vm {
+            let pod = r.unwrap_or_else(|e| panic!("{field} pod: {e:?}\n{}", h.diag()));
+            pod.remove().unwrap();
+            continue;
+        }
+        let err = match r {
+            Ok(pod) => panic!("a {field} pod started on {}: {}", h.name, pod.id),
+            Err(e) => e,
+        };
+        assert!(
+            err.message().contains(field),
+            "the refusal of a {field} pod does not name the field: {err:?}"
+        );
+        let ok = cmd::wait_until(Duration::from_secs(30), || {
+            h.env.qemu_count() <= SHARED_PODS.lock().map(|p| p.len()).unwrap_or(0)
+        });
+        assert!(ok, "the refused {field} pod left a VM\n{}", h.diag());
+    }
+}
