@@ -59,6 +59,15 @@ pub fn guest_kernel_release() -> String {
         .to_string()
 }
 
+/// The release of Debian's kernel, the fallback (`<image_dir>/vmlinux-debian.release`).
+pub fn fallback_kernel_release() -> String {
+    let p = image_dir().join("vmlinux-debian.release");
+    std::fs::read_to_string(&p)
+        .unwrap_or_else(|e| panic!("read {}: {e}; {HINT}", p.display()))
+        .trim()
+        .to_string()
+}
+
 fn in_path(name: &str) -> bool {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))

@@ -26,6 +26,9 @@ pub struct SandboxerConfig {
     pub containerd_ttrpc_address: PathBuf,
     pub state_dir: PathBuf,
     pub image_dir: PathBuf,
+    /// `kernel`: a file of `image_dir` or an absolute path (None: the
+    /// default, `vmlinux`).
+    pub kernel: Option<String>,
     pub log_level: String,
     pub qemu_binary: Option<PathBuf>,
     pub boot_timeout_secs: Option<u64>,
@@ -47,6 +50,7 @@ impl SandboxerConfig {
             containerd_ttrpc_address: dir.join("containerd.sock.ttrpc"),
             state_dir: dir.join("vmm"),
             image_dir: paths::image_dir(),
+            kernel: None,
             log_level: "info".into(),
             qemu_binary: None,
             boot_timeout_secs: None,
@@ -78,6 +82,14 @@ impl SandboxerConfig {
             p(&self.image_dir),
             toml_str(&self.log_level)
         );
+        if let Some(k) = &self.kernel {
+            // A top-level key: before the [qemu] table.
+            s = s.replacen(
+                "\n[qemu]\n",
+                &format!("kernel = {}\n\n[qemu]\n", toml_str(k)),
+                1,
+            );
+        }
         if let Some(b) = &self.qemu_binary {
             s += &format!("binary = {}\n", p(b));
         }

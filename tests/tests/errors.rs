@@ -150,6 +150,15 @@ fn sandboxer_refuses_missing_paths() {
             no_kernel.join("vmlinux"),
         ),
         (
+            "kernel-setting",
+            SandboxerConfig {
+                image_dir: no_initrd.clone(),
+                kernel: Some("vmlinux-debian".into()),
+                ..base()
+            },
+            no_initrd.join("vmlinux-debian"),
+        ),
+        (
             "initramfs",
             SandboxerConfig {
                 image_dir: no_initrd.clone(),

@@ -20,6 +20,16 @@ fn container_sees_the_guest_kernel() {
     assert!(out.success(), "{out}\n{}", env.diagnostics());
     let guest = paths::guest_kernel_release();
     assert_eq!(out.stdout.trim(), guest, "{out}");
+    // kernel-release must describe the kernel file the sandboxer boots (the
+    // default `vmlinux`): its banner names the same release.
+    let kernel = paths::image_dir().join("vmlinux");
+    let image = std::fs::read(&kernel).unwrap_or_else(|e| panic!("read {}: {e}", kernel.display()));
+    let banner = format!("Linux version {guest} (");
+    assert!(
+        image.windows(banner.len()).any(|w| w == banner.as_bytes()),
+        "{} has no banner {banner:?}: kernel-release does not match it",
+        kernel.display()
+    );
 
     let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     if host.trim() == guest {
@@ -33,6 +43,36 @@ fn container_sees_the_guest_kernel() {
         assert_ne!(out.stdout.trim(), host_cmdline.trim(), "{out}");
         assert!(out.stdout.contains("console=ttyS0"), "{out}");
     }
+    env.assert_clean();
+}
+
+/// Puts the environment's default sandboxer back when dropped.
+struct DefaultSandboxer<'a>(&'a kuasar_e2e::env::Shared);
+
+impl Drop for DefaultSandboxer<'_> {
+    fn drop(&mut self) {
+        let env = self.0;
+        if let Err(e) = env.start_sandboxer(env.sandboxer_config()) {
+            eprintln!("restarting the default kuasar-vmm: {e}");
+        }
+    }
+}
+
+#[test]
+fn fallback_kernel_is_selectable() {
+    let env = env();
+    let release = paths::fallback_kernel_release();
+    assert_ne!(release, paths::guest_kernel_release());
+    let mut config = env.sandboxer_config();
+    config.kernel = Some("vmlinux-debian".into());
+    let _restore = DefaultSandboxer(&env);
+    env.start_sandboxer(config)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let id = env.unique_id("fallback");
+    let _g = env.guard(&id);
+    let out = env.run_vm(&id, &["uname", "-r"]);
+    assert!(out.success(), "{out}\n{}", env.diagnostics());
+    assert_eq!(out.stdout.trim(), release, "{out}");
     env.assert_clean();
 }
 
