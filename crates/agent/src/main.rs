@@ -10,6 +10,7 @@ mod init;
 mod net;
 mod pod;
 mod podns;
+mod portforward;
 mod process;
 mod proxy;
 mod reaper;

@@ -32,6 +32,8 @@ type Slot = Option<Arc<Container>>;
 /// half-made container or exec behind.
 pub struct AgentService {
     inner: Arc<Inner>,
+    /// Port-forward connections (see [`crate::portforward`]).
+    forwards: crate::portforward::Forwards,
 }
 
 struct Inner {
@@ -63,6 +65,7 @@ impl AgentService {
                 updates: std::sync::atomic::AtomicU64::new(0),
                 pod_pid: PodPidNamespace::default(),
             }),
+            forwards: crate::portforward::Forwards::default(),
         }
     }
 
@@ -584,6 +587,70 @@ impl Agent for AgentService {
             .detached(|i| async move { i.update(&req.container_id, &req.resources_json).await })
             .await;
         reply("UpdateContainer", res)?;
+        Ok(Empty::default())
+    }
+
+    async fn port_forward_open(
+        &self,
+        _: &TtrpcContext,
+        req: PortForwardOpenRequest,
+    ) -> TtrpcResult<PortForwardOpenResponse> {
+        let res = self
+            .forwards
+            .open(req.port, req.connect_timeout_ms)
+            .await;
+        Ok(PortForwardOpenResponse {
+            connection_id: reply("PortForwardOpen", res)?,
+            ..Default::default()
+        })
+    }
+
+    async fn port_forward_write(
+        &self,
+        _: &TtrpcContext,
+        req: PortForwardWriteRequest,
+    ) -> TtrpcResult<WriteStreamResponse> {
+        let res = self.forwards.write(req.connection_id, &req.data).await;
+        Ok(WriteStreamResponse {
+            len: reply("PortForwardWrite", res)? as u32,
+            ..Default::default()
+        })
+    }
+
+    async fn port_forward_read(
+        &self,
+        _: &TtrpcContext,
+        req: PortForwardReadRequest,
+    ) -> TtrpcResult<PortForwardReadResponse> {
+        let res = self.forwards.read(req.connection_id, req.len).await;
+        Ok(PortForwardReadResponse {
+            data: reply("PortForwardRead", res)?,
+            ..Default::default()
+        })
+    }
+
+    async fn port_forward_shutdown(
+        &self,
+        _: &TtrpcContext,
+        req: PortForwardConnection,
+    ) -> TtrpcResult<Empty> {
+        let res = self.forwards.shutdown(req.connection_id).await;
+        reply("PortForwardShutdown", res)?;
+        Ok(Empty::default())
+    }
+
+    async fn port_forward_close(
+        &self,
+        _: &TtrpcContext,
+        req: PortForwardConnection,
+    ) -> TtrpcResult<Empty> {
+        reply("PortForwardClose", self.forwards.close(req.connection_id))?;
+        Ok(Empty::default())
+    }
+
+    async fn port_forward_reset(&self, _: &TtrpcContext, _: Empty) -> TtrpcResult<Empty> {
+        let closed = self.forwards.reset();
+        info!(closed, "port-forward connections reset");
         Ok(Empty::default())
     }
 }
