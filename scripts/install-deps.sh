@@ -2,12 +2,12 @@
 # Installs the host packages kuasar needs, from Debian only. Idempotent.
 # containerd 2.x comes from sid, that package alone (pinned low, never -t sid).
 # linux-source-6.1 and the tools after it build the project's own guest kernel
-# (scripts/build-kernel.sh).
+# (scripts/build-kernel.sh). iptables: kuasar-vmm's port-forward redirect in each pod's netns.
 set -euo pipefail
 [ "$(id -u)" = 0 ] || { echo "install-deps.sh: must run as root" >&2; exit 1; }
 
 want=(qemu-system-x86 linux-image-amd64 busybox-static runc crun
-      containernetworking-plugins iproute2 kmod cpio gzip xz-utils zstd
+      containernetworking-plugins iproute2 iptables kmod cpio gzip xz-utils zstd
       build-essential pkg-config jq util-linux procps psmisc
       linux-source-6.1 bc bison flex libelf-dev libssl-dev)
 missing=()

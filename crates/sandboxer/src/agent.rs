@@ -76,6 +76,17 @@ impl AgentError {
         }
     }
 
+    /// True when the guest's agent does not know the call (an older agent).
+    pub fn is_unimplemented(&self) -> bool {
+        matches!(
+            self,
+            AgentError::Status {
+                code: Code::UNIMPLEMENTED,
+                ..
+            }
+        )
+    }
+
     /// True when the guest answered that the object does not exist.
     pub fn is_not_found(&self) -> bool {
         matches!(
@@ -434,6 +445,117 @@ impl Agent {
             Some(call_timeout())
         )?;
         Ok(())
+    }
+}
+
+/// Port forwarding: the guest end of one relayed TCP connection (see
+/// `crate::portforward`). An agent without these calls answers UNIMPLEMENTED.
+impl Agent {
+    /// Connects to 127.0.0.1:`port` in the guest, the guest giving up after
+    /// `connect_timeout`; returns the connection's id.
+    pub async fn port_forward_open(
+        &self,
+        port: u16,
+        connect_timeout: Duration,
+    ) -> Result<u64, AgentError> {
+        let req = PortForwardOpenRequest {
+            port: port.into(),
+            connect_timeout_ms: connect_timeout.as_millis().try_into().unwrap_or(u32::MAX),
+            ..Default::default()
+        };
+        let bound = Some(connect_timeout + call_timeout());
+        let res = call!(self, port_forward_open, "PortForwardOpen", req, bound)?;
+        Ok(res.connection_id)
+    }
+
+    /// Writes `data` to the guest connection (all of it, or an error).
+    pub async fn port_forward_write(&self, id: u64, data: Vec<u8>) -> Result<(), AgentError> {
+        let len = data.len();
+        let req = PortForwardWriteRequest {
+            connection_id: id,
+            data,
+            ..Default::default()
+        };
+        let res = call!(
+            self,
+            port_forward_write,
+            "PortForwardWrite",
+            req,
+            Some(call_timeout())
+        )?;
+        if res.len as usize != len {
+            return Err(AgentError::Transport {
+                method: "PortForwardWrite",
+                message: format!("guest wrote {} of {len} bytes", res.len),
+            });
+        }
+        Ok(())
+    }
+
+    /// The next chunk of the guest connection's output (at most `len`
+    /// bytes; empty at its end). Waits as long as the guest does.
+    pub async fn port_forward_read(&self, id: u64, len: u32) -> Result<Vec<u8>, AgentError> {
+        let req = PortForwardReadRequest {
+            connection_id: id,
+            len,
+            ..Default::default()
+        };
+        let res = call!(self, port_forward_read, "PortForwardRead", req, None)?;
+        if res.data.len() > len as usize {
+            return Err(AgentError::Transport {
+                method: "PortForwardRead",
+                message: format!(
+                    "guest sent {} bytes, more than the {len} asked",
+                    res.data.len()
+                ),
+            });
+        }
+        Ok(res.data)
+    }
+
+    /// Half-closes the guest connection (its application reads the end).
+    pub async fn port_forward_shutdown(&self, id: u64) -> Result<(), AgentError> {
+        let req = PortForwardConnection {
+            connection_id: id,
+            ..Default::default()
+        };
+        call!(
+            self,
+            port_forward_shutdown,
+            "PortForwardShutdown",
+            req,
+            Some(call_timeout())
+        )
+        .map(drop)
+    }
+
+    /// Closes the guest connection.
+    pub async fn port_forward_close(&self, id: u64) -> Result<(), AgentError> {
+        let req = PortForwardConnection {
+            connection_id: id,
+            ..Default::default()
+        };
+        call!(
+            self,
+            port_forward_close,
+            "PortForwardClose",
+            req,
+            Some(call_timeout())
+        )
+        .map(drop)
+    }
+
+    /// Closes every port-forward connection of the guest (those of a relay
+    /// that is gone).
+    pub async fn port_forward_reset(&self) -> Result<(), AgentError> {
+        call!(
+            self,
+            port_forward_reset,
+            "PortForwardReset",
+            Empty::new(),
+            Some(call_timeout())
+        )
+        .map(drop)
     }
 }
 

@@ -20,6 +20,7 @@ pub mod mount;
 pub mod net;
 pub mod panic_guard;
 pub mod pod;
+pub mod portforward;
 pub mod recovery;
 pub mod registry;
 pub mod sandbox;

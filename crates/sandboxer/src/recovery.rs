@@ -79,6 +79,12 @@ pub async fn recover_all(host: &Arc<Host>) -> Recovered {
         }
         clean_leftover(&dir);
         report_lost(host, &record).await;
+        if let Some(net) = &record.net {
+            // The relay died with the earlier run; its rule goes too.
+            if let Err(e) = crate::portforward::remove_rules(Path::new(&net.netns)).await {
+                tracing::warn!(sandbox = %record.id, "{}", crate::error::chain(&e));
+            }
+        }
         found
             .stopped
             .push(Sandbox::stopped(host.clone(), record, LOST_EXIT_STATUS));

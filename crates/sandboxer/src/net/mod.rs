@@ -7,7 +7,7 @@
 //! Everything that touches the namespace runs on a dedicated thread (see
 //! [`netns`]). The namespace itself belongs to CNI/containerd and is never
 //! removed here.
-mod netns;
+pub(crate) mod netns;
 mod scan;
 mod tap;
 mod tc;

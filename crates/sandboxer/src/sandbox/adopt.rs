@@ -209,6 +209,11 @@ impl Sandbox {
                 }
             }
         }
+        if let Some(net) = &record.net {
+            sandbox
+                .start_port_forward(Path::new(&net.netns), &agent)
+                .await;
+        }
         sandbox.watch_vm(exited);
         sandbox.save_record();
         Ok(sandbox)

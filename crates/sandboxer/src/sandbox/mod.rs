@@ -1,5 +1,6 @@
 //! One sandbox: its VM, its agent connection, its containers.
 mod adopt;
+mod forward;
 mod lifecycle;
 mod vm;
 
@@ -91,6 +92,8 @@ pub struct Sandbox {
     agent_address: Mutex<String>,
     /// The zero-shim task socket, while it is served.
     task_socket: Mutex<Option<String>>,
+    /// The pod's port-forward relay, while the VM runs (pods with a netns).
+    port_forward: Mutex<Option<crate::portforward::PortForward>>,
 }
 
 impl Sandbox {
@@ -121,6 +124,7 @@ impl Sandbox {
             adopted_net: Mutex::new(None),
             agent_address: Mutex::new(String::new()),
             task_socket: Mutex::new(None),
+            port_forward: Mutex::new(None),
         })
     }
 

@@ -117,6 +117,10 @@ impl Sandbox {
                     qemu.pid().unwrap_or(0),
                     std::sync::atomic::Ordering::Relaxed,
                 );
+                // Before the watch: a VM that dies meanwhile stops it again.
+                if let Some(netns) = pod.as_ref().and_then(|p| p.netns.as_deref()) {
+                    self.start_port_forward(netns, &agent).await;
+                }
                 self.watch_vm(qemu.exited());
                 *vm = Some(qemu);
                 self.save_record();
@@ -182,6 +186,7 @@ impl Sandbox {
     /// Takes the pod's network back from the VM: `net`, or the one the
     /// sandbox holds. Failures are logged (the namespace goes with the pod).
     pub(super) async fn detach_net(&self, net: Option<crate::net::NetAttachment>) {
+        self.stop_port_forward().await;
         let net = net.or_else(|| self.net.lock().unwrap_or_else(|p| p.into_inner()).take());
         let adopted = self
             .adopted_net
