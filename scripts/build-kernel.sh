@@ -5,6 +5,8 @@
 #   scripts/build-kernel.sh            prints the directory holding the result on stdout:
 #                                      vmlinux, kernel-release, config
 #
+# The configuration is `make allnoconfig` with the fragment's values (merge_config.sh -n):
+# every option the fragment does not ask for, or that none of its options selects, is off.
 # The result is cached under $KUASAR_KERNEL_CACHE (default /var/cache/kuasar/kernel) in
 # <hash>/, the hash covering the source package's version, the fragment and the recipe
 # below: a second run with the same inputs builds nothing. The source is unpacked once per
@@ -22,7 +24,7 @@ TARBALL=/usr/src/$SRC_PKG.tar.xz
 JOBS=$(nproc)
 # Everything besides the source and the fragment that changes what gets built: part of
 # the cache key. Bump the first word when the steps below change their output.
-RECIPE="v1 base=allnoconfig merge=merge_config.sh-m olddefconfig target=vmlinux arch=x86_64"
+RECIPE="v2 merge_config.sh-n(allnoconfig+fragment) olddefconfig target=vmlinux arch=x86_64"
 export ARCH=x86_64
 export KBUILD_BUILD_USER=kuasar KBUILD_BUILD_HOST=kuasar
 
@@ -86,9 +88,10 @@ echo "$SRC" > "$BUILD/.source"
 LOGFILE=$CACHE/build.log
 : > "$LOGFILE"
 log "[2/5] configuring: allnoconfig + $(grep -c '^CONFIG_\|^# CONFIG_' "$FRAGMENT") options from the fragment"
+# merge_config.sh -n: `make allnoconfig` with the fragment as KCONFIG_ALLCONFIG, so that every
+# option the fragment does not name is off, also those its options make visible.
 {
-  make -C "$SRC" O="$BUILD" allnoconfig
-  (cd "$BUILD" && "$SRC/scripts/kconfig/merge_config.sh" -m -O "$BUILD" "$BUILD/.config" "$FRAGMENT")
+  (cd "$SRC" && scripts/kconfig/merge_config.sh -n -O "$BUILD" "$FRAGMENT")
   make -C "$SRC" O="$BUILD" olddefconfig
 } >> "$LOGFILE" 2>&1 || { tail -n 30 "$LOGFILE" >&2; die "configuration failed (log: $LOGFILE)"; }
 
