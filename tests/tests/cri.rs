@@ -30,7 +30,10 @@ use kuasar_e2e::{cmd, shared, EnvOptions, BUSYBOX};
 
 #[path = "cri/k8s.rs"]
 mod k8s;
+#[path = "cri/portforward.rs"]
+mod portforward;
 use k8s::{host_namespaces, pod_settings_reach_containers, stop_sends_sigterm};
+use portforward::port_forward;
 
 /// How long a container may take to reach a state.
 const STATE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -1108,6 +1111,7 @@ macro_rules! handler_suite {
                 stop_sends_sigterm,
                 pod_settings_reach_containers,
                 host_namespaces,
+                port_forward,
             );
         }
     };

@@ -259,7 +259,12 @@ mod tests {
         f.shutdown(id).await.unwrap();
         assert!(f.read(id, 100).await.unwrap().is_empty(), "end of stream");
         f.close(id).unwrap();
-        assert!(f.read(id, 100).await.unwrap_err().to_string().contains("not found"));
+        assert!(f
+            .read(id, 100)
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("not found"));
         assert_eq!(f.len(), 0);
     }
 

@@ -595,10 +595,7 @@ impl Agent for AgentService {
         _: &TtrpcContext,
         req: PortForwardOpenRequest,
     ) -> TtrpcResult<PortForwardOpenResponse> {
-        let res = self
-            .forwards
-            .open(req.port, req.connect_timeout_ms)
-            .await;
+        let res = self.forwards.open(req.port, req.connect_timeout_ms).await;
         Ok(PortForwardOpenResponse {
             connection_id: reply("PortForwardOpen", res)?,
             ..Default::default()

@@ -280,6 +280,17 @@ impl Cri {
         self.call(self.timeout, c.attach(req)).map(|r| r.url)
     }
 
+    /// PortForward of `ports` of pod `pod_id`: returns the streaming
+    /// server's URL for the session.
+    pub fn port_forward(&self, pod_id: &str, ports: &[i32]) -> Result<String, Status> {
+        let mut c = self.rs();
+        let req = PortForwardRequest {
+            pod_sandbox_id: pod_id.to_string(),
+            port: ports.to_vec(),
+        };
+        self.call(self.timeout, c.port_forward(req)).map(|r| r.url)
+    }
+
     pub fn container_stats(&self, id: &str) -> Result<ContainerStats, Status> {
         let mut c = self.rs();
         let req = ContainerStatsRequest {

@@ -7,10 +7,13 @@
 //! - [`spec`]: builders for pod and container configurations;
 //! - [`stream`]: exec/attach through the streaming server (Kubernetes
 //!   remote-command protocol over WebSocket);
+//! - [`portforward`]: port forwarding through the streaming server
+//!   (Kubernetes port-forward protocol over WebSocket);
 //! - [`logs`]: the CRI log format at a container's log path.
 pub mod client;
 pub mod guard;
 pub mod logs;
+pub mod portforward;
 pub mod spec;
 pub mod stream;
 
@@ -23,5 +26,6 @@ pub mod proto {
 pub use client::{Cri, CALL_TIMEOUT};
 pub use guard::{ContainerGuard, PodGuard};
 pub use logs::{LogLine, LogStream};
+pub use portforward::{Forwarded, PortForwardSession};
 pub use stream::StreamOutput;
 pub use tonic::{Code, Status};

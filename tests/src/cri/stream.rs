@@ -66,6 +66,52 @@ pub fn exit_code(status: &str) -> Option<i32> {
     }
 }
 
+/// Opens a WebSocket to the streaming server's `url` offering `protocols`
+/// (comma-separated); returns it with the subprotocol the server chose.
+pub fn connect(
+    url: &str,
+    protocols: &str,
+    timeout: Duration,
+) -> Result<(WebSocket<TcpStream>, String), String> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| format!("bad stream URL {url}: {e}"))?;
+    let authority = uri
+        .authority()
+        .ok_or_else(|| format!("stream URL without host: {url}"))?
+        .to_string();
+    let ws_url = match url.split_once("://") {
+        Some(("https", rest)) => format!("wss://{rest}"),
+        Some((_, rest)) => format!("ws://{rest}"),
+        None => return Err(format!("stream URL without scheme: {url}")),
+    };
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&authority)
+        .map_err(|e| format!("resolve {authority}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{authority} resolves to nothing"))?;
+    let tcp = TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|e| format!("connect to {authority}: {e}"))?;
+    tcp.set_read_timeout(Some(timeout))
+        .and_then(|()| tcp.set_write_timeout(Some(timeout)))
+        .map_err(|e| format!("socket timeouts: {e}"))?;
+    let mut req = ws_url
+        .into_client_request()
+        .map_err(|e| format!("request for {url}: {e}"))?;
+    req.headers_mut().insert(
+        header::SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_str(protocols).map_err(|e| format!("subprotocols {protocols:?}: {e}"))?,
+    );
+    let (ws, resp) = tungstenite::client(req, tcp)
+        .map_err(|e| format!("WebSocket handshake with {url}: {e}"))?;
+    let protocol = resp
+        .headers()
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    Ok((ws, protocol))
+}
+
 /// An open exec or attach session.
 pub struct Session {
     ws: WebSocket<TcpStream>,
@@ -90,42 +136,7 @@ fn io_timeout(e: &tungstenite::Error) -> bool {
 impl Session {
     /// Connects to the streaming server's `url` (as returned by Exec/Attach).
     pub fn open(url: &str, timeout: Duration) -> Result<Self, String> {
-        let uri: Uri = url
-            .parse()
-            .map_err(|e| format!("bad stream URL {url}: {e}"))?;
-        let authority = uri
-            .authority()
-            .ok_or_else(|| format!("stream URL without host: {url}"))?
-            .to_string();
-        let ws_url = match url.split_once("://") {
-            Some(("https", rest)) => format!("wss://{rest}"),
-            Some((_, rest)) => format!("ws://{rest}"),
-            None => return Err(format!("stream URL without scheme: {url}")),
-        };
-        let addr = std::net::ToSocketAddrs::to_socket_addrs(&authority)
-            .map_err(|e| format!("resolve {authority}: {e}"))?
-            .next()
-            .ok_or_else(|| format!("{authority} resolves to nothing"))?;
-        let tcp = TcpStream::connect_timeout(&addr, timeout)
-            .map_err(|e| format!("connect to {authority}: {e}"))?;
-        tcp.set_read_timeout(Some(timeout))
-            .and_then(|()| tcp.set_write_timeout(Some(timeout)))
-            .map_err(|e| format!("socket timeouts: {e}"))?;
-        let mut req = ws_url
-            .into_client_request()
-            .map_err(|e| format!("request for {url}: {e}"))?;
-        req.headers_mut().insert(
-            header::SEC_WEBSOCKET_PROTOCOL,
-            HeaderValue::from_static(PROTOCOLS),
-        );
-        let (ws, resp) = tungstenite::client(req, tcp)
-            .map_err(|e| format!("WebSocket handshake with {url}: {e}"))?;
-        let protocol = resp
-            .headers()
-            .get(header::SEC_WEBSOCKET_PROTOCOL)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
+        let (ws, protocol) = connect(url, PROTOCOLS, timeout)?;
         Ok(Self {
             ws,
             protocol,
