@@ -32,7 +32,10 @@ use kuasar_e2e::{cmd, shared, EnvOptions, BUSYBOX};
 mod k8s;
 #[path = "cri/portforward.rs"]
 mod portforward;
-use k8s::{host_namespaces, pod_settings_reach_containers, stop_sends_sigterm};
+use k8s::{
+    host_namespaces, pod_settings_reach_containers, readonly_host_path_with_submount,
+    stop_sends_sigterm,
+};
 use portforward::port_forward;
 
 /// How long a container may take to reach a state.
@@ -1111,6 +1114,7 @@ macro_rules! handler_suite {
                 stop_sends_sigterm,
                 pod_settings_reach_containers,
                 host_namespaces,
+                readonly_host_path_with_submount,
                 port_forward,
             );
         }

@@ -12,7 +12,7 @@
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,9 +23,10 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 use tokio::sync::Mutex;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::error::{Context, Error, Result};
+use crate::process::Process;
 use crate::reaper::Reaper;
 
 /// The agent's argument that makes it the pod's PID namespace init.
@@ -109,6 +110,40 @@ async fn read_line(fd: OwnedFd) -> Result<String> {
     })
     .await
     .map_err(|e| Error::Internal(format!("pod init reader: {e}")))?
+}
+
+/// A container in the pod's PID namespace does not take its processes with
+/// it when its init ends (its init is not the namespace's): like
+/// containerd's runc shim, kill what is left in its cgroup once the init
+/// has exited, or children would live on, orphaned to the pod's init, and
+/// hold the container's output open.
+pub fn kill_rest_on_exit(init: Arc<Process>, cgroup: PathBuf) {
+    tokio::spawn(async move {
+        if init.wait().await.is_err() {
+            return;
+        }
+        if let Err(e) = kill_cgroup(&cgroup) {
+            warn!(cgroup = %cgroup.display(), "kill what is left of a container: {e}");
+        }
+    });
+}
+
+/// SIGKILLs every process of a cgroup (v2): `cgroup.kill` where the kernel
+/// has it (5.14), else each pid of `cgroup.procs`.
+fn kill_cgroup(cgroup: &Path) -> std::io::Result<()> {
+    match std::fs::write(cgroup.join("cgroup.kill"), "1") {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && cgroup.is_dir() => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        other => return other,
+    }
+    let procs = match std::fs::read_to_string(cgroup.join("cgroup.procs")) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        other => other?,
+    };
+    for pid in crate::container::parse_pids(&procs) {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+    Ok(())
 }
 
 /// `kuasar-agent pod-init`: started with a new PID namespace for its

@@ -191,6 +191,9 @@ impl Inner {
             .ok()
             .and_then(|t| parse_cgroup_path(&t));
         let init = Arc::new(Process::new(pid, io, exited));
+        if let (true, Some(cgroup)) = (req.pod_pid_namespace, &cgroup) {
+            crate::podns::kill_rest_on_exit(init.clone(), cgroup.clone());
+        }
         Ok(Container::new(id, bundle.to_path_buf(), init, cgroup))
     }
 

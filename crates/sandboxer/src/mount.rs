@@ -79,6 +79,85 @@ pub fn mount_all(mounts: &[MountSpec], target: &Path) -> Result<(), MountError> 
     Ok(())
 }
 
+/// A mount below a directory: its path relative to the directory and
+/// whether it is read-only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submount {
+    pub relative: PathBuf,
+    pub readonly: bool,
+}
+
+/// The mounts strictly below `dir`, shallowest first, from a mountinfo text
+/// (each mount point once: the last mount on it, the one seen, wins).
+pub fn parse_submounts(mountinfo: &str, dir: &Path) -> Vec<Submount> {
+    let mut found: Vec<Submount> = Vec::new();
+    for line in mountinfo.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let (Some(point), Some(opts)) = (fields.get(4), fields.get(5)) else {
+            continue;
+        };
+        let point = PathBuf::from(unescape(point));
+        let Ok(relative) = point.strip_prefix(dir) else {
+            continue;
+        };
+        if relative.as_os_str().is_empty() {
+            continue;
+        }
+        let readonly = opts.split(',').any(|o| o == "ro");
+        let relative = relative.to_owned();
+        found.retain(|m| m.relative != relative);
+        found.push(Submount { relative, readonly });
+    }
+    found.sort_by_key(|m| m.relative.components().count());
+    found
+}
+
+/// The mounts strictly below `dir` (see [`parse_submounts`]).
+pub fn submounts(dir: &Path) -> Vec<Submount> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    parse_submounts(&info, dir)
+}
+
+/// Makes the mount at `path` and every mount below it read-only
+/// (mount_setattr(2) with AT_RECURSIVE; Linux 5.12).
+pub fn make_readonly_recursively(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    /// struct mount_attr of <linux/mount.h>.
+    #[repr(C)]
+    struct MountAttr {
+        attr_set: u64,
+        attr_clr: u64,
+        propagation: u64,
+        userns_fd: u64,
+    }
+    const MOUNT_ATTR_RDONLY: u64 = 0x1;
+    const AT_RECURSIVE: libc::c_uint = 0x8000;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::other("path with a NUL byte"))?;
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: mount_setattr reads a NUL-terminated path and a mount_attr of
+    // the size passed, both alive across the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Mount points at or under `dir`, deepest first, from /proc/self/mountinfo.
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -149,6 +228,31 @@ pub fn remove_dir(dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn submounts_below_a_dir_with_their_flags() {
+        let info = "\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/vda rw
+90 22 0:50 / /srv/vol rw,relatime shared:1 - ext4 /dev/vda rw
+91 90 0:51 / /srv/vol/sub rw,relatime shared:5 - tmpfs t rw
+92 91 0:52 / /srv/vol/sub/deep ro,relatime shared:6 - tmpfs t rw
+93 90 0:53 / /srv/vol/with\\040space ro shared:7 - tmpfs t rw
+94 22 0:54 / /srv/volume rw shared:8 - tmpfs t rw
+";
+        let subs = parse_submounts(info, Path::new("/srv/vol"));
+        let got: Vec<(String, bool)> = subs
+            .iter()
+            .map(|m| (m.relative.display().to_string(), m.readonly))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("sub".to_string(), false),
+                ("with space".to_string(), true),
+                ("sub/deep".to_string(), true),
+            ]
+        );
+    }
 
     #[test]
     fn options_split_into_flags_and_data() {

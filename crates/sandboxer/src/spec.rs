@@ -40,6 +40,21 @@ pub struct HostBind {
     /// Where it is bind-mounted on the host, inside the shared directory.
     pub target: PathBuf,
     pub readonly: bool,
+    /// Read-only all the way down (`rro`): submounts too.
+    pub recursive_readonly: bool,
+    /// The spec's mount destination, and the source the guest sees.
+    pub destination: String,
+    pub guest_source: String,
+}
+
+/// A writable mount below a read-only (not recursively) shared host path:
+/// the container sees it writable, as under runc, through a mount of its own
+/// in the guest (the guest sees one 9p filesystem, one mount).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CarriedSubmount {
+    /// Index of the bind in the list [`share`] got.
+    pub bind: usize,
+    pub relative: PathBuf,
 }
 
 fn is_bind(m: &Value) -> bool {
@@ -103,12 +118,28 @@ pub fn for_guest(spec: &mut Value, host_dir: &Path, guest_dir: &str) -> Result<G
                 )));
             }
             let name = binds.len().to_string();
+            let opts = options(m);
+            let recursive_readonly = opts.contains(&"rro");
+            let guest_source = format!("{guest_dir}/{name}");
             binds.push(HostBind {
                 source: PathBuf::from(source),
                 target: host_dir.join(&name),
-                readonly: options(m).contains(&"ro"),
+                readonly: recursive_readonly || opts.contains(&"ro"),
+                recursive_readonly,
+                destination: destination.clone(),
+                guest_source: guest_source.clone(),
             });
-            m["source"] = Value::String(format!("{guest_dir}/{name}"));
+            m["source"] = Value::String(guest_source);
+            if recursive_readonly {
+                // One 9p mount in the guest: read-only is recursive there.
+                if let Some(list) = m.get_mut("options").and_then(Value::as_array_mut) {
+                    for o in list.iter_mut() {
+                        if o.as_str() == Some("rro") {
+                            *o = Value::String("ro".into());
+                        }
+                    }
+                }
+            }
         }
     }
     if let Some(namespaces) = spec
@@ -179,50 +210,99 @@ pub fn for_guest(spec: &mut Value, host_dir: &Path, guest_dir: &str) -> Result<G
 }
 
 /// Bind-mounts each shared host path at its target (created to match: a
-/// directory for a directory, an empty file otherwise).
-pub fn share(binds: &[HostBind]) -> Result<()> {
-    for b in binds {
-        let meta = std::fs::metadata(&b.source).map_err(|e| {
+/// directory for a directory, an empty file otherwise). The binds are
+/// slaves of the host's mounts: a mount made later below a host path shows
+/// through, and nothing done to them (unmounting when the container goes)
+/// ever reaches the host's own mounts. Returns the writable submounts of
+/// read-only (not recursively) binds, to carry into the guest.
+pub fn share(binds: &[HostBind]) -> Result<Vec<CarriedSubmount>> {
+    let mut carried = Vec::new();
+    for (i, b) in binds.iter().enumerate() {
+        bind_one(b)?;
+        if b.readonly && !b.recursive_readonly {
+            carried.extend(
+                crate::mount::submounts(&b.target)
+                    .into_iter()
+                    .filter(|m| !m.readonly)
+                    .map(|m| CarriedSubmount {
+                        bind: i,
+                        relative: m.relative,
+                    }),
+            );
+        }
+    }
+    Ok(carried)
+}
+
+fn bind_one(b: &HostBind) -> Result<()> {
+    let meta = std::fs::metadata(&b.source).map_err(|e| {
+        Error::io(
+            format!("bind mount source {} (host path)", b.source.display()),
+            e,
+        )
+    })?;
+    if let Some(parent) = b.target.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| Error::io(format!("create {}", parent.display()), e))?;
+    }
+    let made = if meta.is_dir() {
+        std::fs::create_dir(&b.target)
+    } else {
+        std::fs::File::create(&b.target).map(drop)
+    };
+    made.map_err(|e| Error::io(format!("create {}", b.target.display()), e))?;
+    let err = |e: nix::Error| {
+        Error::io(
+            format!(
+                "bind mount {} on {}",
+                b.source.display(),
+                b.target.display()
+            ),
+            e.into(),
+        )
+    };
+    let none = None::<&str>;
+    let rbind = MsFlags::MS_BIND | MsFlags::MS_REC;
+    mount(Some(&b.source), &b.target, none, rbind, none).map_err(err)?;
+    let slave = MsFlags::MS_SLAVE | MsFlags::MS_REC;
+    mount(none, &b.target, none, slave, none).map_err(err)?;
+    if b.recursive_readonly {
+        crate::mount::make_readonly_recursively(&b.target).map_err(|e| {
             Error::io(
-                format!("bind mount source {} (host path)", b.source.display()),
+                format!("make {} read-only recursively", b.target.display()),
                 e,
             )
         })?;
-        if let Some(parent) = b.target.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| Error::io(format!("create {}", parent.display()), e))?;
-        }
-        let made = if meta.is_dir() {
-            std::fs::create_dir(&b.target)
-        } else {
-            std::fs::File::create(&b.target).map(drop)
-        };
-        made.map_err(|e| Error::io(format!("create {}", b.target.display()), e))?;
-        let err = |e: nix::Error| {
-            Error::io(
-                format!(
-                    "bind mount {} on {}",
-                    b.source.display(),
-                    b.target.display()
-                ),
-                e.into(),
-            )
-        };
-        let flags = MsFlags::MS_BIND | MsFlags::MS_REC;
-        mount(
-            Some(&b.source),
-            &b.target,
-            None::<&str>,
-            flags,
-            None::<&str>,
-        )
-        .map_err(err)?;
-        if b.readonly {
-            let remount = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-            mount(None::<&str>, &b.target, None::<&str>, remount, None::<&str>).map_err(err)?;
-        }
+    } else if b.readonly {
+        let remount = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+        mount(none, &b.target, none, remount, none).map_err(err)?;
     }
     Ok(())
+}
+
+/// Adds a writable mount to the spec for each carried submount, right after
+/// the mount of its bind (so that it lands on top of it).
+pub fn carry_submounts(spec: &mut Value, binds: &[HostBind], carried: &[CarriedSubmount]) {
+    let Some(mounts) = spec.get_mut("mounts").and_then(Value::as_array_mut) else {
+        return;
+    };
+    for c in carried.iter().rev() {
+        let Some(b) = binds.get(c.bind) else { continue };
+        let Some(at) = mounts
+            .iter()
+            .position(|m| m.get("source").and_then(Value::as_str) == Some(b.guest_source.as_str()))
+        else {
+            continue;
+        };
+        let rel = c.relative.to_string_lossy();
+        let entry = json!({
+            "destination": format!("{}/{rel}", b.destination.trim_end_matches('/')),
+            "type": "bind",
+            "source": format!("{}/{rel}", b.guest_source),
+            "options": ["rbind", "rw"],
+        });
+        mounts.insert(at + 1, entry);
+    }
 }
 
 #[cfg(test)]
@@ -262,17 +342,70 @@ mod tests {
                     source: "/var/lib/containerd/sb/hosts".into(),
                     target: "/h/c1/mounts/0".into(),
                     readonly: false,
+                    recursive_readonly: false,
+                    destination: "/etc/hosts".into(),
+                    guest_source: "/g/c1/mounts/0".into(),
                 },
                 HostBind {
                     source: "/srv/data".into(),
                     target: "/h/c1/mounts/1".into(),
                     readonly: true,
+                    recursive_readonly: false,
+                    destination: "/data".into(),
+                    guest_source: "/g/c1/mounts/1".into(),
                 },
             ]
         );
         assert_eq!(spec["mounts"][1]["source"], "/g/c1/mounts/0");
         assert_eq!(spec["mounts"][2]["source"], "/g/c1/mounts/1");
         assert_eq!(spec["mounts"][0]["source"], "proc");
+    }
+
+    #[test]
+    fn recursive_readonly_is_plain_readonly_in_the_guest() {
+        let mut spec = json!({"mounts": [{"destination": "/data", "type": "bind",
+            "source": "/srv/data", "options": ["rbind", "rro", "rprivate"]}]});
+        let guest = for_guest(&mut spec, Path::new("/h"), "/g").unwrap();
+        assert!(guest.binds[0].readonly && guest.binds[0].recursive_readonly);
+        assert_eq!(
+            spec["mounts"][0]["options"],
+            json!(["rbind", "ro", "rprivate"])
+        );
+    }
+
+    #[test]
+    fn carried_submounts_follow_their_bind() {
+        let mut spec = cri_spec();
+        let guest = for_guest(&mut spec, Path::new("/h"), "/g").unwrap();
+        let carried = [
+            CarriedSubmount {
+                bind: 1,
+                relative: "sub".into(),
+            },
+            CarriedSubmount {
+                bind: 1,
+                relative: "sub/deep".into(),
+            },
+        ];
+        carry_submounts(&mut spec, &guest.binds, &carried);
+        let m = spec["mounts"].as_array().unwrap();
+        let dests: Vec<&str> = m
+            .iter()
+            .map(|m| m["destination"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            dests,
+            [
+                "/proc",
+                "/etc/hosts",
+                "/data",
+                "/data/sub",
+                "/data/sub/deep",
+                "/dev/shm"
+            ]
+        );
+        assert_eq!(m[3]["source"], "/g/1/sub");
+        assert_eq!(m[3]["options"], json!(["rbind", "rw"]));
     }
 
     #[test]
@@ -348,6 +481,9 @@ mod tests {
             source: "/nonexistent/kuasar-test".into(),
             target: dir.path().join("0"),
             readonly: false,
+            recursive_readonly: false,
+            destination: "/x".into(),
+            guest_source: "/g/0".into(),
         }];
         let err = share(&binds).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/kuasar-test"), "{err}");

@@ -107,6 +107,12 @@ impl Cri {
         self.call(self.timeout, c.version(VersionRequest::default()))
     }
 
+    /// Status, with the runtime handlers and their features.
+    pub fn status(&self) -> Result<StatusResponse, Status> {
+        let mut c = self.rs();
+        self.call(self.timeout, c.status(StatusRequest { verbose: false }))
+    }
+
     // --- pods --------------------------------------------------------------------------------
 
     /// RunPodSandbox; returns the pod's id.

@@ -222,12 +222,15 @@ impl Sandbox {
             &dir.join("mounts"),
             &format!("{GUEST_SHARED_DIR}/{}/mounts", spec.id),
         )?;
-        let oci = serde_json::to_vec(&oci_value)
-            .map_err(|e| Error::InvalidArgument(format!("OCI spec: {e}")))?;
-        let prepared =
-            prepare_rootfs(&spec, &rootfs).and_then(|()| crate::spec::share(&guest.binds));
+        let prepared = prepare_rootfs(&spec, &rootfs)
+            .and_then(|()| crate::spec::share(&guest.binds))
+            .and_then(|carried| {
+                crate::spec::carry_submounts(&mut oci_value, &guest.binds, &carried);
+                serde_json::to_vec(&oci_value)
+                    .map_err(|e| Error::InvalidArgument(format!("OCI spec: {e}")))
+            });
         let created = match prepared {
-            Ok(()) => agent
+            Ok(oci) => agent
                 .create_container(CreateContainerRequest {
                     container_id: spec.id.clone(),
                     spec_json: oci,
