@@ -280,7 +280,7 @@ pub fn readonly_host_path_with_submount(h: &Handler) {
         .runtime_handlers
         .iter()
         .find(|r| r.name == h.name)
-        .and_then(|r| r.features.clone())
+        .and_then(|r| r.features)
         .unwrap_or_default();
     // containerd 2.1 asks only runc-type runtimes for their features (CRI's
     // introspectRuntimeFeatures) and dies on a nil pointer
