@@ -33,8 +33,8 @@ mod k8s;
 #[path = "cri/portforward.rs"]
 mod portforward;
 use k8s::{
-    host_namespaces, pod_settings_reach_containers, readonly_host_path_with_submount,
-    stop_sends_sigterm,
+    host_namespaces, pod_settings_reach_containers, privileged_and_net_admin,
+    readonly_host_path_with_submount, stop_sends_sigterm,
 };
 use portforward::port_forward;
 
@@ -1116,6 +1116,7 @@ macro_rules! handler_suite {
                 host_namespaces,
                 readonly_host_path_with_submount,
                 port_forward,
+                privileged_and_net_admin,
             );
         }
     };

@@ -80,6 +80,7 @@ pub fn rewrite_spec(
         _ => return Err(Error::InvalidArgument("spec has no process object".into())),
     }
     drop_network_namespace(&mut spec);
+    fit_devices(&mut spec, guest_device);
     pod.apply(&mut spec);
     // crun 1.8 (Debian 12) refuses any ociVersion without "1.0" in it, while
     // containerd 2.x writes "1.2.1". The field selects nothing in crun: name
@@ -92,6 +93,89 @@ pub fn rewrite_spec(
     }
     serde_json::to_vec_pretty(&Value::Object(spec))
         .map_err(|e| Error::Internal(format!("serialize spec: {e}")))
+}
+
+/// A device node: its type (`c` or `b`), major and minor.
+pub type DeviceNode = (char, i64, i64);
+
+/// The guest's device node at `path`, if there is one.
+fn guest_device(path: &str) -> Option<DeviceNode> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = std::fs::metadata(path).ok()?;
+    let kind = if meta.file_type().is_char_device() {
+        'c'
+    } else if meta.file_type().is_block_device() {
+        'b'
+    } else {
+        return None;
+    };
+    let rdev = meta.rdev();
+    Some((
+        kind,
+        nix::sys::stat::major(rdev) as i64,
+        nix::sys::stat::minor(rdev) as i64,
+    ))
+}
+
+/// Fits the spec's devices (`linux.devices`) to the guest: they name the
+/// host's device nodes (a privileged container gets all of them), which
+/// mean nothing in the VM, or another device. Each one the guest has too
+/// (same path, same type: /dev/fuse, /dev/net/tun, ...) takes the guest's
+/// numbers, in the device cgroup's rules as well; the others are dropped.
+/// A privileged container thus sees the VM's devices, not the node's.
+fn fit_devices(
+    spec: &mut serde_json::Map<String, Value>,
+    lookup: impl Fn(&str) -> Option<DeviceNode>,
+) {
+    let Some(linux) = spec.get_mut("linux").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let Some(Value::Array(devices)) = linux.get_mut("devices") else {
+        return;
+    };
+    let mut renumbered: Vec<(DeviceNode, DeviceNode)> = Vec::new();
+    devices.retain_mut(|d| {
+        let path = d.get("path").and_then(Value::as_str).unwrap_or("");
+        let kind = d.get("type").and_then(Value::as_str).unwrap_or("");
+        let host = (
+            kind.chars().next().unwrap_or('?'),
+            d.get("major").and_then(Value::as_i64).unwrap_or(-1),
+            d.get("minor").and_then(Value::as_i64).unwrap_or(-1),
+        );
+        // "u" (unbuffered char) is a char device too.
+        let want = if kind == "u" { 'c' } else { host.0 };
+        match lookup(path) {
+            Some(guest) if guest.0 == want => {
+                d["major"] = json!(guest.1);
+                d["minor"] = json!(guest.2);
+                if (host.1, host.2) != (guest.1, guest.2) {
+                    renumbered.push((host, guest));
+                }
+                true
+            }
+            _ => false,
+        }
+    });
+    if renumbered.is_empty() {
+        return;
+    }
+    let rules = linux
+        .get_mut("resources")
+        .and_then(|r| r.get_mut("devices"))
+        .and_then(Value::as_array_mut);
+    for rule in rules.into_iter().flatten() {
+        let number = |k: &str| rule.get(k).and_then(Value::as_i64).unwrap_or(-1);
+        let kind = rule.get("type").and_then(Value::as_str).unwrap_or("");
+        let key = (
+            kind.chars().next().unwrap_or('?'),
+            number("major"),
+            number("minor"),
+        );
+        if let Some((_, guest)) = renumbered.iter().find(|(host, _)| *host == key) {
+            rule["major"] = json!(guest.1);
+            rule["minor"] = json!(guest.2);
+        }
+    }
 }
 
 /// Removes the network namespace entry: the containers of a pod share the
@@ -422,6 +506,47 @@ mod tests {
         assert!(check_resources(b"").is_err());
         let big = format!(r#"{{"x":"{}"}}"#, "a".repeat(MAX_RESOURCES_JSON));
         assert!(check_resources(big.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn host_devices_become_the_guests_or_go() {
+        let mut spec = match serde_json::json!({"linux": {
+            "devices": [
+                {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229},
+                {"path": "/dev/kvm", "type": "c", "major": 10, "minor": 232},
+                {"path": "/dev/vda", "type": "b", "major": 254, "minor": 0},
+                {"path": "/dev/ttyS0", "type": "c", "major": 4, "minor": 64},
+            ],
+            "resources": {"devices": [
+                {"allow": false, "access": "rwm"},
+                {"allow": true, "type": "b", "major": 254, "minor": 0, "access": "rwm"},
+            ]},
+        }}) {
+            Value::Object(m) => m,
+            _ => unreachable!(),
+        };
+        let guest = |p: &str| match p {
+            "/dev/fuse" => Some(('c', 10, 229)),
+            "/dev/vda" => Some(('b', 253, 0)),
+            "/dev/ttyS0" => Some(('b', 4, 64)),
+            _ => None,
+        };
+        fit_devices(&mut spec, guest);
+        let devices = &spec["linux"]["devices"];
+        let paths: Vec<&str> = devices
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["path"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            paths,
+            ["/dev/fuse", "/dev/vda"],
+            "no kvm; a char device is not a block one"
+        );
+        assert_eq!(devices[1]["major"], 253);
+        assert_eq!(spec["linux"]["resources"]["devices"][1]["major"], 253);
+        assert_eq!(spec["linux"]["resources"]["devices"][0].get("major"), None);
     }
 
     #[test]

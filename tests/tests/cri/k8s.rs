@@ -4,7 +4,8 @@
 use std::time::{Duration, Instant};
 
 use kuasar_e2e::cri::proto::{
-    ContainerConfig, ContainerState, DnsConfig, NamespaceMode, NamespaceOption, PodSandboxConfig,
+    Capability, ContainerConfig, ContainerState, DnsConfig, NamespaceMode, NamespaceOption,
+    PodSandboxConfig,
 };
 use kuasar_e2e::cri::{spec, PodGuard};
 use kuasar_e2e::{cmd, BUSYBOX};
@@ -403,4 +404,66 @@ fn rro_through_the_task_api(h: &Handler, src: &std::path::Path) {
         "the volume is not readable: {out}"
     );
     assert!(!src.join("t").exists() && !src.join("sub/t").exists());
+}
+
+/// A privileged container, and one granted CAP_NET_ADMIN, manage the pod's
+/// network devices: a bridge can be added and removed (`ip link`, `brctl`),
+/// as under runc. In a VM pod they act on the VM's network, which is the
+/// pod's; a privileged container sees the VM's devices.
+pub fn privileged_and_net_admin(h: &Handler) {
+    // A privileged container needs a privileged pod.
+    let mut config = h.pod_config("privileged");
+    config
+        .linux
+        .get_or_insert_with(Default::default)
+        .security_context
+        .get_or_insert_with(Default::default)
+        .privileged = true;
+    let pod = PodGuard::run(h.cri, config.clone(), h.name)
+        .unwrap_or_else(|e| panic!("RunPodSandbox (privileged): {e:?}\n{}", h.diag()));
+    let pod_ref = (pod.id.clone(), config);
+    let mut privileged = super::sleeper("privileged");
+    spec::security(&mut privileged).privileged = true;
+    let mut net_admin = super::sleeper("net-admin");
+    spec::security(&mut net_admin).capabilities = Some(Capability {
+        add_capabilities: vec!["NET_ADMIN".into()],
+        ..Default::default()
+    });
+    let privileged = h.start(&pod_ref, &privileged);
+    let net_admin = h.start(&pod_ref, &net_admin);
+    h.wait_state(&privileged.id, ContainerState::ContainerRunning);
+    h.wait_state(&net_admin.id, ContainerState::ContainerRunning);
+    h.sh(
+        &privileged.id,
+        "ip link add foobar type bridge && ip link show foobar && ip link del foobar",
+    );
+    h.sh(
+        &net_admin.id,
+        "brctl addbr foobar2 && ip link show foobar2 && brctl delbr foobar2",
+    );
+    // Without the capability the same is refused.
+    let plain = h.start(&pod_ref, &super::sleeper("plain"));
+    h.wait_state(&plain.id, ContainerState::ContainerRunning);
+    let r = h
+        .cri
+        .exec_sync(
+            &plain.id,
+            &["ip", "link", "add", "foobar3", "type", "bridge"],
+            60,
+        )
+        .unwrap_or_else(|e| panic!("ExecSync: {e:?}"));
+    assert_ne!(
+        r.exit_code, 0,
+        "a container without CAP_NET_ADMIN added a bridge"
+    );
+    if h.vm {
+        // The VM's devices, not the node's: no /dev/kvm (the node has one,
+        // the VM has none), and the serial console the VM does have.
+        let devs = h.sh(&privileged.id, "ls /dev | tr '\\n' ' '");
+        eprintln!("{}: a privileged container's /dev: {devs}", h.name);
+        h.sh(&privileged.id, "test ! -e /dev/kvm && test -c /dev/ttyS0");
+    }
+    drop((privileged, net_admin, plain));
+    pod.remove()
+        .unwrap_or_else(|e| panic!("remove the pod: {e:?}"));
 }
