@@ -33,7 +33,7 @@ mod k8s;
 #[path = "cri/portforward.rs"]
 mod portforward;
 use k8s::{
-    host_namespaces, pod_settings_reach_containers, privileged_and_net_admin,
+    host_namespaces, mount_propagation, pod_settings_reach_containers, privileged_and_net_admin,
     readonly_host_path_with_submount, stop_sends_sigterm,
 };
 use portforward::port_forward;
@@ -1117,6 +1117,7 @@ macro_rules! handler_suite {
                 readonly_host_path_with_submount,
                 port_forward,
                 privileged_and_net_admin,
+                mount_propagation,
             );
         }
     };

@@ -17,7 +17,10 @@
 //!   guest's root PID namespace holds the agent). Likewise the pod's network
 //!   namespace is the VM's root one, where the pod's NIC is;
 //! - a spec without a PID or IPC namespace asks for the node's (hostPID,
-//!   hostIPC), which a VM cannot give: refused, naming the field;
+//!   hostIPC), which a VM cannot give: refused, naming the field; so is a
+//!   Bidirectional (`rshared`) mount, whose mounts could never reach the
+//!   node. HostToContainer (`rslave`) works: the host binds are slaves of
+//!   the node's mounts and 9p shows what is mounted below them later;
 //! - a container always gets a cgroup namespace: the guest is cgroup v2.
 use std::path::{Path, PathBuf};
 
@@ -110,6 +113,13 @@ pub fn for_guest(spec: &mut Value, host_dir: &Path, guest_dir: &str) -> Result<G
                     "options": ["nosuid", "noexec", "nodev", "mode=1777", SHM_SIZE],
                 });
                 continue;
+            }
+            if options(m).contains(&"rshared") {
+                return Err(Error::InvalidArgument(format!(
+                    "the mount on {destination:?} asks for Bidirectional mount propagation \
+                     (rshared): mounts made in a microVM cannot reach the node; run such pods \
+                     with a runc RuntimeClass"
+                )));
             }
             let source = m.get("source").and_then(Value::as_str).unwrap_or("");
             if !source.starts_with('/') {
@@ -463,6 +473,14 @@ mod tests {
             GuestContainer::default()
         );
         assert_eq!(spec, before);
+    }
+
+    #[test]
+    fn bidirectional_propagation_is_refused_by_name() {
+        let mut spec = json!({"mounts": [{"destination": "/x", "type": "bind",
+            "source": "/srv/x", "options": ["rbind", "rshared", "rw"]}]});
+        let err = for_guest(&mut spec, Path::new("/h"), "/g").unwrap_err();
+        assert!(err.to_string().contains("Bidirectional"), "{err}");
     }
 
     #[test]

@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use kuasar_e2e::cri::proto::{
-    Capability, ContainerConfig, ContainerState, DnsConfig, NamespaceMode, NamespaceOption,
-    PodSandboxConfig,
+    Capability, ContainerConfig, ContainerState, DnsConfig, MountPropagation, NamespaceMode,
+    NamespaceOption, PodSandboxConfig,
 };
 use kuasar_e2e::cri::{spec, PodGuard};
 use kuasar_e2e::{cmd, BUSYBOX};
@@ -464,6 +464,106 @@ pub fn privileged_and_net_admin(h: &Handler) {
         h.sh(&privileged.id, "test ! -e /dev/kvm && test -c /dev/ttyS0");
     }
     drop((privileged, net_admin, plain));
+    pod.remove()
+        .unwrap_or_else(|e| panic!("remove the pod: {e:?}"));
+}
+
+/// Runs `mount ARGS` on the host; panics with its output on failure.
+fn host_mount(args: &[&str]) {
+    let out = cmd::run(
+        std::process::Command::new("mount").args(args),
+        None,
+        Duration::from_secs(10),
+    );
+    assert!(out.success(), "mount {args:?}: {out:?}");
+}
+
+/// Unmounts (lazily) the given host paths when dropped, last first.
+struct HostMounts(Vec<std::path::PathBuf>);
+
+impl Drop for HostMounts {
+    fn drop(&mut self) {
+        for p in self.0.iter().rev() {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(p)
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// Mount propagation of hostPath volumes. HostToContainer (`rslave`): a
+/// mount the node makes below the volume after the container started shows
+/// in the container, under runc and in a VM. Bidirectional (`rshared`):
+/// under runc a mount made in the container reaches the node; a VM cannot
+/// do that, so a VM handler refuses the container, naming the setting.
+pub fn mount_propagation(h: &Handler) {
+    let src = h.host_dir("propagation");
+    // containerd wants the source on a shared mount for either mode.
+    host_mount(&["--bind", &src.to_string_lossy(), &src.to_string_lossy()]);
+    let mut mounts = HostMounts(vec![src.clone()]);
+    host_mount(&["--make-shared", &src.to_string_lossy()]);
+
+    let mut config = h.pod_config("propagation");
+    config
+        .linux
+        .get_or_insert_with(Default::default)
+        .security_context
+        .get_or_insert_with(Default::default)
+        .privileged = true;
+    let pod = PodGuard::run(h.cri, config.clone(), h.name)
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e:?}\n{}", h.diag()));
+    let pod_ref = (pod.id.clone(), config);
+
+    let mut slave = super::sleeper("host-to-container");
+    let mut m = spec::mount(&src, "/data", false);
+    m.propagation = MountPropagation::PropagationHostToContainer as i32;
+    slave.mounts = vec![m];
+    let slave = h.start(&pod_ref, &slave);
+    h.wait_state(&slave.id, ContainerState::ContainerRunning);
+    let late = src.join("late");
+    std::fs::create_dir_all(&late).unwrap();
+    host_mount(&[
+        "-t",
+        "tmpfs",
+        "-o",
+        "size=1m",
+        "kuasar-e2e-late",
+        &late.to_string_lossy(),
+    ]);
+    mounts.0.push(late.clone());
+    std::fs::write(late.join("f"), "from the node\n").unwrap();
+    let seen = h.sh(&slave.id, "cat /data/late/f");
+    assert_eq!(seen.trim(), "from the node", "{}: HostToContainer", h.name);
+
+    let mut shared = super::sleeper("bidirectional");
+    spec::security(&mut shared).privileged = true;
+    let mut m = spec::mount(&src, "/data", false);
+    m.propagation = MountPropagation::PropagationBidirectional as i32;
+    shared.mounts = vec![m];
+    if h.vm {
+        // CRI creates the container without the runtime; the task is ours.
+        let c = h.create(&pod_ref, &shared);
+        let err = h
+            .cri
+            .start_container(&c.id)
+            .expect_err("a Bidirectional mount in a VM pod");
+        assert!(
+            err.message().contains("Bidirectional"),
+            "the refusal does not name the setting: {err:?}"
+        );
+    } else {
+        let shared = h.start(&pod_ref, &shared);
+        h.wait_state(&shared.id, ContainerState::ContainerRunning);
+        h.sh(
+            &shared.id,
+            "mkdir -p /data/inner && mount -t tmpfs t /data/inner && echo x > /data/inner/f",
+        );
+        mounts.0.push(src.join("inner"));
+        assert!(src.join("inner/f").exists(), "runc: Bidirectional");
+    }
+    drop(slave);
     pod.remove()
         .unwrap_or_else(|e| panic!("remove the pod: {e:?}"));
 }
