@@ -34,7 +34,7 @@ mod k8s;
 mod portforward;
 use k8s::{
     host_namespaces, mount_propagation, pod_settings_reach_containers, privileged_and_net_admin,
-    readonly_host_path_with_submount, stop_sends_sigterm,
+    readonly_host_path_with_submount, stop_after_a_stop_timed_out, stop_sends_sigterm,
 };
 use portforward::port_forward;
 
@@ -1118,6 +1118,7 @@ macro_rules! handler_suite {
                 port_forward,
                 privileged_and_net_admin,
                 mount_propagation,
+                stop_after_a_stop_timed_out,
             );
         }
     };

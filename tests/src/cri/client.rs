@@ -228,6 +228,22 @@ impl Cri {
             .map(drop)
     }
 
+    /// StopContainer whose caller gives up after `deadline` (as a kubelet
+    /// or a test with a deadline of its own does).
+    pub fn stop_container_within(
+        &self,
+        id: &str,
+        grace_secs: i64,
+        deadline: Duration,
+    ) -> Result<(), Status> {
+        let mut c = self.rs();
+        let req = StopContainerRequest {
+            container_id: id.to_string(),
+            timeout: grace_secs,
+        };
+        self.call(deadline, c.stop_container(req)).map(drop)
+    }
+
     pub fn remove_container(&self, id: &str) -> Result<(), Status> {
         let mut c = self.rs();
         let req = RemoveContainerRequest {

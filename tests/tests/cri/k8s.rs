@@ -567,3 +567,41 @@ pub fn mount_propagation(h: &Handler) {
     pod.remove()
         .unwrap_or_else(|e| panic!("remove the pod: {e:?}"));
 }
+
+/// A caller that gives up on StopContainer before the grace period ends (a
+/// container that ignores SIGTERM): a second StopContainer without a grace
+/// period, then RemoveContainer, must still work, as under runc.
+pub fn stop_after_a_stop_timed_out(h: &Handler) {
+    let pod = h.shared_pod();
+    let c = h.start(
+        &pod,
+        &spec::container(
+            "stubborn-timeout",
+            BUSYBOX,
+            &["sh", "-c", "trap '' TERM; while true; do sleep 1; done"],
+        ),
+    );
+    h.wait_state(&c.id, ContainerState::ContainerRunning);
+    // Let the shell install its trap.
+    std::thread::sleep(Duration::from_millis(500));
+    let err = h
+        .cri
+        .stop_container_within(&c.id, 8, Duration::from_secs(2))
+        .expect_err("StopContainer answered before the grace period ended");
+    eprintln!("{}: StopContainer given up by the caller: {err:?}", h.name);
+    let t0 = Instant::now();
+    h.cri
+        .stop_container(&c.id, 0)
+        .unwrap_or_else(|e| panic!("a second StopContainer: {e:?}\n{}", h.diag()));
+    let st = h.status(&c.id);
+    assert_eq!(st.state, ContainerState::ContainerExited as i32, "{st:?}");
+    assert_eq!(st.exit_code, 137, "{st:?}");
+    eprintln!(
+        "{}: the second StopContainer took {:?}",
+        h.name,
+        t0.elapsed()
+    );
+    h.cri
+        .remove_container(&c.id)
+        .unwrap_or_else(|e| panic!("RemoveContainer: {e:?}\n{}", h.diag()));
+}
