@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # Start-up time and memory of kuasar-vmm containers, through a private containerd and a private
-# kuasar-vmm (stopped at the end, also on failure):
+# kuasar-vmm (stopped at the end, also on failure), for each guest kernel side by side in one
+# run: KUASAR_BENCH_KERNELS (files of the image dir; default "vmlinux vmlinux-debian", the
+# project's kernel and Debian's); kuasar-vmm is restarted with `kernel = <file>` for each.
 #   (a) wall time of `ctr run --rm --runtime io.containerd.kuasar-vmm.v2 busybox echo hello`
 #   (b) guest boot to agent-ready, from the sandboxer's log (`agent ready ... boot_ms=N`)
 #   (c) a bare QEMU boot of the same vmlinux, same machine options, with an initramfs whose
 #       /init (busybox) writes a marker to the serial console: spawn to marker
-#   (d) RSS and PSS (/proc/PID/smaps_rollup) of one shim, of kuasar-vmm with 3 VMs, of one QEMU
+#   (d) RSS and PSS (/proc/PID/smaps_rollup) of one shim, of kuasar-vmm with 3 VMs, of one
+#       QEMU (an idle VM running one container)
 #   (e) through CRI, runc against kuasar-vmm (tests/src/bin/cri-bench.rs, its own private
-#       environment): RunPodSandbox to ready, pod start to a container's first log line, and
-#       the memory of the shims and of kuasar-vmm with 5 pods of each running
-#       (skip with KUASAR_BENCH_CRI=0)
-# Medians of N runs (KUASAR_BENCH_RUNS, default 5); ratio (a)/(c), target <= 1.3.
+#       environment, the default kernel): RunPodSandbox to ready, pod start to a container's
+#       first log line, and the memory of the shims and of kuasar-vmm with 5 pods of each
+#       running (skip with KUASAR_BENCH_CRI=0)
+# Medians of N runs (KUASAR_BENCH_RUNS, default 5); ratio (a)/(c), target <= 1.3; the first
+# kernel against the last: (b) target <= 0.5x, one QEMU's PSS target <= 0.6x.
 # Needs `make build guest images`. Env: KUASAR_BENCH_DIR (default /run/kuasar-bench),
-# KUASAR_BIN_DIR, KUASAR_IMAGE_DIR.
+# KUASAR_BIN_DIR, KUASAR_IMAGE_DIR, KUASAR_BENCH_KERNELS.
 set -euo pipefail
 
 # shellcheck source=scripts/lib-test-env.sh
@@ -30,10 +34,14 @@ C=(ctr --address "$DIR/containerd.sock")
 die() { echo "bench.sh: $*" >&2; exit 1; }
 log() { echo "bench.sh: $*" >&2; }
 
+read -r -a KERNELS <<< "${KUASAR_BENCH_KERNELS:-vmlinux vmlinux-debian}"
+[ ${#KERNELS[@]} -gt 0 ] || die "KUASAR_BENCH_KERNELS names no kernel"
 [ -x "$KUASAR_BIN_DIR/kuasar-vmm" ] || die "$KUASAR_BIN_DIR/kuasar-vmm missing (run: make build)"
 [ -x "$KUASAR_BIN_DIR/containerd-shim-kuasar-vmm-v2" ] \
   || die "$KUASAR_BIN_DIR/containerd-shim-kuasar-vmm-v2 missing (run: make build)"
-[ -f "$IMAGE_DIR/vmlinux" ] || die "$IMAGE_DIR/vmlinux missing (run: make guest)"
+for k in "${KERNELS[@]}"; do
+  [ -f "$IMAGE_DIR/$k" ] || die "$IMAGE_DIR/$k missing (run: make guest)"
+done
 [ -x "$QEMU_BIN" ] || die "$QEMU_BIN missing (run: make deps)"
 command -v cpio >/dev/null || die "cpio missing (run: make deps)"
 BUSYBOX=$(command -v busybox) || die "busybox missing (run: make deps)"
@@ -57,146 +65,213 @@ median() { sort -n | awk '{a[NR] = $1} END {if (NR == 0) print "-"; else if (NR 
 # mem PID FIELD: Rss or Pss of PID in kB.
 mem() { awk -v f="$2:" '$1 == f {print $2}' "/proc/$1/smaps_rollup" 2>/dev/null || echo "-"; }
 kb_to_mb() { awk -v k="$1" 'BEGIN {if (k == "-" || k == "") print "-"; else printf "%.1f", k / 1024}'; }
+# ratio A B: A / B to two places, "-" when either is missing.
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (a == "-" || a == "" || b == "-" || b == "" || b == 0) print "-"; else printf "%.2f", a / b}'; }
+# verdict RATIO TARGET
+verdict() { awk -v r="$1" -v t="$2" 'BEGIN {if (r == "-") print "n/a"; else if (r <= t) print "ok (target <= " t ")"; else print "ABOVE target " t}'; }
 
-# --- environment -----------------------------------------------------------------------------
-"$REPO_ROOT/scripts/containerd.sh" start "$DIR" >&2
-"$REPO_ROOT/scripts/sandboxer.sh" start "$DIR" >&2
-VMM_LOG=$DIR/kuasar-vmm.log
-
-log "warm-up run"
-"${C[@]}" run --rm --runtime "$RUNTIME" "$IMAGE" "bench-warm-$$" echo hello >/dev/null \
-  || die "the warm-up ctr run failed; see $VMM_LOG"
-
-# --- (a) ctr run wall time, (b) boot_ms ----------------------------------------------------------
-offset=$(stat -c %s "$VMM_LOG")
-run_times=()
-for ((i = 1; i <= N; i++)); do
-  t0=$(now_ms)
-  out=$(timeout 120 "${C[@]}" run --rm --runtime "$RUNTIME" "$IMAGE" "bench-$$-$i" echo hello) \
-    || die "ctr run #$i failed"
-  t1=$(now_ms)
-  [ "$out" = hello ] || die "ctr run #$i printed '$out' instead of 'hello'"
-  run_times+=($((t1 - t0)))
-  log "ctr run #$i: $((t1 - t0)) ms"
-done
-mapfile -t boot_times < <(tail -c +"$((offset + 1))" "$VMM_LOG" | sed 's/\x1b\[[0-9;]*m//g' \
-  | grep 'agent ready' | sed -n 's/.*boot_ms=\([0-9][0-9]*\).*/\1/p')
-[ "${#boot_times[@]}" -gt 0 ] || log "no 'agent ready ... boot_ms=N' lines in $VMM_LOG"
-
-# --- (d) memory with 3 VMs; the QEMU options for (c) ---------------------------------------------
-ids=()
-for i in 1 2 3; do
-  id="bench-mem-$$-$i"
-  "${C[@]}" run -d --runtime "$RUNTIME" "$IMAGE" "$id" sleep 300 >/dev/null || die "ctr run -d $id failed"
-  ids+=("$id")
-done
-for ((i = 0; i < 300; i++)); do
-  [ "$("${C[@]}" tasks ls | grep -c ' RUNNING')" -ge 3 ] && break
-  sleep 0.1
-done
-sleep 1
-mapfile -t shims < <(pids_in_dir "$DIR" containerd-shim-kuasar-vmm-v2)
-mapfile -t qemus < <(pids_in_dir "$DIR" qemu-system-x86_64)
-vmm=$(pid_from_file "$DIR/kuasar-vmm.pid") || die "kuasar-vmm is not running"
-[ -n "${qemus[0]:-}" ] || die "no QEMU process found for $DIR"
-[ -n "${shims[0]:-}" ] || die "no shim process found for $DIR"
-shim_rss=$(mem "${shims[0]}" Rss); shim_pss=$(mem "${shims[0]}" Pss)
-vmm_rss=$(mem "$vmm" Rss); vmm_pss=$(mem "$vmm" Pss)
-qemu_rss=$(mem "${qemus[0]}" Rss); qemu_pss=$(mem "${qemus[0]}" Pss)
-
-# The machine options the sandboxer used, for the bare boot.
-machine="microvm,acpi=on" accel="tcg,tb-size=16" cpu="max" memory=256 smp=1 append=""
-mapfile -d '' qargs < "/proc/${qemus[0]}/cmdline"
-for ((i = 0; i < ${#qargs[@]} - 1; i++)); do
-  case ${qargs[i]} in
-    -machine) machine=${qargs[i + 1]} ;;
-    -accel) accel=${qargs[i + 1]} ;;
-    -cpu) cpu=${qargs[i + 1]} ;;
-    -m) memory=${qargs[i + 1]} ;;
-    -smp) smp=${qargs[i + 1]} ;;
-    -append) append=${qargs[i + 1]} ;;
-  esac
-done
-for id in "${ids[@]}"; do
-  "${C[@]}" tasks kill -s SIGKILL "$id" >/dev/null 2>&1 || true
-done
-for id in "${ids[@]}"; do
-  for ((i = 0; i < 100; i++)); do
-    "${C[@]}" tasks ls | grep -q "^$id .*RUNNING" || break
-    sleep 0.1
-  done
-  "${C[@]}" tasks rm -f "$id" >/dev/null 2>&1 || true
-  "${C[@]}" containers rm "$id" >/dev/null 2>&1 || true
-done
-
-# --- (c) bare QEMU boot ------------------------------------------------------------------------
-# The guest kernel command line the sandboxer used (else the one of docs/design.md).
-if [ -z "$append" ]; then
-  khz=$(dmesg 2>/dev/null | sed -n 's/.*tsc: Detected \([0-9]*\)\.\([0-9]*\) MHz.*/\1\2/p' | tail -1)
-  append="console=ttyS0 quiet panic=-1 cryptomgr.notests${khz:+ tsc_early_khz=$khz}"
-fi
+# --- the bare boot's initramfs: busybox as /init writes a marker to the serial console -------
 bare=$WORK/bare
 mkdir -p "$bare/bin" "$bare/dev" "$bare/proc"
 cp "$BUSYBOX" "$bare/bin/busybox"
 ln -s busybox "$bare/bin/sh"
-cat > "$bare/init" <<EOF
+cat > "$bare/init" <<INIT
 #!/bin/sh
 /bin/busybox mount -t devtmpfs devtmpfs /dev
 echo $MARKER > /dev/ttyS0
 /bin/busybox poweroff -f
-EOF
+INIT
 chmod 0755 "$bare/init"
 (cd "$bare" && find . | LC_ALL=C sort | cpio -o -H newc --quiet) > "$WORK/bare.cpio"
 
-bare_times=()
-for ((i = 1; i <= N; i++)); do
-  # The console goes to a pipe that is read without polling (polling would steal CPU from
-  # the emulated guest).
-  t0=$(now_ms)
-  coproc BARE { exec "$QEMU_BIN" -name "kuasar-bench-bare-$i" -machine "$machine" \
-    -accel "$accel" -cpu "$cpu" -m "$memory" -smp "$smp" -nodefaults -no-user-config \
-    -nographic -no-reboot -kernel "$IMAGE_DIR/vmlinux" -initrd "$WORK/bare.cpio" \
-    -append "$append" -serial stdio </dev/null 2>"$WORK/qemu-$i.log"; }
-  QEMU_BARE=$BARE_PID
-  exec {console}<&"${BARE[0]}"
-  seen=0 start=$SECONDS
-  while [ $((SECONDS - start)) -lt 60 ] && IFS= read -r -t 60 line <&"$console"; do
-    echo "$line" >> "$WORK/console-$i.log"
-    if [[ $line == *"$MARKER"* ]]; then seen=1; break; fi
+# --- environment -----------------------------------------------------------------------------
+"$REPO_ROOT/scripts/containerd.sh" start "$DIR" >&2
+VMM_LOG=$DIR/kuasar-vmm.log
+
+# Per kernel: medians, the raw runs, memory, the guest's release, the bare boot's options.
+declare -A RUN BOOT BARE RUNS BOOTS BARES SHIM_RSS SHIM_PSS VMM_RSS VMM_PSS QEMU_RSS QEMU_PSS
+declare -A RELEASE BARE_OPTS
+
+# measure KERNEL: (a) to (d) with kuasar-vmm booting $IMAGE_DIR/KERNEL.
+measure() {
+  local kernel=$1 i j id out t0 t1 offset
+  log "=== kernel $kernel ==="
+  "$REPO_ROOT/scripts/sandboxer.sh" stop "$DIR" >&2
+  KUASAR_KERNEL=$kernel "$REPO_ROOT/scripts/sandboxer.sh" start "$DIR" >&2
+
+  log "warm-up run"
+  out=$("${C[@]}" run --rm --runtime "$RUNTIME" "$IMAGE" "bench-warm-$$" uname -r) \
+    || die "the warm-up ctr run failed; see $VMM_LOG"
+  RELEASE[$kernel]=$out
+
+  # (a) ctr run wall time, (b) boot_ms
+  offset=$(stat -c %s "$VMM_LOG")
+  local run_times=() boot_times=()
+  for ((i = 1; i <= N; i++)); do
+    t0=$(now_ms)
+    out=$(timeout 120 "${C[@]}" run --rm --runtime "$RUNTIME" "$IMAGE" "bench-$$-$i" echo hello) \
+      || die "ctr run #$i failed"
+    t1=$(now_ms)
+    [ "$out" = hello ] || die "ctr run #$i printed '$out' instead of 'hello'"
+    run_times+=($((t1 - t0)))
+    log "ctr run #$i: $((t1 - t0)) ms"
   done
-  t1=$(now_ms)
-  for ((j = 0; j < 200; j++)); do alive "$QEMU_BARE" || break; sleep 0.01; done
-  kill -KILL "$QEMU_BARE" 2>/dev/null || true
-  wait "$QEMU_BARE" 2>/dev/null || true
-  exec {console}<&-
-  QEMU_BARE=""
-  [ "$seen" = 1 ] || die "bare boot #$i: no marker on the console (see $WORK/console-$i.log, $WORK/qemu-$i.log)"
-  bare_times+=($((t1 - t0)))
-  log "bare boot #$i: $((t1 - t0)) ms"
+  mapfile -t boot_times < <(tail -c +"$((offset + 1))" "$VMM_LOG" | sed 's/\x1b\[[0-9;]*m//g' \
+    | grep 'agent ready' | sed -n 's/.*boot_ms=\([0-9][0-9]*\).*/\1/p')
+  [ "${#boot_times[@]}" -gt 0 ] || log "no 'agent ready ... boot_ms=N' lines in $VMM_LOG"
+
+  # (d) memory with 3 VMs; the QEMU options for (c)
+  local ids=() shims=() qemus=() vmm
+  for i in 1 2 3; do
+    id="bench-mem-$$-$i"
+    "${C[@]}" run -d --runtime "$RUNTIME" "$IMAGE" "$id" sleep 300 >/dev/null || die "ctr run -d $id failed"
+    ids+=("$id")
+  done
+  for ((i = 0; i < 300; i++)); do
+    [ "$("${C[@]}" tasks ls | grep -c ' RUNNING')" -ge 3 ] && break
+    sleep 0.1
+  done
+  sleep 1
+  mapfile -t shims < <(pids_in_dir "$DIR" containerd-shim-kuasar-vmm-v2)
+  mapfile -t qemus < <(pids_in_dir "$DIR" qemu-system-x86_64)
+  vmm=$(pid_from_file "$DIR/kuasar-vmm.pid") || die "kuasar-vmm is not running"
+  [ -n "${qemus[0]:-}" ] || die "no QEMU process found for $DIR"
+  [ -n "${shims[0]:-}" ] || die "no shim process found for $DIR"
+  SHIM_RSS[$kernel]=$(mem "${shims[0]}" Rss); SHIM_PSS[$kernel]=$(mem "${shims[0]}" Pss)
+  VMM_RSS[$kernel]=$(mem "$vmm" Rss); VMM_PSS[$kernel]=$(mem "$vmm" Pss)
+  QEMU_RSS[$kernel]=$(mem "${qemus[0]}" Rss); QEMU_PSS[$kernel]=$(mem "${qemus[0]}" Pss)
+
+  # The machine options the sandboxer used, for the bare boot.
+  local machine="microvm,acpi=on" accel="tcg,tb-size=16" cpu="max" memory=256 smp=1 append=""
+  local qargs=()
+  mapfile -d '' qargs < "/proc/${qemus[0]}/cmdline"
+  for ((i = 0; i < ${#qargs[@]} - 1; i++)); do
+    case ${qargs[i]} in
+      -machine) machine=${qargs[i + 1]} ;;
+      -accel) accel=${qargs[i + 1]} ;;
+      -cpu) cpu=${qargs[i + 1]} ;;
+      -m) memory=${qargs[i + 1]} ;;
+      -smp) smp=${qargs[i + 1]} ;;
+      -append) append=${qargs[i + 1]} ;;
+    esac
+  done
+  for id in "${ids[@]}"; do
+    "${C[@]}" tasks kill -s SIGKILL "$id" >/dev/null 2>&1 || true
+  done
+  for id in "${ids[@]}"; do
+    for ((i = 0; i < 100; i++)); do
+      "${C[@]}" tasks ls | grep -q "^$id .*RUNNING" || break
+      sleep 0.1
+    done
+    "${C[@]}" tasks rm -f "$id" >/dev/null 2>&1 || true
+    "${C[@]}" containers rm "$id" >/dev/null 2>&1 || true
+  done
+
+  # (c) bare QEMU boot of the same kernel, with the command line the sandboxer used (else the
+  # one of docs/design.md)
+  if [ -z "$append" ]; then
+    local khz
+    khz=$(dmesg 2>/dev/null | sed -n 's/.*tsc: Detected \([0-9]*\)\.\([0-9]*\) MHz.*/\1\2/p' | tail -1)
+    append="console=ttyS0 quiet panic=-1 cryptomgr.notests${khz:+ tsc_early_khz=$khz}"
+  fi
+  local bare_times=() seen start line console
+  for ((i = 1; i <= N; i++)); do
+    # The console goes to a pipe that is read without polling (polling would steal CPU from
+    # the emulated guest).
+    t0=$(now_ms)
+    coproc BARE_QEMU { exec "$QEMU_BIN" -name "kuasar-bench-bare-$i" -machine "$machine" \
+      -accel "$accel" -cpu "$cpu" -m "$memory" -smp "$smp" -nodefaults -no-user-config \
+      -nographic -no-reboot -kernel "$IMAGE_DIR/$kernel" -initrd "$WORK/bare.cpio" \
+      -append "$append" -serial stdio </dev/null 2>"$WORK/qemu-$kernel-$i.log"; }
+    QEMU_BARE=$BARE_QEMU_PID
+    exec {console}<&"${BARE_QEMU[0]}"
+    seen=0 start=$SECONDS
+    while [ $((SECONDS - start)) -lt 60 ] && IFS= read -r -t 60 line <&"$console"; do
+      echo "$line" >> "$WORK/console-$kernel-$i.log"
+      if [[ $line == *"$MARKER"* ]]; then seen=1; break; fi
+    done
+    t1=$(now_ms)
+    for ((j = 0; j < 200; j++)); do alive "$QEMU_BARE" || break; sleep 0.01; done
+    kill -KILL "$QEMU_BARE" 2>/dev/null || true
+    wait "$QEMU_BARE" 2>/dev/null || true
+    exec {console}<&-
+    QEMU_BARE=""
+    [ "$seen" = 1 ] \
+      || die "bare boot #$i of $kernel: no marker on the console (see $WORK/console-$kernel-$i.log)"
+    bare_times+=($((t1 - t0)))
+    log "bare boot #$i: $((t1 - t0)) ms"
+  done
+
+  RUN[$kernel]=$(printf '%s\n' "${run_times[@]}" | median)
+  BOOT[$kernel]=$(printf '%s\n' "${boot_times[@]}" | grep . | median)
+  BARE[$kernel]=$(printf '%s\n' "${bare_times[@]}" | median)
+  RUNS[$kernel]="${run_times[*]}"
+  BOOTS[$kernel]="${boot_times[*]:-none}"
+  BARES[$kernel]="${bare_times[*]}"
+  BARE_OPTS[$kernel]="-machine $machine -accel $accel -cpu $cpu -m $memory -smp $smp -append '$append'"
+}
+
+for k in "${KERNELS[@]}"; do
+  measure "$k"
 done
+# The CRI benchmark below starts its own environment.
+"$REPO_ROOT/scripts/sandboxer.sh" stop "$DIR" >&2
 
-# --- report ------------------------------------------------------------------------------------
-run_med=$(printf '%s\n' "${run_times[@]}" | median)
-boot_med=$(printf '%s\n' "${boot_times[@]}" | grep . | median)
-bare_med=$(printf '%s\n' "${bare_times[@]}" | median)
-ratio=$(awk -v a="$run_med" -v b="$bare_med" 'BEGIN {if (b > 0) printf "%.2f", a / b; else print "-"}')
-verdict=$(awk -v r="$ratio" 'BEGIN {if (r == "-") print "n/a"; else if (r <= 1.3) print "ok (target <= 1.3)"; else print "ABOVE target 1.3"}')
-
+# --- report: one column per kernel -----------------------------------------------------------
+# row LABEL VALUE...
+row() {
+  printf '%-44s' "$1"
+  shift
+  local v
+  for v in "$@"; do printf ' %18s' "$v"; done
+  echo
+}
+# per ARRAY [mb|ms]: the array's value for each kernel, as one row's cells.
+cells=()
+per() {
+  local -n arr=$1
+  local k
+  cells=()
+  for k in "${KERNELS[@]}"; do
+    case ${2:-} in
+      mb) cells+=("$(kb_to_mb "${arr[$k]}") MB") ;;
+      ms) cells+=("${arr[$k]} ms") ;;
+      *) cells+=("${arr[$k]}") ;;
+    esac
+  done
+}
 echo
-echo "kuasar-vmm benchmark ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, accel ${accel%%,*}, $N runs, medians)"
-printf '%-52s %12s\n' "measure" "value"
-printf '%-52s %12s\n' "----------------------------------------------------" "------------"
-printf '%-52s %9s ms   (%s)\n' "(a) ctr run --rm ... echo hello (wall)" "$run_med" "${run_times[*]}"
-printf '%-52s %9s ms   (%s)\n' "(b) guest boot to agent ready (sandboxer log)" "$boot_med" "${boot_times[*]:-none}"
-printf '%-52s %9s ms   (%s)\n' "(c) bare QEMU boot, spawn to console marker" "$bare_med" "${bare_times[*]}"
-printf '%-52s %12s   %s\n' "ratio (a) / (c)" "$ratio" "$verdict"
-echo "bare boot: -machine $machine -accel $accel -cpu $cpu -m $memory -smp $smp -append '$append'"
+echo "kuasar-vmm benchmark ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, $N runs, medians)"
+row "measure" "${KERNELS[@]}"
+per RELEASE; row "  uname -r in the guest" "${cells[@]}"
+cells=(); for k in "${KERNELS[@]}"; do cells+=("------------------"); done
+row "--------------------------------------------" "${cells[@]}"
+per RUN ms; row "(a) ctr run --rm ... echo hello (wall)" "${cells[@]}"
+per BOOT ms; row "(b) guest boot to agent ready" "${cells[@]}"
+per BARE ms; row "(c) bare QEMU boot to a busybox /init" "${cells[@]}"
+cells=(); for k in "${KERNELS[@]}"; do cells+=("$(ratio "${RUN[$k]}" "${BARE[$k]}")"); done
+row "ratio (a) / (c) (target <= 1.3)" "${cells[@]}"
+per QEMU_RSS mb; row "one QEMU (idle, one container) RSS" "${cells[@]}"
+per QEMU_PSS mb; row "one QEMU (idle, one container) PSS" "${cells[@]}"
+per SHIM_RSS mb; row "one shim RSS" "${cells[@]}"
+per SHIM_PSS mb; row "one shim PSS" "${cells[@]}"
+per VMM_RSS mb; row "kuasar-vmm with 3 VMs running RSS" "${cells[@]}"
+per VMM_PSS mb; row "kuasar-vmm with 3 VMs running PSS" "${cells[@]}"
+if [ ${#KERNELS[@]} -ge 2 ]; then
+  new=${KERNELS[0]} old=${KERNELS[${#KERNELS[@]} - 1]}
+  echo
+  r=$(ratio "${BOOT[$new]}" "${BOOT[$old]}")
+  printf '%-44s %8s   %s\n' "(b) boot to agent ready, $new / $old" "$r" "$(verdict "$r" 0.5)"
+  r=$(ratio "${QEMU_PSS[$new]}" "${QEMU_PSS[$old]}")
+  printf '%-44s %8s   %s\n' "QEMU PSS, $new / $old" "$r" "$(verdict "$r" 0.6)"
+  r=$(ratio "${RUN[$new]}" "${RUN[$old]}")
+  printf '%-44s %8s\n' "(a) ctr run, $new / $old" "$r"
+fi
 echo
-printf '%-34s %10s %10s\n' "memory" "RSS MB" "PSS MB"
-printf '%-34s %10s %10s\n' "----------------------------------" "----------" "----------"
-printf '%-34s %10s %10s\n' "one shim" "$(kb_to_mb "$shim_rss")" "$(kb_to_mb "$shim_pss")"
-printf '%-34s %10s %10s\n' "kuasar-vmm with 3 VMs running" "$(kb_to_mb "$vmm_rss")" "$(kb_to_mb "$vmm_pss")"
-printf '%-34s %10s %10s\n' "one QEMU (${memory} MiB guest)" "$(kb_to_mb "$qemu_rss")" "$(kb_to_mb "$qemu_pss")"
+for k in "${KERNELS[@]}"; do
+  echo "$k: runs (a) ${RUNS[$k]}; (b) ${BOOTS[$k]}; (c) ${BARES[$k]}"
+  echo "$k: bare boot ${BARE_OPTS[$k]}"
+done
 
 # --- (e) CRI: runc against kuasar-vmm -----------------------------------------------------------
 if [ "${KUASAR_BENCH_CRI:-1}" != 0 ]; then
