@@ -406,13 +406,10 @@ fn rro_through_the_task_api(h: &Handler, src: &std::path::Path) {
     assert!(!src.join("t").exists() && !src.join("sub/t").exists());
 }
 
-/// A privileged container, and one granted CAP_NET_ADMIN, manage the pod's
-/// network devices: a bridge can be added and removed (`ip link`, `brctl`),
-/// as under runc. In a VM pod they act on the VM's network, which is the
-/// pod's; a privileged container sees the VM's devices.
-pub fn privileged_and_net_admin(h: &Handler) {
-    // A privileged container needs a privileged pod.
-    let mut config = h.pod_config("privileged");
+/// A privileged pod of its own (a privileged container needs one), with
+/// the (id, config) pair the container helpers take.
+fn privileged_pod(h: &Handler, what: &str) -> (PodGuard<'static>, (String, PodSandboxConfig)) {
+    let mut config = h.pod_config(what);
     config
         .linux
         .get_or_insert_with(Default::default)
@@ -422,6 +419,15 @@ pub fn privileged_and_net_admin(h: &Handler) {
     let pod = PodGuard::run(h.cri, config.clone(), h.name)
         .unwrap_or_else(|e| panic!("RunPodSandbox (privileged): {e:?}\n{}", h.diag()));
     let pod_ref = (pod.id.clone(), config);
+    (pod, pod_ref)
+}
+
+/// A privileged container, and one granted CAP_NET_ADMIN, manage the pod's
+/// network devices: a bridge can be added and removed (`ip link`, `brctl`),
+/// as under runc. In a VM pod they act on the VM's network, which is the
+/// pod's; a privileged container sees the VM's devices.
+pub fn privileged_and_net_admin(h: &Handler) {
+    let (pod, pod_ref) = privileged_pod(h, "privileged");
     let mut privileged = super::sleeper("privileged");
     spec::security(&mut privileged).privileged = true;
     let mut net_admin = super::sleeper("net-admin");
@@ -505,16 +511,7 @@ pub fn mount_propagation(h: &Handler) {
     let mut mounts = HostMounts(vec![src.clone()]);
     host_mount(&["--make-shared", &src.to_string_lossy()]);
 
-    let mut config = h.pod_config("propagation");
-    config
-        .linux
-        .get_or_insert_with(Default::default)
-        .security_context
-        .get_or_insert_with(Default::default)
-        .privileged = true;
-    let pod = PodGuard::run(h.cri, config.clone(), h.name)
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e:?}\n{}", h.diag()));
-    let pod_ref = (pod.id.clone(), config);
+    let (pod, pod_ref) = privileged_pod(h, "propagation");
 
     let mut slave = super::sleeper("host-to-container");
     let mut m = spec::mount(&src, "/data", false);
