@@ -23,7 +23,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&kind, data)) = data.split_first() else {
         return;
     };
-    match kind % 22 {
+    match kind % 28 {
         // Responses: guest -> host.
         0 => decode::<PingResponse>(data),
         1 => decode::<CreateContainerResponse>(data),
@@ -48,6 +48,14 @@ fuzz_target!(|data: &[u8]| {
         19 => decode::<UpdateContainerRequest>(data),
         // The ttrpc envelopes around them.
         20 => decode::<Request>(data),
-        _ => decode::<Response>(data),
+        21 => decode::<Response>(data),
+        // Port forwarding (both directions).
+        22 => decode::<PortForwardOpenResponse>(data),
+        23 => decode::<PortForwardReadResponse>(data),
+        24 => decode::<PortForwardOpenRequest>(data),
+        25 => decode::<PortForwardWriteRequest>(data),
+        26 => decode::<PortForwardReadRequest>(data),
+        27 => decode::<PortForwardConnection>(data),
+        _ => {}
     }
 });
