@@ -35,6 +35,7 @@ mod portforward;
 use k8s::{
     host_namespaces, mount_propagation, pod_settings_reach_containers, privileged_and_net_admin,
     readonly_host_path_with_submount, stop_after_a_stop_timed_out, stop_sends_sigterm,
+    target_pid_namespace,
 };
 use portforward::port_forward;
 
@@ -1119,6 +1120,7 @@ macro_rules! handler_suite {
                 privileged_and_net_admin,
                 mount_propagation,
                 stop_after_a_stop_timed_out,
+                target_pid_namespace,
             );
         }
     };

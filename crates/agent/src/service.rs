@@ -95,6 +95,18 @@ impl Inner {
         self.containers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The PID namespace of container `id` (its init's), for a container
+    /// that shares it.
+    fn pid_namespace_of(&self, id: &str) -> Result<PathBuf> {
+        let target = self.container(id)?;
+        if target.init.exited().is_some() {
+            return Err(Error::FailedPrecondition(format!(
+                "container {id}, whose PID namespace was asked for, has exited"
+            )));
+        }
+        Ok(PathBuf::from(format!("/proc/{}/ns/pid", target.init.pid)))
+    }
+
     fn container(&self, id: &str) -> Result<Arc<Container>> {
         validate_id("container", id)?;
         match self.map().get(id) {
@@ -114,7 +126,9 @@ impl Inner {
         let sysctls = crate::sysctl::take_pod_sysctls(&mut spec_value)?;
         let spec_json = serde_json::to_vec(&spec_value)
             .map_err(|e| Error::InvalidArgument(format!("spec: {e}")))?;
-        let pid_namespace = if req.pod_pid_namespace {
+        let pid_namespace = if !req.pid_namespace_of.is_empty() {
+            Some(self.pid_namespace_of(&req.pid_namespace_of)?)
+        } else if req.pod_pid_namespace {
             Some(self.pod_pid.path(&self.reaper).await?)
         } else {
             None
@@ -191,7 +205,8 @@ impl Inner {
             .ok()
             .and_then(|t| parse_cgroup_path(&t));
         let init = Arc::new(Process::new(pid, io, exited));
-        if let (true, Some(cgroup)) = (req.pod_pid_namespace, &cgroup) {
+        let own_pid_namespace = !req.pod_pid_namespace && req.pid_namespace_of.is_empty();
+        if let (false, Some(cgroup)) = (own_pid_namespace, &cgroup) {
             crate::podns::kill_rest_on_exit(init.clone(), cgroup.clone());
         }
         Ok(Container::new(id, bundle.to_path_buf(), init, cgroup))

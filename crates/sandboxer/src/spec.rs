@@ -78,9 +78,15 @@ fn options(m: &Value) -> Vec<&str> {
 pub struct GuestContainer {
     /// Host paths to share (see [`share`]).
     pub binds: Vec<HostBind>,
-    /// The container joins the pod's PID namespace (its spec named the
-    /// pod's by a host path).
-    pub pod_pid_namespace: bool,
+    /// The container joins a PID namespace its spec named by a path
+    /// (`/proc/<pid>/ns/pid`): the pid, which is the pod's (the pod's shared
+    /// namespace) or one of the pod's containers' (CRI's TARGET mode).
+    pub pid_namespace_of: Option<u32>,
+}
+
+/// The pid a `/proc/<pid>/ns/<kind>` path names.
+fn pid_of_ns_path(path: &str) -> Option<u32> {
+    path.strip_prefix("/proc/")?.split('/').next()?.parse().ok()
 }
 
 /// Rewrites `spec` for the guest. `host_dir` is the container's directory
@@ -88,7 +94,7 @@ pub struct GuestContainer {
 /// guest sees it.
 pub fn for_guest(spec: &mut Value, host_dir: &Path, guest_dir: &str) -> Result<GuestContainer> {
     let mut binds = Vec::new();
-    let mut pod_pid_namespace = false;
+    let mut pid_namespace_of = None;
     if let Some(mounts) = spec.get_mut("mounts").and_then(Value::as_array_mut) {
         if mounts.len() > MAX_MOUNTS {
             return Err(Error::InvalidArgument(format!(
@@ -184,7 +190,9 @@ pub fn for_guest(spec: &mut Value, host_dir: &Path, guest_dir: &str) -> Result<G
                 // address (see net/).
                 "network" => false,
                 "pid" => {
-                    pod_pid_namespace = true;
+                    // 0 (unparsable) still means a shared one: the pod's.
+                    let path = ns.get("path").and_then(Value::as_str).unwrap_or("");
+                    pid_namespace_of = Some(pid_of_ns_path(path).unwrap_or(0));
                     if let Some(o) = ns.as_object_mut() {
                         o.remove("path");
                     }
@@ -215,7 +223,7 @@ pub fn for_guest(spec: &mut Value, host_dir: &Path, guest_dir: &str) -> Result<G
     }
     Ok(GuestContainer {
         binds,
-        pod_pid_namespace,
+        pid_namespace_of,
     })
 }
 
@@ -434,7 +442,7 @@ mod tests {
         let kinds: Vec<&str> = ns.iter().map(|n| n["type"].as_str().unwrap()).collect();
         assert_eq!(kinds, ["pid", "mount", "cgroup"]);
         assert!(ns[0].get("path").is_none(), "no host path in the guest");
-        assert!(guest.pod_pid_namespace, "the pod's PID namespace is shared");
+        assert_eq!(guest.pid_namespace_of, Some(42), "a shared PID namespace");
         assert!(spec.get("hostname").is_none(), "UTS is the VM's");
     }
 
@@ -443,7 +451,7 @@ mod tests {
         let mut spec = cri_spec();
         spec["linux"]["namespaces"][0] = json!({"type": "pid"});
         let guest = for_guest(&mut spec, Path::new("/h"), "/g").unwrap();
-        assert!(!guest.pod_pid_namespace);
+        assert_eq!(guest.pid_namespace_of, None);
     }
 
     #[test]

@@ -602,3 +602,37 @@ pub fn stop_after_a_stop_timed_out(h: &Handler) {
         .remove_container(&c.id)
         .unwrap_or_else(|e| panic!("RemoveContainer: {e:?}\n{}", h.diag()));
 }
+
+/// CRI's TARGET PID mode (`kubectl debug --target=APP`): a container joins
+/// another container's PID namespace and sees its processes (PID 1 is the
+/// target's), in a VM pod as under runc.
+pub fn target_pid_namespace(h: &Handler) {
+    let pod = h.shared_pod();
+    let app = with_pid_mode(
+        spec::container("target-app", BUSYBOX, &["sleep", "3601"]),
+        NamespaceMode::Container,
+    );
+    let app = h.start(&pod, &app);
+    h.wait_state(&app.id, ContainerState::ContainerRunning);
+    let mut debug = super::sleeper("debugger");
+    spec::security(&mut debug).namespace_options = Some(NamespaceOption {
+        pid: NamespaceMode::Target as i32,
+        target_id: app.id.clone(),
+        ..Default::default()
+    });
+    let debug = h.start(&pod, &debug);
+    h.wait_state(&debug.id, ContainerState::ContainerRunning);
+    let pid1 = h.sh(&debug.id, "tr '\\0' ' ' < /proc/1/cmdline");
+    assert_eq!(
+        pid1.trim(),
+        "sleep 3601",
+        "{}: PID 1 seen by the debugger",
+        h.name
+    );
+    let ps = h.sh(&debug.id, "ps -o args");
+    assert!(
+        ps.contains("sleep 3600"),
+        "{}: the debugger's own process: {ps}",
+        h.name
+    );
+}

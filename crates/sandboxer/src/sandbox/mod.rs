@@ -137,6 +137,19 @@ impl Sandbox {
         self.pod.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The container of this sandbox whose init has guest pid `pid`, other
+    /// than the pod's pause container (whose id is the sandbox's): a spec
+    /// naming its PID namespace asks for CRI's TARGET mode.
+    fn container_by_init_pid(&self, pid: u32) -> Option<String> {
+        if pid == 0 {
+            return None;
+        }
+        self.containers()
+            .values()
+            .find(|c| c.id != self.info.id && c.init.pid() == pid)
+            .map(|c| c.id.clone())
+    }
+
     fn containers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Container>>> {
         self.containers.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -239,7 +252,11 @@ impl Sandbox {
                     stdout: !spec.stdio.stdout.is_empty(),
                     stderr: !spec.stdio.stderr.is_empty(),
                     terminal: spec.stdio.terminal,
-                    pod_pid_namespace: guest.pod_pid_namespace,
+                    pod_pid_namespace: guest.pid_namespace_of.is_some(),
+                    pid_namespace_of: guest
+                        .pid_namespace_of
+                        .and_then(|pid| self.container_by_init_pid(pid))
+                        .unwrap_or_default(),
                     ..Default::default()
                 })
                 .await
