@@ -91,12 +91,7 @@ pub struct Submount {
 /// (each mount point once: the last mount on it, the one seen, wins).
 pub fn parse_submounts(mountinfo: &str, dir: &Path) -> Vec<Submount> {
     let mut found: Vec<Submount> = Vec::new();
-    for line in mountinfo.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let (Some(point), Some(opts)) = (fields.get(4), fields.get(5)) else {
-            continue;
-        };
-        let point = PathBuf::from(unescape(point));
+    for (point, opts) in mount_table(mountinfo) {
         let Ok(relative) = point.strip_prefix(dir) else {
             continue;
         };
@@ -158,13 +153,22 @@ pub fn make_readonly_recursively(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Each mount of a mountinfo text: its mount point and its per-mount
+/// options (`rw,relatime`, ...).
+fn mount_table(mountinfo: &str) -> impl Iterator<Item = (PathBuf, &str)> {
+    mountinfo.lines().filter_map(|line| {
+        let mut fields = line.split(' ').skip(4);
+        let point = fields.next()?;
+        let opts = fields.next().unwrap_or("");
+        Some((PathBuf::from(unescape(point)), opts))
+    })
+}
+
 /// Mount points at or under `dir`, deepest first, from /proc/self/mountinfo.
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut found: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(unescape(p)))
+    let mut found: Vec<PathBuf> = mount_table(&info)
+        .map(|(point, _)| point)
         .filter(|p| p.starts_with(dir))
         .collect();
     found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
