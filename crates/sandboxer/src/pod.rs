@@ -65,31 +65,23 @@ pub fn from_sandbox_spec(spec: &Value) -> Result<Option<PodConfig>> {
     let namespaces = spec
         .pointer("/linux/namespaces")
         .and_then(Value::as_array)
-        .cloned()
+        .map(Vec::as_slice)
         .unwrap_or_default();
-    let net = namespaces
+    HostNamespace::refuse_missing(
+        namespaces,
+        &[
+            HostNamespace::Network,
+            HostNamespace::Pid,
+            HostNamespace::Ipc,
+        ],
+    )?;
+    let netns = namespaces
         .iter()
-        .find(|n| n.get("type").and_then(Value::as_str) == Some("network"));
-    for (kind, host) in [
-        ("network", HostNamespace::Network),
-        ("pid", HostNamespace::Pid),
-        ("ipc", HostNamespace::Ipc),
-    ] {
-        if !namespaces
-            .iter()
-            .any(|n| n.get("type").and_then(Value::as_str) == Some(kind))
-        {
-            return Err(host.refusal());
-        }
-    }
-    let netns = match net {
-        None => return Err(HostNamespace::Network.refusal()),
-        Some(n) => n
-            .get("path")
-            .and_then(Value::as_str)
-            .filter(|p| !p.is_empty())
-            .map(PathBuf::from),
-    };
+        .find(|n| n.get("type").and_then(Value::as_str) == Some("network"))
+        .and_then(|n| n.get("path"))
+        .and_then(Value::as_str)
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from);
     let number = |key: &str| -> Option<&str> {
         annotations
             .and_then(|a| a.get(key))
@@ -120,10 +112,9 @@ pub fn from_sandbox_spec(spec: &Value) -> Result<Option<PodConfig>> {
                 .collect()
         })
         .unwrap_or_default();
-    settings::check_sysctls(&sysctls)?;
     Ok(Some(PodConfig {
         netns,
-        sysctls: settings::normalise_sysctls(sysctls),
+        sysctls: settings::pod_sysctls(sysctls)?,
         dns: None,
         hostname: spec
             .get("hostname")
@@ -196,8 +187,7 @@ pub fn from_create_sandbox(netns_path: &str, options: Option<(&str, &[u8])>) -> 
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        settings::check_sysctls(&sysctls)?;
-        pod.sysctls = settings::normalise_sysctls(sysctls);
+        pod.sysctls = settings::pod_sysctls(sysctls)?;
     }
     if let Some(d) = config.dns_config.as_ref() {
         let dns = PodDns {

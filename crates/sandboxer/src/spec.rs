@@ -162,14 +162,7 @@ pub fn for_guest(spec: &mut Value, host_dir: &Path, guest_dir: &str) -> Result<G
         .pointer_mut("/linux/namespaces")
         .and_then(Value::as_array_mut)
     {
-        for (kind, host) in [("pid", HostNamespace::Pid), ("ipc", HostNamespace::Ipc)] {
-            if !namespaces
-                .iter()
-                .any(|n| n.get("type").and_then(Value::as_str) == Some(kind))
-            {
-                return Err(host.refusal());
-            }
-        }
+        HostNamespace::refuse_missing(namespaces, &[HostNamespace::Pid, HostNamespace::Ipc])?;
         let mut shares_uts = false;
         namespaces.retain_mut(|ns| {
             let kind = ns.get("type").and_then(Value::as_str).unwrap_or("");

@@ -81,8 +81,15 @@ pub fn is_namespaced(key: &str) -> bool {
         || key.starts_with("fs.mqueue.")
 }
 
+/// A pod's sysctls as asked for, checked (see [`check_sysctls`]) and with
+/// their names in dotted form.
+pub fn pod_sysctls(asked: BTreeMap<String, String>) -> Result<BTreeMap<String, String>> {
+    check_sysctls(&asked)?;
+    Ok(normalise_sysctls(asked))
+}
+
 /// Checks a pod's sysctls: namespaced, well-formed names, bounded values.
-pub fn check_sysctls(sysctls: &BTreeMap<String, String>) -> Result<()> {
+fn check_sysctls(sysctls: &BTreeMap<String, String>) -> Result<()> {
     if sysctls.len() > MAX_SYSCTLS {
         return Err(Error::InvalidArgument(format!(
             "the pod sets {} sysctls; at most {MAX_SYSCTLS} are accepted",
@@ -125,6 +132,29 @@ pub enum HostNamespace {
 }
 
 impl HostNamespace {
+    /// The OCI namespace type whose absence from a spec asks for the node's.
+    fn oci_type(self) -> &'static str {
+        match self {
+            HostNamespace::Network => "network",
+            HostNamespace::Pid => "pid",
+            HostNamespace::Ipc => "ipc",
+        }
+    }
+
+    /// Refuses an OCI spec's namespace list that lacks one of `kinds` (the
+    /// spec then shares the node's), naming the first missing one.
+    pub fn refuse_missing(namespaces: &[serde_json::Value], kinds: &[HostNamespace]) -> Result<()> {
+        for kind in kinds {
+            let present = namespaces.iter().any(|n| {
+                n.get("type").and_then(serde_json::Value::as_str) == Some(kind.oci_type())
+            });
+            if !present {
+                return Err(kind.refusal());
+            }
+        }
+        Ok(())
+    }
+
     /// The refusal, naming the pod field and what to do instead.
     pub fn refusal(self) -> Error {
         let (field, what) = match self {
@@ -152,7 +182,7 @@ impl HostNamespace {
 
 /// Normalises a sysctl name as /proc/sys paths it (dots; a '/' form is
 /// accepted as the kubelet does).
-pub fn normalise_sysctls(sysctls: BTreeMap<String, String>) -> BTreeMap<String, String> {
+fn normalise_sysctls(sysctls: BTreeMap<String, String>) -> BTreeMap<String, String> {
     sysctls
         .into_iter()
         .map(|(k, v)| (k.replace('/', "."), v))
