@@ -47,9 +47,8 @@ impl PodPidNamespace {
     pub async fn path(&self, reaper: &Arc<Reaper>) -> Result<PathBuf> {
         let mut init = self.init.lock().await;
         if let Some(pid) = *init {
-            let path = ns_path(pid);
             if pid_is_ours(pid) {
-                return Ok(path);
+                return Ok(ns_path(pid));
             }
         }
         let pid = start(reaper).await?;
@@ -178,9 +177,12 @@ pub fn pod_init_main() -> ! {
 fn supervise(child: Pid) -> ! {
     loop {
         match waitpid(child, None) {
-            Ok(WaitStatus::Exited(_, code)) => std::process::exit(code),
-            Ok(WaitStatus::Signaled(_, sig, _)) => std::process::exit(128 + sig as i32),
-            Err(Errno::EINTR) | Ok(_) => continue,
+            Ok(ws) => {
+                if let Some((_, status)) = crate::reaper::exit_status(&ws) {
+                    std::process::exit(status as i32);
+                }
+            }
+            Err(Errno::EINTR) => {}
             Err(_) => std::process::exit(1),
         }
     }
