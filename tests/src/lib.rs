@@ -17,6 +17,7 @@ pub mod census;
 pub mod cmd;
 pub mod cri;
 pub mod env;
+pub mod netns;
 pub mod paths;
 pub mod procs;
 pub mod sandboxer;

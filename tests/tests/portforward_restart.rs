@@ -2,45 +2,15 @@
 //! pod back and sets its relay up again (a new listener, one redirect, not
 //! two), and a VM that dies takes its relay and redirect with it while the
 //! pod (and its network namespace) is still there.
-use std::process::Command;
 use std::time::Duration;
 
 use kuasar_e2e::cri::proto::{ContainerState, PodSandboxState};
 use kuasar_e2e::cri::{spec, Cri, PodGuard, PortForwardSession};
+use kuasar_e2e::netns::{in_netns, recorded_netns, relay_socket, PORTFORWARD_CHAIN as CHAIN};
 use kuasar_e2e::{cmd, Env, EnvOptions, BUSYBOX};
 
 const ECHO_PORT: i32 = 18080;
 const TIMEOUT: Duration = Duration::from_secs(30);
-const CHAIN: &str = "KUASAR-PORTFORWARD";
-
-fn in_netns(netns: &str, prog: &str, args: &[&str]) -> String {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={netns}"))
-        .arg(prog)
-        .args(args)
-        .output()
-        .expect("run nsenter");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn recorded_netns(env: &Env, pod_id: &str) -> String {
-    let text = std::fs::read_to_string(env.state_dir().join(pod_id).join("state.json"))
-        .expect("read state.json");
-    let v: serde_json::Value = serde_json::from_str(&text).expect("state.json is JSON");
-    v.pointer("/net/netns")
-        .and_then(|n| n.as_str())
-        .unwrap_or_else(|| panic!("no netns in {text}"))
-        .to_owned()
-}
-
-/// The inode of kuasar-vmm's listener in `netns`, if it has one.
-fn relay_socket(netns: &str) -> Option<String> {
-    let ss = in_netns(netns, "ss", &["-Htlnpe"]);
-    let line = ss.lines().find(|l| l.contains("kuasar-vmm"))?;
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("ino:"))
-        .map(str::to_owned)
-}
 
 /// Echoes `what` through PortForward; panics when it does not come back.
 fn echo(env: &Env, cri: &Cri, pod_id: &str, what: &str) {
@@ -93,7 +63,7 @@ fn relay_is_set_up_again_after_a_restart_and_goes_with_the_vm() {
         .expect("ExecSync");
     assert_eq!(listening.exit_code, 0, "the echo server does not listen");
     echo(&env, &cri, &pod.id, "before the restart");
-    let netns = recorded_netns(&env, &pod.id);
+    let netns = recorded_netns(&env.state_dir(), &pod.id);
     let before = relay_socket(&netns).expect("a relay before the restart");
 
     env.restart_sandboxer(libc::SIGKILL, Duration::from_secs(1))

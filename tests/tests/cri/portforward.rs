@@ -3,12 +3,14 @@
 //! in a VM pod kuasar-vmm's relay answers (a netfilter redirect of every
 //! loopback port to a listener on 127.0.0.1 in that namespace) and carries
 //! the bytes to 127.0.0.1:PORT in the guest.
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use kuasar_e2e::cri::proto::ContainerState;
 use kuasar_e2e::cri::{spec, PortForwardSession};
+use kuasar_e2e::netns::{
+    in_netns, output_text, recorded_netns, relay_socket, PORTFORWARD_CHAIN as CHAIN,
+};
 use kuasar_e2e::BUSYBOX;
 
 use super::Handler;
@@ -20,8 +22,6 @@ const HTTP_PORT: i32 = 18081;
 /// Nobody listens here.
 const CLOSED_PORT: i32 = 18082;
 const SESSION_TIMEOUT: Duration = Duration::from_secs(30);
-/// The relay's chain in the pod's `nat` table.
-const CHAIN: &str = "KUASAR-PORTFORWARD";
 
 const SERVERS: &str = "mkdir -p /www && echo pf-page > /www/index.html \
      && httpd -p 127.0.0.1:18081 -h /www && exec nc -ll -p 18080 -e cat";
@@ -42,44 +42,6 @@ fn payload() -> Vec<u8> {
         n += 1;
     }
     p
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
-    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
-}
-
-/// In the network namespace at `netns`: `prog args`.
-fn in_netns(netns: &str, prog: &str, args: &[&str]) -> String {
-    run(Command::new("nsenter")
-        .arg(format!("--net={netns}"))
-        .arg(prog)
-        .args(args))
-}
-
-/// The pod's netns as kuasar-vmm recorded it (VM handlers).
-fn recorded_netns(h: &Handler, pod_id: &str) -> String {
-    let path: PathBuf = h.env.state_dir().join(pod_id).join("state.json");
-    let text =
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    let v: serde_json::Value = serde_json::from_str(&text).expect("state.json is JSON");
-    v.pointer("/net/netns")
-        .and_then(|n| n.as_str())
-        .unwrap_or_else(|| panic!("no netns in {text}"))
-        .to_owned()
-}
-
-/// The inode of kuasar-vmm's listening socket in `netns` (from `ss`).
-fn relay_socket(netns: &str) -> Option<String> {
-    let ss = in_netns(netns, "ss", &["-Htlnpe"]);
-    let line = ss.lines().find(|l| l.contains("kuasar-vmm"))?;
-    assert!(
-        line.contains("127.0.0.1:"),
-        "the relay listens on loopback only: {line}"
-    );
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("ino:"))
-        .map(str::to_owned)
 }
 
 /// Whether kuasar-vmm holds the socket with inode `ino`.
@@ -172,12 +134,12 @@ pub fn port_forward(h: &Handler) {
     if !h.vm {
         return;
     }
-    let netns = recorded_netns(h, &pod.id);
+    let netns = recorded_netns(&h.env.state_dir(), &pod.id);
     let ino = relay_socket(&netns)
         .unwrap_or_else(|| panic!("no relay listener of kuasar-vmm in {netns}"));
     let rules = in_netns(&netns, "iptables", &["-t", "nat", "-S"]);
     assert!(rules.contains(&format!("-A OUTPUT -j {CHAIN}")), "{rules}");
-    let root = run(Command::new("ss").arg("-Htlnp"));
+    let root = output_text(Command::new("ss").arg("-Htlnp"));
     assert!(
         !root.contains("kuasar-vmm"),
         "kuasar-vmm listens on TCP in the host's namespace:\n{root}"
