@@ -120,17 +120,8 @@ impl PortForwardSession {
 
     /// Ends the session from this side.
     pub fn close(mut self) -> Forwarded {
-        let _ = self.ws.close(None);
-        let _ = self
-            .ws
-            .get_mut()
-            .set_read_timeout(Some(Duration::from_secs(2)));
-        for _ in 0..100 {
-            match self.ws.read() {
-                Ok(Message::Binary(m)) => self.take(&m),
-                Ok(_) => {}
-                Err(_) => break,
-            }
+        for m in super::stream::close_and_drain(&mut self.ws) {
+            self.take(&m);
         }
         self.out
     }

@@ -242,21 +242,28 @@ impl Session {
 
     /// Ends the session from this side (an attach leaves the container running).
     pub fn close(mut self) -> StreamOutput {
-        let _ = self.ws.close(None);
-        let _ = self
-            .ws
-            .get_mut()
-            .set_read_timeout(Some(Duration::from_secs(2)));
-        // Drains until the close handshake completes (bounded).
-        for _ in 0..100 {
-            match self.ws.read() {
-                Ok(Message::Binary(data)) => self.take(&data),
-                Ok(_) => {}
-                Err(_) => break,
-            }
+        for data in close_and_drain(&mut self.ws) {
+            self.take(&data);
         }
         self.out
     }
+}
+
+/// Starts the close handshake of `ws` and reads until it completes
+/// (bounded: 100 messages, 2 s per read); returns the binary messages that
+/// were still in flight.
+pub(super) fn close_and_drain(ws: &mut WebSocket<TcpStream>) -> Vec<Vec<u8>> {
+    let _ = ws.close(None);
+    let _ = ws.get_mut().set_read_timeout(Some(Duration::from_secs(2)));
+    let mut in_flight = Vec::new();
+    for _ in 0..100 {
+        match ws.read() {
+            Ok(Message::Binary(data)) => in_flight.push(data.to_vec()),
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    in_flight
 }
 
 /// One exec session: sends `stdin` (then closes it, on v5), reads until the
