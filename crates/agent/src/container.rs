@@ -344,7 +344,20 @@ pub struct Container {
     pub init: Arc<Process>,
     /// The init process's cgroup v2 directory, read at creation.
     pub cgroup: Option<PathBuf>,
+    /// Who runs it.
+    pub runner: Runner,
     execs: Mutex<Execs>,
+}
+
+/// Who runs a container.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Runner {
+    /// The OCI runtime, from the container's spec.
+    Runtime,
+    /// The pod's PID namespace init stands for the pod's sandbox container
+    /// (see [`crate::podns`]): nothing runs in it, and its init is the
+    /// namespace's.
+    PodInit,
 }
 
 impl Container {
@@ -354,7 +367,16 @@ impl Container {
             bundle,
             init,
             cgroup,
+            runner: Runner::Runtime,
             execs: Mutex::new(Execs::default()),
+        }
+    }
+
+    /// The pod's sandbox container, for which the pod init `init` stands.
+    pub fn pod_init(id: &str, bundle: PathBuf, init: Arc<Process>) -> Self {
+        Container {
+            runner: Runner::PodInit,
+            ..Container::new(id, bundle, init, None)
         }
     }
 

@@ -9,6 +9,11 @@
 //! its own (`kuasar-agent pod-init`) that reaps orphans and, like pause,
 //! exits on SIGTERM or SIGINT. Containers join it through its
 //! `/proc/<pid>/ns/pid`.
+//!
+//! In containerd's podsandbox mode that init also stands for the pod's
+//! sandbox (pause) container: a pause container run by the OCI runtime would
+//! only repeat it, at the cost of a runtime create and start on every pod
+//! start (~0.3 s under emulation).
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
@@ -22,12 +27,12 @@ use nix::sched::{unshare, CloneFlags};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
-use tokio::sync::Mutex;
+use tokio::sync::{oneshot, Mutex};
 use tracing::{info, warn};
 
 use crate::error::{Context, Error, Result};
 use crate::process::Process;
-use crate::reaper::Reaper;
+use crate::reaper::{ExitInfo, Reaper};
 
 /// The agent's argument that makes it the pod's PID namespace init.
 pub const POD_INIT_ARG: &str = "pod-init";
@@ -37,24 +42,51 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// The pod's PID namespace, made on first use.
 #[derive(Default)]
 pub struct PodPidNamespace {
-    /// The namespace's init, by its pid in the VM's namespace.
-    init: Mutex<Option<i32>>,
+    init: Mutex<Option<PodInit>>,
+}
+
+/// A running pod init: the namespace's init, by its pid in the VM's
+/// namespace, and its supervisor (the agent's child, which ends with it).
+#[derive(Clone, Copy)]
+struct PodInit {
+    init: i32,
+    supervisor: i32,
+    /// The reaper's mark taken before the supervisor was spawned.
+    since: u64,
 }
 
 impl PodPidNamespace {
     /// The path a container's spec joins the pod's PID namespace by;
     /// starts the namespace's init when there is none (or it ended).
     pub async fn path(&self, reaper: &Arc<Reaper>) -> Result<PathBuf> {
+        Ok(ns_path(self.running(reaper).await?.init))
+    }
+
+    /// The namespace's init for the pod's sandbox container to stand for
+    /// (started when there is none): its pid, and its exit as its
+    /// supervisor reports it.
+    pub async fn sandbox_init(
+        &self,
+        reaper: &Arc<Reaper>,
+    ) -> Result<(i32, oneshot::Receiver<ExitInfo>)> {
+        let running = self.running(reaper).await?;
+        Ok((
+            running.init,
+            reaper.watch(running.supervisor, running.since),
+        ))
+    }
+
+    async fn running(&self, reaper: &Arc<Reaper>) -> Result<PodInit> {
         let mut init = self.init.lock().await;
-        if let Some(pid) = *init {
-            if pid_is_ours(pid) {
-                return Ok(ns_path(pid));
+        if let Some(running) = *init {
+            if pid_is_ours(running.init) {
+                return Ok(running);
             }
         }
-        let pid = start(reaper).await?;
-        info!(pid, "pod PID namespace started");
-        *init = Some(pid);
-        Ok(ns_path(pid))
+        let running = start(reaper).await?;
+        info!(pid = running.init, "pod PID namespace started");
+        *init = Some(running);
+        Ok(running)
     }
 }
 
@@ -70,8 +102,8 @@ fn pid_is_ours(pid: i32) -> bool {
 }
 
 /// Spawns `kuasar-agent pod-init` with a new PID namespace for its
-/// children and returns the pid of that namespace's init, once it runs.
-async fn start(reaper: &Arc<Reaper>) -> Result<i32> {
+/// children and returns it once the namespace's init runs.
+async fn start(reaper: &Arc<Reaper>) -> Result<PodInit> {
     // Close-on-exec: no other child may hold the write end open.
     let (read, write) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe for the pod init")?;
@@ -84,6 +116,7 @@ async fn start(reaper: &Arc<Reaper>) -> Result<i32> {
     unsafe {
         cmd.pre_exec(|| unshare(CloneFlags::CLONE_NEWPID).map_err(std::io::Error::from));
     }
+    let since = reaper.mark();
     let (supervisor, _exit) = reaper.spawn(&mut cmd).context("spawn the pod init")?;
     // `cmd` holds the pipe's write end: the read below sees EOF if the
     // supervisor ends without answering.
@@ -91,10 +124,15 @@ async fn start(reaper: &Arc<Reaper>) -> Result<i32> {
     let line = tokio::time::timeout(START_TIMEOUT, read_line(read))
         .await
         .map_err(|_| Error::Internal(format!("the pod init (pid {supervisor}) did not start")))??;
-    line.trim().parse::<i32>().map_err(|_| {
+    let init = line.trim().parse::<i32>().map_err(|_| {
         Error::Internal(format!(
             "the pod init (pid {supervisor}) answered {line:?}, not its pid"
         ))
+    })?;
+    Ok(PodInit {
+        init,
+        supervisor,
+        since,
     })
 }
 
@@ -149,6 +187,9 @@ fn kill_cgroup(cgroup: &Path) -> std::io::Result<()> {
 /// children (see [`start`]). Forks that namespace's init, prints the init's
 /// pid (as the VM sees it) on stdout, and stays to end with it.
 pub fn pod_init_main() -> ! {
+    // Run from /proc/self/exe, it would be named `exe` in the pod's `ps`.
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of up to 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, c"pod-init".as_ptr()) };
     // SAFETY: this process has one thread (nothing ran before this call in
     // `main`), so the child may do anything.
     match unsafe { fork() } {

@@ -13,11 +13,12 @@ use tracing::{info, warn};
 
 use crate::container::{
     check_resources, parse_cgroup_path, rewrite_process, rewrite_spec, validate_id, Container,
+    Runner,
 };
 use crate::error::{Context, Error, Result};
 use crate::pod::{PodAdditions, POD_DIR};
 use crate::podns::PodPidNamespace;
-use crate::process::{validate_signal, Process, ProcessStdio};
+use crate::process::{make_stdio, validate_signal, Process, ProcessStdio};
 use crate::reaper::Reaper;
 use crate::runtime::OciRuntime;
 
@@ -121,6 +122,9 @@ impl Inner {
     async fn create(&self, req: CreateContainerRequest) -> Result<u32> {
         let id = req.container_id.as_str();
         validate_id("container", id)?;
+        if req.sandbox_container {
+            return self.create_sandbox_container(&req).await;
+        }
         let mut spec_value: serde_json::Value = serde_json::from_slice(&req.spec_json)
             .map_err(|e| Error::InvalidArgument(format!("spec: {e}")))?;
         let sysctls = crate::sysctl::take_pod_sysctls(&mut spec_value)?;
@@ -161,6 +165,53 @@ impl Inner {
             Err(e) => {
                 self.map().remove(id);
                 let _ = std::fs::remove_dir_all(&bundle);
+                Err(e)
+            }
+        }
+    }
+
+    /// The pod's sandbox container: the pod init stands for it (see
+    /// [`crate::podns`]); its stdio, if asked for, ends at once.
+    async fn create_sandbox_container(&self, req: &CreateContainerRequest) -> Result<u32> {
+        let id = req.container_id.as_str();
+        if let Some(other) = self
+            .map()
+            .values()
+            .flatten()
+            .find(|c| c.runner == Runner::PodInit && c.init.exited().is_none())
+        {
+            return Err(Error::AlreadyExists(format!(
+                "the pod's sandbox container is {}; {id} cannot be another",
+                other.id
+            )));
+        }
+        {
+            let mut map = self.map();
+            if map.contains_key(id) {
+                return Err(Error::AlreadyExists(format!(
+                    "container {id} already exists"
+                )));
+            }
+            map.insert(id.to_string(), None);
+        }
+        let bundle = self.containers_dir.join(id);
+        let made = async {
+            let (io, _child_ends) = make_stdio(req.stdin, req.stdout, req.stderr)?;
+            let (pid, exited) = self.pod_pid.sandbox_init(&self.reaper).await?;
+            std::fs::create_dir_all(&bundle).context("create bundle")?;
+            let init = Arc::new(Process::new(pid, io, exited));
+            Ok::<_, Error>(Container::pod_init(id, bundle.clone(), init))
+        }
+        .await;
+        match made {
+            Ok(c) => {
+                let pid = c.init.pid as u32;
+                info!(id, pid, "the pod init stands for the sandbox container");
+                self.map().insert(id.to_string(), Some(Arc::new(c)));
+                Ok(pid)
+            }
+            Err(e) => {
+                self.map().remove(id);
                 Err(e)
             }
         }
@@ -215,6 +266,13 @@ impl Inner {
     async fn exec(&self, req: ExecProcessRequest) -> Result<u32> {
         let c = self.container(&req.container_id)?;
         validate_id("exec", &req.exec_id)?;
+        if c.runner == Runner::PodInit {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is the pod's sandbox container, which the agent's pod init \
+                 stands for: nothing can be executed in it",
+                c.id
+            )));
+        }
         let process_json = rewrite_process(&req.process_json, req.terminal)?;
         c.reserve_exec(&req.exec_id)?;
         let res = self.exec_in(&c, &req, &process_json).await;
@@ -266,6 +324,11 @@ impl Inner {
                 ));
             }
             validate_signal(req.signal)?;
+            if c.runner == Runner::PodInit {
+                // It is its PID namespace's init: when it ends, so does
+                // everything in that namespace.
+                return c.init.kill(req.signal);
+            }
             return self.runtime.kill(&c.id, req.signal, true).await;
         }
         c.process(&req.exec_id)?.kill(req.signal)
@@ -280,6 +343,11 @@ impl Inner {
                 "container {id} has exited"
             )));
         }
+        if c.runner == Runner::PodInit {
+            // Nothing runs in it: there is nothing to size (the VM is sized
+            // for the pod).
+            return Ok(());
+        }
         let n = self
             .updates
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -292,7 +360,11 @@ impl Inner {
 
     async fn remove(&self, id: &str) -> Result<()> {
         let c = self.container(id)?;
-        self.runtime.delete(id).await?;
+        match c.runner {
+            Runner::Runtime => self.runtime.delete(id).await?,
+            Runner::PodInit if c.init.exited().is_none() => c.init.kill(libc::SIGKILL as u32)?,
+            Runner::PodInit => {}
+        }
         self.map().remove(id);
         if let Err(e) = std::fs::remove_dir_all(&c.bundle) {
             warn!(id, "remove bundle: {e}");
@@ -355,7 +427,9 @@ impl Agent for AgentService {
         let res = self
             .detached(|i| async move {
                 let c = i.container(&req.container_id)?;
-                i.runtime.start(&c.id).await?;
+                if c.runner == Runner::Runtime {
+                    i.runtime.start(&c.id).await?;
+                }
                 Ok(c.init.pid as u32)
             })
             .await;

@@ -40,6 +40,11 @@ pub fn stop_sends_sigterm(h: &Handler) {
         let config = with_pid_mode(spec::container(name, BUSYBOX, &argv), NamespaceMode::Pod);
         let c = h.start(&pod, &config);
         h.wait_state(&c.id, ContainerState::ContainerRunning);
+        // The namespace's init is the pod's: pause under runc, the agent's
+        // pod init in a VM (which also stands for podsandbox's pause).
+        let pid1 = h.sh(&c.id, "cat /proc/1/comm");
+        let pod_init = if h.vm { "pod-init" } else { "pause" };
+        assert_eq!(pid1.trim(), pod_init, "{}: PID 1 of the pod", h.name);
         let t0 = Instant::now();
         h.cri
             .stop_container(&c.id, 20)

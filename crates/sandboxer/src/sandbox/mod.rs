@@ -211,7 +211,12 @@ impl Sandbox {
         let mut oci_value: serde_json::Value = serde_json::from_slice(&oci).map_err(|e| {
             Error::InvalidArgument(format!("OCI spec of container {}: {e}", spec.id))
         })?;
-        if let Some(pod) = pod::from_sandbox_spec(&oci_value)? {
+        // The pod's sandbox container (podsandbox mode): the agent's pod init
+        // stands for it. Its rootfs is shared all the same, for an agent
+        // from before `sandbox_container`, which runs it.
+        let sandbox_container = pod::from_sandbox_spec(&oci_value)?;
+        let is_sandbox_container = sandbox_container.is_some();
+        if let Some(pod) = sandbox_container {
             // The pod's sysctls are the VM's (SetupSandbox), not the pause
             // container's alone.
             if let Some(linux) = oci_value.get_mut("linux").and_then(|l| l.as_object_mut()) {
@@ -257,6 +262,7 @@ impl Sandbox {
                         .pid_namespace_of
                         .and_then(|pid| self.container_by_init_pid(pid))
                         .unwrap_or_default(),
+                    sandbox_container: is_sandbox_container,
                     ..Default::default()
                 })
                 .await
