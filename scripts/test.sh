@@ -108,6 +108,8 @@ clean_stale
 run cargo fmt --all -- --check
 run cargo clippy --workspace --all-targets -- -D warnings
 if [ "$CHECK_ONLY" = 1 ]; then exit 0; fi
+run deploy/check.sh
+run deploy/installer/test-install.sh
 run cargo test --workspace --exclude kuasar-e2e
 # The e2e suite drives the release binaries.
 run cargo build --release --workspace --exclude kuasar-agent
