@@ -28,7 +28,7 @@ ok() { echo "test-install: ok: $*" >&2; }
 kuasar_install() {
   local root=$1 action=$2
   shift 2
-  env -u NODE_NAME "$HERE/kuasar-install.sh" "$action" --root "$root" --source "$PAYLOAD" "$@" >"$LOG" 2>&1
+  env -u NODE_NAME -u KUASAR_RESTART -u KUASAR_PREFIX "$HERE/kuasar-install.sh" "$action" --root "$root" --source "$PAYLOAD" "$@" >"$LOG" 2>&1
 }
 must_install() { kuasar_install "$@" || { cat "$LOG" >&2; fail "kuasar-install.sh $2 in $1"; }; }
 # must_refuse ROOT ACTION PATTERN [ARGS]: fails, saying PATTERN.
