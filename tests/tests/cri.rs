@@ -28,10 +28,13 @@ use kuasar_e2e::cri::proto::{
 use kuasar_e2e::cri::{spec, stream, Code, ContainerGuard, Cri, PodGuard};
 use kuasar_e2e::{cmd, shared, EnvOptions, BUSYBOX};
 
+#[path = "cri/confinement.rs"]
+mod confinement;
 #[path = "cri/k8s.rs"]
 mod k8s;
 #[path = "cri/portforward.rs"]
 mod portforward;
+use confinement::qemu_is_confined;
 use k8s::{
     host_namespaces, mount_propagation, pod_settings_reach_containers, privileged_and_net_admin,
     readonly_host_path_with_submount, stop_after_a_stop_timed_out, stop_sends_sigterm,
@@ -1121,6 +1124,7 @@ macro_rules! handler_suite {
                 mount_propagation,
                 stop_after_a_stop_timed_out,
                 target_pid_namespace,
+                qemu_is_confined,
             );
         }
     };

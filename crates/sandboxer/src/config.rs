@@ -113,6 +113,11 @@ pub struct QemuConfig {
     /// Host TSC frequency given to the guest (`tsc_early_khz`) under TCG;
     /// 0 reads it from the host.
     pub tsc_khz: u64,
+    /// QEMU's own seccomp filter (`-sandbox on`, with obsolete system
+    /// calls, privilege changes, process spawning and resource control
+    /// denied): QEMU parses the untrusted guest's device traffic. Off only
+    /// for a QEMU built without seccomp support.
+    pub seccomp: bool,
 }
 
 impl Default for QemuConfig {
@@ -127,6 +132,7 @@ impl Default for QemuConfig {
             call_timeout_secs: 30,
             kernel_params: String::new(),
             tsc_khz: 0,
+            seccomp: true,
         }
     }
 }

@@ -17,6 +17,9 @@ pub enum Accel {
 
 /// Port the agent listens on when the channel is vsock.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
+/// `-sandbox`: QEMU's seccomp filter with every optional denial on.
+const SECCOMP_SANDBOX: &str =
+    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// The host<->guest channel actually used, after `auto` was resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +52,8 @@ pub struct VmSpec {
     pub kernel_params: String,
     /// `tsc_early_khz` for the guest under TCG.
     pub tsc_khz: Option<u64>,
+    /// QEMU's seccomp filter (see `QemuConfig::seccomp`).
+    pub seccomp: bool,
     pub dir: PathBuf,
     /// The pod's NICs, in order (none without a pod network).
     pub nics: Vec<NicSpec>,
@@ -97,6 +102,7 @@ impl VmSpec {
             initrd,
             kernel_params: c.kernel_params.clone(),
             tsc_khz,
+            seccomp: c.seccomp,
             dir,
             nics: Vec::new(),
         }
@@ -149,6 +155,13 @@ impl VmSpec {
             &self.vcpus.to_string(),
         ]);
         push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+        if self.seccomp {
+            // Whatever a guest makes of QEMU's device emulation, the
+            // process can neither exec nor fork, change its ids, nor use
+            // obsolete system calls or change its scheduling and memory
+            // policy. QMP fd passing (getfd) is plain socket I/O.
+            push(&["-sandbox", SECCOMP_SANDBOX]);
+        }
         push(&[
             "-kernel",
             &path(&self.kernel),
@@ -235,6 +248,20 @@ mod tests {
         assert!(args.contains("mount_tag=kuasar"));
         assert!(args.contains("-kernel /img/vmlinux -initrd /img/initramfs.cpio"));
         assert!(args.contains("-device virtio-balloon-device,free-page-reporting=on"));
+    }
+
+    #[test]
+    fn seccomp_sandbox_unless_turned_off() {
+        let mut s = spec(Accel::Tcg);
+        let args = s.args().join(" ");
+        assert!(
+            args.contains(
+                "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+            ),
+            "{args}"
+        );
+        s.seccomp = false;
+        assert!(!s.args().join(" ").contains("-sandbox"));
     }
 
     #[test]
