@@ -146,17 +146,28 @@ impl Inner {
         // The shared directory is mounted once the guest is set up.
         let mut ready = self.guest_ready.clone();
         let _ = ready.wait_for(|r| *r).await;
-        {
-            let mut map = self.map();
-            if map.contains_key(id) {
-                return Err(Error::AlreadyExists(format!(
-                    "container {id} already exists"
-                )));
-            }
-            map.insert(id.to_string(), None);
-        }
+        self.reserve(id)?;
         let bundle = self.containers_dir.join(id);
-        match self.create_in(&req, &bundle, &spec).await {
+        let made = self.create_in(&req, &bundle, &spec).await;
+        self.settle(id, &bundle, made)
+    }
+
+    /// Reserves id `id` (a slot without a container) for a create.
+    fn reserve(&self, id: &str) -> Result<()> {
+        let mut map = self.map();
+        if map.contains_key(id) {
+            return Err(Error::AlreadyExists(format!(
+                "container {id} already exists"
+            )));
+        }
+        map.insert(id.to_string(), None);
+        Ok(())
+    }
+
+    /// Ends a create: the container takes its reserved slot, or a failed
+    /// one leaves neither slot nor bundle behind.
+    fn settle(&self, id: &str, bundle: &Path, made: Result<Container>) -> Result<u32> {
+        match made {
             Ok(c) => {
                 let pid = c.init.pid as u32;
                 self.map().insert(id.to_string(), Some(Arc::new(c)));
@@ -164,7 +175,7 @@ impl Inner {
             }
             Err(e) => {
                 self.map().remove(id);
-                let _ = std::fs::remove_dir_all(&bundle);
+                let _ = std::fs::remove_dir_all(bundle);
                 Err(e)
             }
         }
@@ -185,36 +196,18 @@ impl Inner {
                 other.id
             )));
         }
-        {
-            let mut map = self.map();
-            if map.contains_key(id) {
-                return Err(Error::AlreadyExists(format!(
-                    "container {id} already exists"
-                )));
-            }
-            map.insert(id.to_string(), None);
-        }
+        self.reserve(id)?;
         let bundle = self.containers_dir.join(id);
         let made = async {
             let (io, _child_ends) = make_stdio(req.stdin, req.stdout, req.stderr)?;
             let (pid, exited) = self.pod_pid.sandbox_init(&self.reaper).await?;
             std::fs::create_dir_all(&bundle).context("create bundle")?;
             let init = Arc::new(Process::new(pid, io, exited));
-            Ok::<_, Error>(Container::pod_init(id, bundle.clone(), init))
+            info!(id, pid, "the pod init stands for the sandbox container");
+            Ok(Container::pod_init(id, bundle.clone(), init))
         }
         .await;
-        match made {
-            Ok(c) => {
-                let pid = c.init.pid as u32;
-                info!(id, pid, "the pod init stands for the sandbox container");
-                self.map().insert(id.to_string(), Some(Arc::new(c)));
-                Ok(pid)
-            }
-            Err(e) => {
-                self.map().remove(id);
-                Err(e)
-            }
-        }
+        self.settle(id, &bundle, made)
     }
 
     async fn create_in(
