@@ -4,6 +4,7 @@
 # linux-source-6.1 and the tools after it build the project's own guest kernel
 # (scripts/build-kernel.sh). iptables: kuasar-vmm's port-forward redirect in each pod's netns.
 # dpkg-dev and the -dev packages after it build the guest's static crun (scripts/build-crun.sh).
+# python3-venv: deploy/check.sh validates the Kubernetes manifests with a validator from PyPI.
 set -euo pipefail
 [ "$(id -u)" = 0 ] || { echo "install-deps.sh: must run as root" >&2; exit 1; }
 
@@ -11,7 +12,8 @@ want=(qemu-system-x86 linux-image-amd64 busybox-static runc crun
       containernetworking-plugins iproute2 iptables kmod cpio gzip xz-utils zstd
       build-essential pkg-config jq util-linux procps psmisc
       linux-source-6.1 bc bison flex libelf-dev libssl-dev
-      dpkg-dev libyajl-dev libseccomp-dev libcap-dev libgcrypt20-dev libgpg-error-dev)
+      dpkg-dev libyajl-dev libseccomp-dev libcap-dev libgcrypt20-dev libgpg-error-dev
+      python3 python3-venv)
 missing=()
 for p in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
