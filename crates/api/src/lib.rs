@@ -18,7 +18,9 @@ pub mod agent {
 pub mod sandboxer {
     include!(concat!(env!("OUT_DIR"), "/sandboxer/mod.rs"));
     pub use sandboxer::*;
-    pub use sandboxer_ttrpc::{create_sandboxer, Sandboxer, SandboxerClient};
+    pub use sandboxer_ttrpc::{
+        create_admin, create_sandboxer, Admin, AdminClient, Sandboxer, SandboxerClient,
+    };
 }
 
 /// containerd's shim sandbox API (`containerd.runtime.sandbox.v1`, as of
@@ -92,3 +94,22 @@ pub const SANDBOX_ID_METADATA: &str = "kuasar-sandbox-id";
 pub const NAMESPACE_METADATA: &str = "kuasar-namespace";
 /// ttrpc metadata key carrying containerd's ttrpc address (for events).
 pub const TTRPC_ADDRESS_METADATA: &str = "kuasar-ttrpc-address";
+
+/// Where kuasar-vmm's socket is named when not configured otherwise: the
+/// environment variable the shim and kuasarctl read.
+pub const VMM_SOCKET_ENV: &str = "KUASAR_VMM_SOCKET";
+/// kuasar-vmm's socket by default (its `socket` setting's default).
+pub const DEFAULT_VMM_SOCKET: &str = "/run/kuasar/vmm.sock";
+
+/// kuasar-vmm's socket: `$KUASAR_VMM_SOCKET`, else [`DEFAULT_VMM_SOCKET`].
+pub fn vmm_socket() -> std::path::PathBuf {
+    vmm_socket_from(std::env::var_os(VMM_SOCKET_ENV))
+}
+
+/// kuasar-vmm's socket given the value of `$KUASAR_VMM_SOCKET` (an empty
+/// value counts as unset).
+pub fn vmm_socket_from(env: Option<std::ffi::OsString>) -> std::path::PathBuf {
+    env.filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(DEFAULT_VMM_SOCKET))
+}

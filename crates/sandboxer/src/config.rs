@@ -60,7 +60,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            socket: PathBuf::from("/run/kuasar/vmm.sock"),
+            socket: PathBuf::from(kuasar_api::DEFAULT_VMM_SOCKET),
             grpc_socket: PathBuf::from("/run/kuasar/vmm-grpc.sock"),
             containerd_ttrpc_address: "/run/containerd/containerd.sock.ttrpc".into(),
             state_dir: PathBuf::from("/run/kuasar/vmm"),

@@ -11,7 +11,7 @@ pub fn render(config: &Config) -> String {
     format!(
         r#"# containerd 2.x (config version 3) for kuasar-vmm; merge into /etc/containerd/config.toml.
 # The shim modes find containerd-shim-kuasar-vmm-v2 on containerd's PATH; the shim reaches
-# kuasar-vmm at $KUASAR_VMM_SOCKET (default /run/kuasar/vmm.sock; this sandboxer: {socket}).
+# kuasar-vmm at ${env} (default {default}; this sandboxer: {socket}).
 
 # zero-shim mode: kuasar-vmm is containerd's sandbox controller; no shim process at all.
 # Its task events go to containerd's [ttrpc] address, which must be {ttrpc}
@@ -41,6 +41,8 @@ pub fn render(config: &Config) -> String {
   runtime_type = "io.containerd.kuasar-vmm.v2"
   sandboxer = "podsandbox"
 "#,
+        env = kuasar_api::VMM_SOCKET_ENV,
+        default = kuasar_api::DEFAULT_VMM_SOCKET,
         socket = config.socket.display(),
         plugin = PROXY_PLUGIN,
         grpc = config.grpc_socket.display(),

@@ -29,8 +29,7 @@ use kuasar_api::ttrpc::{get_status, Code, MessageHeader, Request, Response, Stat
 
 use crate::log;
 
-pub const VMM_SOCKET_ENV: &str = "KUASAR_VMM_SOCKET";
-pub const DEFAULT_VMM_SOCKET: &str = "/run/kuasar/vmm.sock";
+pub use kuasar_api::vmm_socket;
 /// The sandboxer's own service (Ping, RegisterSandbox, DeleteSandbox).
 pub const SANDBOXER_SERVICE: &str = "kuasar.sandboxer.v1.Sandboxer";
 /// containerd's task service, which the sandboxer serves on the same socket.
@@ -44,14 +43,6 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// connection is dropped (a partial frame would corrupt the stream anyway).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const READER_STACK: usize = 64 * 1024;
-
-/// `$KUASAR_VMM_SOCKET`, default `/run/kuasar/vmm.sock`.
-pub fn vmm_socket() -> PathBuf {
-    std::env::var_os(VMM_SOCKET_ENV)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_VMM_SOCKET))
-}
 
 /// Why a call got no response message.
 #[derive(Debug, Clone)]
