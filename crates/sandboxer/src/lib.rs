@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
+pub mod admin;
 pub mod agent;
 pub mod config;
 pub mod container;
@@ -109,6 +110,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .context("serve the socket")?
         .register_service(panic_guard::ttrpc_services(
             kuasar_api::sandboxer::sandboxer_ttrpc_async::create_sandboxer(Arc::new(sandboxer)),
+            None,
+        ))
+        .register_service(panic_guard::ttrpc_services(
+            kuasar_api::sandboxer::sandboxer_ttrpc_async::create_admin(Arc::new(
+                admin::AdminService::new(registry.clone()),
+            )),
             None,
         ))
         .register_service(panic_guard::ttrpc_services(

@@ -164,7 +164,7 @@ impl Sandbox {
     pub async fn adopt(host: Arc<Host>, record: SandboxRecord, vmm_pid: u32) -> Result<Arc<Self>> {
         let sandbox = Self::from_record(host.clone(), &record);
         let config = &host.config;
-        let spec = VmSpec::from_config(
+        let mut spec = VmSpec::from_config(
             record.id.clone(),
             host.accel,
             host.agent_channel(),
@@ -174,6 +174,16 @@ impl Sandbox {
             config.initrd_path(),
             sandbox.dir.clone(),
         );
+        // The size the VM was booted with (what the operator's view shows).
+        if let Ok(Some(size)) = sandbox.pod_vm_size(record.pod.as_ref()) {
+            spec.vcpus = size.vcpus;
+            spec.memory_mib = size.memory_mib;
+        }
+        sandbox.set_vm_shape(VmShape {
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            console_log: spec.console_log(),
+        });
         let vm = QemuVm::adopt(config.qemu.binary.clone(), spec, vmm_pid)
             .map_err(|e| Error::io(format!("follow VMM pid {vmm_pid}"), e))?;
         let (agent, _) =

@@ -2,9 +2,11 @@
 mod adopt;
 mod forward;
 mod lifecycle;
+mod view;
 mod vm;
 
 pub use lifecycle::PodStatus;
+pub use view::{ContainerView, Mode, SandboxState, VmShape};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -94,6 +96,8 @@ pub struct Sandbox {
     task_socket: Mutex<Option<String>>,
     /// The pod's port-forward relay, while the VM runs (pods with a netns).
     port_forward: Mutex<Option<crate::portforward::PortForward>>,
+    /// The VM's size and files, once it was booted or adopted.
+    vm_shape: Mutex<Option<VmShape>>,
 }
 
 impl Sandbox {
@@ -125,6 +129,7 @@ impl Sandbox {
             agent_address: Mutex::new(String::new()),
             task_socket: Mutex::new(None),
             port_forward: Mutex::new(None),
+            vm_shape: Mutex::new(None),
         })
     }
 

@@ -32,15 +32,7 @@ impl Sandbox {
         let config = &self.host.config;
         let pod = self.pod();
         // Sized (and refused when too big) before anything is made.
-        let size = match &pod {
-            Some(pod) => Some(crate::pod::vm_size(
-                &pod.resources,
-                &config.qemu,
-                &config.sizing,
-                self.host.capacity,
-            )?),
-            None => None,
-        };
+        let size = self.pod_vm_size(pod.as_ref())?;
         // QemuVm::start checks that the binary, kernel and initramfs still
         // exist (they may vanish after start-up) and names the missing one.
         std::fs::create_dir_all(&self.dir).map_err(|source| StartVmError::Prepare {
@@ -67,6 +59,11 @@ impl Sandbox {
             spec.vcpus = size.vcpus;
             spec.memory_mib = size.memory_mib;
         }
+        let shape = VmShape {
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            console_log: spec.console_log(),
+        };
         let mut qemu = QemuVm::new(config.qemu.binary.clone(), spec);
         // The pod's interface goes to the VM before QEMU starts: QEMU gets
         // the taps' fds on its command line.
@@ -121,6 +118,7 @@ impl Sandbox {
                 if let Some(netns) = pod.as_ref().and_then(|p| p.netns.as_deref()) {
                     self.start_port_forward(netns, &agent).await;
                 }
+                self.set_vm_shape(shape);
                 self.watch_vm(qemu.exited());
                 *vm = Some(qemu);
                 self.save_record();
@@ -140,6 +138,24 @@ impl Sandbox {
 
     /// Gives the freshly booted guest what the pod needs before its first
     /// container: host name, network, DNS.
+    /// The VM's size for `pod` (None: the configured default), refused
+    /// when too big for the host.
+    pub(super) fn pod_vm_size(
+        &self,
+        pod: Option<&PodConfig>,
+    ) -> Result<Option<crate::pod::VmSize>> {
+        let config = &self.host.config;
+        match pod {
+            Some(pod) => Ok(Some(crate::pod::vm_size(
+                &pod.resources,
+                &config.qemu,
+                &config.sizing,
+                self.host.capacity,
+            )?)),
+            None => Ok(None),
+        }
+    }
+
     async fn setup_guest(&self, agent: &Agent, pod: Option<&PodConfig>) -> Result<()> {
         let Some(pod) = pod else { return Ok(()) };
         let resolv_conf = match pod.dns.as_ref().and_then(|d| d.resolv_conf()) {

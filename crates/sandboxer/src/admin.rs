@@ -1,0 +1,135 @@
+//! The operator's service (`kuasar.sandboxer.v1.Admin`, for kuasarctl):
+//! the node's sandboxes and their guest consoles, read-only.
+use std::io::{Read, Seek, SeekFrom};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use kuasar_api::sandboxer::sandboxer_ttrpc_async::Admin;
+use kuasar_api::sandboxer::{
+    ContainerSummary, Empty, ListSandboxesResponse, ReadConsoleRequest, ReadConsoleResponse,
+    SandboxSummary,
+};
+use ttrpc::r#async::TtrpcContext;
+
+use crate::container::ProcState;
+use crate::error::{Error, Result};
+use crate::registry::Registry;
+use crate::sandbox::Sandbox;
+
+/// The most a ReadConsole returns at once.
+pub const MAX_CONSOLE_READ: u32 = 1 << 20;
+
+pub struct AdminService {
+    registry: Arc<Registry>,
+}
+
+impl AdminService {
+    pub fn new(registry: Arc<Registry>) -> Self {
+        AdminService { registry }
+    }
+}
+
+/// What the operator sees of one sandbox.
+pub fn summary(sandbox: &Sandbox) -> SandboxSummary {
+    let shape = sandbox.vm_shape();
+    let containers = sandbox
+        .container_views()
+        .into_iter()
+        .map(|c| {
+            let (state, exit_status) = match c.state {
+                ProcState::Created => ("created", 0),
+                ProcState::Running => ("running", 0),
+                ProcState::Stopped { exit_status, .. } => ("stopped", exit_status),
+            };
+            ContainerSummary {
+                id: c.id,
+                pid: c.pid,
+                state: state.into(),
+                exit_status,
+                ..Default::default()
+            }
+        })
+        .collect();
+    SandboxSummary {
+        id: sandbox.info.id.clone(),
+        namespace: sandbox.info.namespace.clone(),
+        mode: sandbox.mode().as_str().into(),
+        state: sandbox.state().as_str().into(),
+        vmm_pid: sandbox.vmm_pid(),
+        vcpus: shape.as_ref().map_or(0, |s| s.vcpus),
+        memory_mib: shape.as_ref().map_or(0, |s| s.memory_mib),
+        ips: sandbox.ips(),
+        containers,
+        created_at: sandbox.created_at_secs(),
+        state_dir: sandbox.dir.display().to_string(),
+        console_log: shape
+            .as_ref()
+            .map(|s| s.console_log.display().to_string())
+            .unwrap_or_default(),
+        task_socket: sandbox.task_socket().unwrap_or_default(),
+        hostname: sandbox.pod().map(|p| p.hostname).unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
+/// Reads at most `max` bytes of `sandbox`'s console log from `offset`.
+fn read_console(sandbox: &Sandbox, offset: u64, max: u32) -> Result<ReadConsoleResponse> {
+    let Some(shape) = sandbox.vm_shape() else {
+        return Err(Error::FailedPrecondition(format!(
+            "sandbox {} has no VM yet: no console log",
+            sandbox.info.id
+        )));
+    };
+    let path = &shape.console_log;
+    let shown = || format!("read {}", path.display());
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(shown(), e))?;
+    let size = file.metadata().map_err(|e| Error::io(shown(), e))?.len();
+    // A log that shrank (a new VM under the same name) is read from its start.
+    let offset = if offset > size { 0 } else { offset };
+    file.seek(SeekFrom::Start(offset))
+        .map_err(|e| Error::io(shown(), e))?;
+    let max = if max == 0 {
+        MAX_CONSOLE_READ
+    } else {
+        max.min(MAX_CONSOLE_READ)
+    };
+    let mut data = Vec::new();
+    file.take(u64::from(max))
+        .read_to_end(&mut data)
+        .map_err(|e| Error::io(shown(), e))?;
+    Ok(ReadConsoleResponse {
+        next_offset: offset + data.len() as u64,
+        data,
+        size,
+        ..Default::default()
+    })
+}
+
+#[async_trait]
+impl Admin for AdminService {
+    async fn list_sandboxes(
+        &self,
+        _: &TtrpcContext,
+        _: Empty,
+    ) -> ttrpc::Result<ListSandboxesResponse> {
+        let mut sandboxes: Vec<_> = self.registry.all().iter().map(|s| summary(s)).collect();
+        sandboxes.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(ListSandboxesResponse {
+            sandboxes,
+            ..Default::default()
+        })
+    }
+
+    async fn read_console(
+        &self,
+        _: &TtrpcContext,
+        req: ReadConsoleRequest,
+    ) -> ttrpc::Result<ReadConsoleResponse> {
+        let sandbox = self.registry.get(&req.sandbox_id)?;
+        let (offset, max) = (req.offset, req.max_bytes);
+        let read = tokio::task::spawn_blocking(move || read_console(&sandbox, offset, max))
+            .await
+            .map_err(|e| Error::Internal(format!("read the console: {e}")))?;
+        Ok(read?)
+    }
+}
