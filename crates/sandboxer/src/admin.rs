@@ -1,6 +1,7 @@
 //! The operator's service (`kuasar.sandboxer.v1.Admin`, for kuasarctl):
 //! the node's sandboxes and their guest consoles, read-only.
 use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -74,24 +75,28 @@ pub fn summary(sandbox: &Sandbox) -> SandboxSummary {
 
 /// Reads at most `max` bytes of `sandbox`'s console log from `offset`.
 fn read_console(sandbox: &Sandbox, offset: u64, max: u32) -> Result<ReadConsoleResponse> {
-    let Some(shape) = sandbox.vm_shape() else {
-        return Err(Error::FailedPrecondition(format!(
+    match sandbox.vm_shape() {
+        Some(shape) => read_log(&shape.console_log, offset, max),
+        None => Err(Error::FailedPrecondition(format!(
             "sandbox {} has no VM yet: no console log",
             sandbox.info.id
-        )));
-    };
-    let path = &shape.console_log;
+        ))),
+    }
+}
+
+/// Reads at most `max` bytes (0: the most allowed) of the log at `path`
+/// from `offset`; a log shorter than `offset` (a new one under the same
+/// name) is read from its start.
+fn read_log(path: &Path, offset: u64, max: u32) -> Result<ReadConsoleResponse> {
     let shown = || format!("read {}", path.display());
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(shown(), e))?;
     let size = file.metadata().map_err(|e| Error::io(shown(), e))?.len();
-    // A log that shrank (a new VM under the same name) is read from its start.
     let offset = if offset > size { 0 } else { offset };
     file.seek(SeekFrom::Start(offset))
         .map_err(|e| Error::io(shown(), e))?;
-    let max = if max == 0 {
-        MAX_CONSOLE_READ
-    } else {
-        max.min(MAX_CONSOLE_READ)
+    let max = match max {
+        0 => MAX_CONSOLE_READ,
+        max => max.min(MAX_CONSOLE_READ),
     };
     let mut data = Vec::new();
     file.take(u64::from(max))
@@ -131,5 +136,73 @@ impl Admin for AdminService {
             .await
             .map_err(|e| Error::Internal(format!("read the console: {e}")))?;
         Ok(read?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::SandboxInfo;
+
+    fn registry(dir: &Path) -> Registry {
+        let config = crate::config::Config {
+            state_dir: dir.join("vmm"),
+            qemu: crate::config::QemuConfig {
+                accelerator: crate::config::Accelerator::Tcg,
+                channel: crate::config::Channel::Serial,
+                tsc_khz: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Registry::new(Arc::new(crate::host::Host::new(config)))
+    }
+
+    #[test]
+    fn a_registered_sandbox_before_its_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = registry(dir.path());
+        let sandbox = registry
+            .register(SandboxInfo {
+                id: "pod-1".into(),
+                namespace: "default".into(),
+                bundle: "/b".into(),
+                ttrpc_address: String::new(),
+            })
+            .unwrap();
+        let s = summary(&sandbox);
+        assert_eq!(s.id, "pod-1");
+        assert_eq!(s.namespace, "default");
+        assert_eq!(s.mode, "podsandbox");
+        assert_eq!(s.state, "created");
+        assert_eq!((s.vmm_pid, s.vcpus, s.memory_mib), (0, 0, 0));
+        assert!(s.containers.is_empty() && s.console_log.is_empty());
+        assert_eq!(
+            s.state_dir,
+            dir.path().join("vmm/pod-1").display().to_string()
+        );
+        let e = read_console(&sandbox, 0, 0).unwrap_err();
+        assert!(matches!(e, Error::FailedPrecondition(_)), "{e}");
+    }
+
+    #[test]
+    fn console_reads_go_on_from_an_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        std::fs::write(&log, b"0123456789").unwrap();
+        let r = read_log(&log, 0, 4).unwrap();
+        assert_eq!(
+            (r.data.as_slice(), r.next_offset, r.size),
+            (&b"0123"[..], 4, 10)
+        );
+        let r = read_log(&log, r.next_offset, 0).unwrap();
+        assert_eq!((r.data.as_slice(), r.next_offset), (&b"456789"[..], 10));
+        let r = read_log(&log, 10, 0).unwrap();
+        assert!(r.data.is_empty());
+        // A log that shrank is read from its start.
+        let r = read_log(&log, 50, 3).unwrap();
+        assert_eq!((r.data.as_slice(), r.next_offset), (&b"012"[..], 3));
+        let e = read_log(&dir.path().join("none"), 0, 0).unwrap_err();
+        assert!(e.to_string().contains("none"), "{e}");
     }
 }
