@@ -40,6 +40,11 @@ pub fn bin_dir() -> PathBuf {
     })
 }
 
+/// The operator's CLI, beside kuasar-vmm in [`bin_dir`].
+pub fn kuasarctl() -> PathBuf {
+    bin_dir().join("kuasarctl")
+}
+
 /// The guest image: `$KUASAR_IMAGE_DIR`, else `/var/lib/kuasar`.
 pub fn image_dir() -> PathBuf {
     env_path("KUASAR_IMAGE_DIR").unwrap_or_else(|| PathBuf::from("/var/lib/kuasar"))

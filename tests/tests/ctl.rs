@@ -1,0 +1,121 @@
+//! `kuasarctl` against a private containerd + kuasar-vmm: one container in
+//! its microVM (`ctr run -d`), then the CLI's list, inspect by prefix,
+//! console, its errors (unknown id, nothing listening), version and config.
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use kuasar_e2e::{cmd, paths, Env, EnvOptions, Output};
+
+const CLI_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn kuasarctl(socket: &Path, args: &[&str]) -> Output {
+    let mut c = Command::new(paths::kuasarctl());
+    c.arg("--socket").arg(socket).args(args);
+    cmd::run(&mut c, None, CLI_TIMEOUT)
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+#[test]
+fn kuasarctl_lists_inspects_and_reads_the_console() {
+    let cli = paths::kuasarctl();
+    assert!(
+        cli.is_file(),
+        "{} is missing: run `cargo build --release --workspace --exclude kuasar-agent`",
+        cli.display()
+    );
+    let env = Env::start(EnvOptions { sandboxer: true }).expect("start the environment");
+    let socket = env.vmm_socket();
+    let id = env.unique_id("ctl");
+    let (guard, out) = env.run_vm_detached(&id, &["sleep", "3600"]);
+    assert!(out.success(), "{out}\n{}", env.diagnostics());
+
+    // list: the sandbox, its running VMM and its one container.
+    let out = kuasarctl(&socket, &["list"]);
+    assert!(out.success(), "{out}");
+    eprintln!("kuasarctl list:\n{}", out.stdout);
+    let short: String = id.chars().take(12).collect();
+    let row = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&short))
+        .unwrap_or_else(|| panic!("no row for {id}: {out}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells[1], "podsandbox", "{row}");
+    assert_eq!(cells[2], "running", "{row}");
+    let pid: i32 = cells[3]
+        .parse()
+        .unwrap_or_else(|_| panic!("VMM pid in {row}"));
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    assert!(comm.contains("qemu"), "pid {pid} is {comm:?}, not the VMM");
+    assert_eq!(cells[6], "1", "containers: {row}");
+
+    let out = kuasarctl(&socket, &["list", "-o", "json"]);
+    assert!(out.success(), "{out}");
+    let all = json(&out);
+    let s = all
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["id"] == id.as_str()))
+        .unwrap_or_else(|| panic!("{id} not listed: {out}"));
+    assert_eq!(s["vmm_pid"], pid, "{s}");
+    assert_eq!(s["containers"][0]["id"], id.as_str(), "{s}");
+    assert_eq!(s["containers"][0]["state"], "running", "{s}");
+
+    // inspect by a unique prefix.
+    let prefix = &id[..id.len() - 1];
+    let out = kuasarctl(&socket, &["inspect", prefix]);
+    assert!(out.success(), "{out}");
+    eprintln!("kuasarctl inspect {prefix}:\n{}", out.stdout);
+    let one = json(&out);
+    assert_eq!(one["id"], id.as_str(), "{one}");
+    let console_log = one["files"]["console_log"].as_str().unwrap_or_default();
+    assert!(Path::new(console_log).is_file(), "{one}");
+    assert!(one["vcpus"].as_u64().unwrap_or(0) >= 1, "{one}");
+
+    // console: what the guest printed.
+    let out = kuasarctl(&socket, &["console", &id]);
+    assert!(out.success(), "{out}");
+    assert!(out.stdout.contains("agent ready"), "{out}");
+    let on_disk = std::fs::read(console_log).unwrap_or_default();
+    assert!(
+        on_disk.starts_with(&out.raw_stdout) || out.raw_stdout.starts_with(&on_disk),
+        "console output differs from {console_log}"
+    );
+
+    // An unknown id: exit 1, the id named.
+    let out = kuasarctl(&socket, &["inspect", "no-such-sandbox"]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("no sandbox no-such-sandbox"), "{out}");
+    let out = kuasarctl(&socket, &["console", "no-such-sandbox"]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("no-such-sandbox"), "{out}");
+
+    // version: both sides.
+    let out = kuasarctl(&socket, &["version"]);
+    assert!(out.success(), "{out}");
+    assert!(out.stdout.contains("kuasarctl "), "{out}");
+    assert!(out.stdout.contains("kuasar-vmm "), "{out}");
+
+    // A socket nobody listens on (bound once, then closed), and none at all.
+    let dead = env.dir().join("dead.sock");
+    drop(std::os::unix::net::UnixListener::bind(&dead).expect("bind a socket"));
+    for socket in [dead.clone(), env.dir().join("missing.sock")] {
+        let out = kuasarctl(&socket, &["list"]);
+        assert_eq!(out.code, Some(1), "{out}");
+        let expected = format!("cannot reach kuasar-vmm at {}", socket.display());
+        assert!(out.stderr.contains(&expected), "{out}");
+        assert!(out.stderr.contains("is it running?"), "{out}");
+    }
+    let _ = std::fs::remove_file(&dead);
+
+    // config containerd needs no daemon.
+    let out = kuasarctl(&dead, &["config", "containerd"]);
+    assert!(out.success(), "{out}");
+    assert!(out.stdout.contains("sandboxer = \"podsandbox\""), "{out}");
+
+    drop(guard);
+    env.assert_clean();
+}
