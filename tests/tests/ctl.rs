@@ -1,11 +1,13 @@
 //! `kuasarctl` against a private containerd + kuasar-vmm: one container in
 //! its microVM (`ctr run -d`), then the CLI's list, inspect by prefix,
-//! console, its errors (unknown id, nothing listening), version and config.
+//! console, its errors (unknown id, nothing listening), version and config;
+//! CRI pods of the zero-shim and shim modes, with their mode and addresses.
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use kuasar_e2e::{cmd, paths, Env, EnvOptions, Output};
+use kuasar_e2e::cri::{spec, Cri, PodGuard};
+use kuasar_e2e::{cmd, paths, shared, EnvOptions, Output, BUSYBOX};
 
 const CLI_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -19,15 +21,19 @@ fn json(out: &Output) -> serde_json::Value {
     serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
 }
 
-#[test]
-fn kuasarctl_lists_inspects_and_reads_the_console() {
+fn env() -> kuasar_e2e::env::Shared {
     let cli = paths::kuasarctl();
     assert!(
         cli.is_file(),
         "{} is missing: run `cargo build --release --workspace --exclude kuasar-agent`",
         cli.display()
     );
-    let env = Env::start(EnvOptions { sandboxer: true }).expect("start the environment");
+    shared(EnvOptions { sandboxer: true })
+}
+
+#[test]
+fn kuasarctl_lists_inspects_and_reads_the_console() {
+    let env = env();
     let socket = env.vmm_socket();
     let id = env.unique_id("ctl");
     let (guard, out) = env.run_vm_detached(&id, &["sleep", "3600"]);
@@ -116,6 +122,63 @@ fn kuasarctl_lists_inspects_and_reads_the_console() {
     assert!(out.success(), "{out}");
     assert!(out.stdout.contains("sandboxer = \"podsandbox\""), "{out}");
 
+    // console --follow ends when the sandbox is gone.
+    let mut c = Command::new(paths::kuasarctl());
+    c.arg("--socket")
+        .arg(&socket)
+        .args(["console", "--follow", &id]);
+    let follow = cmd::spawn(&mut c, None);
+    std::thread::sleep(Duration::from_secs(1));
     drop(guard);
+    let out = follow.wait(CLI_TIMEOUT);
+    assert!(out.success(), "{out}");
+    assert!(out.stdout.contains("agent ready"), "{out}");
+    env.assert_clean();
+}
+
+#[test]
+fn kuasarctl_shows_the_mode_of_a_pod() {
+    let env = env();
+    let cri = Cri::connect(&env.address()).expect("connect to CRI");
+    // One pod at a time: one VM at a time.
+    for (handler, mode) in [
+        ("kuasar-vmm-zero", "zero-shim"),
+        ("kuasar-vmm-shim", "shim"),
+    ] {
+        let name = env.unique_id("ctl-pod");
+        let log_dir = env.dir().join("pod-logs").join(&name);
+        std::fs::create_dir_all(&log_dir).unwrap();
+        let pod = PodGuard::run(&cri, spec::pod(&name, &log_dir), handler)
+            .unwrap_or_else(|e| panic!("RunPodSandbox ({handler}): {e}"));
+        let c = spec::container("sleep", BUSYBOX, &["sleep", "3600"]);
+        let cid = cri
+            .create_container(&pod.id, &c, &pod.config)
+            .expect("CreateContainer");
+        cri.start_container(&cid).expect("StartContainer");
+
+        let out = kuasarctl(&env.vmm_socket(), &["list"]);
+        assert!(out.success(), "{out}");
+        eprintln!("kuasarctl list ({handler}):\n{}", out.stdout);
+        let out = kuasarctl(&env.vmm_socket(), &["inspect", &pod.id[..12]]);
+        assert!(out.success(), "{out}");
+        let one = json(&out);
+        assert_eq!(one["id"], pod.id.as_str(), "{one}");
+        assert_eq!(one["mode"], mode, "{one}");
+        assert_eq!(one["state"], "running", "{one}");
+        assert!(!one["ips"].as_array().unwrap().is_empty(), "{one}");
+        assert_eq!(
+            one["files"]["task_socket"].is_string(),
+            mode == "zero-shim",
+            "{one}"
+        );
+        let containers = one["containers"].as_array().unwrap();
+        assert!(
+            containers
+                .iter()
+                .any(|c| c["id"] == cid.as_str() && c["state"] == "running"),
+            "{one}"
+        );
+        pod.remove().expect("remove the pod");
+    }
     env.assert_clean();
 }
