@@ -1,6 +1,6 @@
 # kuasar: VM-isolated containers for containerd. Run as root on Debian 12.
 #   make deps     host packages (scripts/install-deps.sh; idempotent)
-#   make build    release binaries: kuasar-vmm, containerd-shim-kuasar-vmm-v2
+#   make build    release binaries: kuasar-vmm, containerd-shim-kuasar-vmm-v2, kuasarctl
 #   make guest    guest image (kernel, initramfs with the agent) into /var/lib/kuasar
 #   make images   OCI test images (busybox, pause) into /var/lib/kuasar/images
 #   make demo     one container in a microVM through a private containerd
