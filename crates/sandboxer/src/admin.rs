@@ -145,17 +145,7 @@ mod tests {
     use crate::sandbox::SandboxInfo;
 
     fn registry(dir: &Path) -> Registry {
-        let config = crate::config::Config {
-            state_dir: dir.join("vmm"),
-            qemu: crate::config::QemuConfig {
-                accelerator: crate::config::Accelerator::Tcg,
-                channel: crate::config::Channel::Serial,
-                tsc_khz: 1,
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        Registry::new(Arc::new(crate::host::Host::new(config)))
+        Registry::new(Arc::new(crate::host::Host::for_tests(dir)))
     }
 
     #[test]

@@ -381,17 +381,7 @@ mod tests {
     use super::*;
 
     fn controller(dir: &Path) -> ControllerService {
-        let config = crate::config::Config {
-            state_dir: dir.join("vmm"),
-            qemu: crate::config::QemuConfig {
-                accelerator: crate::config::Accelerator::Tcg,
-                channel: crate::config::Channel::Serial,
-                tsc_khz: 1,
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let host = Arc::new(crate::host::Host::new(config));
+        let host = Arc::new(crate::host::Host::for_tests(dir));
         ControllerService::new(Arc::new(Registry::new(host)))
     }
 

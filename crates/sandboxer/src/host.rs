@@ -60,6 +60,22 @@ impl Host {
         }
     }
 
+    /// A host for unit tests: state under `dir`, TCG, the serial channel,
+    /// nothing probed that a test machine may lack.
+    #[cfg(test)]
+    pub(crate) fn for_tests(dir: &std::path::Path) -> Self {
+        Host::new(Config {
+            state_dir: dir.join("vmm"),
+            qemu: crate::config::QemuConfig {
+                accelerator: Accelerator::Tcg,
+                channel: Channel::Serial,
+                tsc_khz: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+    }
+
     /// The channel for a new VM.
     pub fn agent_channel(&self) -> AgentChannel {
         if self.vsock {
