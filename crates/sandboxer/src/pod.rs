@@ -52,6 +52,32 @@ pub struct PodConfig {
     pub dns: Option<PodDns>,
 }
 
+/// Whether a sandbox container runs the pause program and nothing else
+/// (CRI's sandbox image): only then may the agent's pod init, which does
+/// what pause does, stand in for it. A sandbox container started by hand
+/// (`ctr run --annotation ...container-type=sandbox IMAGE CMD`) runs CMD.
+pub fn runs_pause(spec: &Value) -> bool {
+    let args = spec
+        .pointer("/process/args")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let terminal = spec
+        .pointer("/process/terminal")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    match args {
+        [program] => {
+            !terminal
+                && program
+                    .as_str()
+                    .and_then(|p| p.rsplit('/').next())
+                    .is_some_and(|name| name == "pause")
+        }
+        _ => false,
+    }
+}
+
 /// Reads the pod's configuration from its sandbox container's OCI spec.
 /// Returns None for a spec that is not a CRI sandbox container.
 pub fn from_sandbox_spec(spec: &Value) -> Result<Option<PodConfig>> {
@@ -311,6 +337,23 @@ pub fn vm_size(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn only_the_pause_program_alone_runs_pause() {
+        let with = |process: Value| json!({"process": process});
+        assert!(runs_pause(&with(json!({"args": ["/pause"]}))));
+        assert!(runs_pause(&with(json!({"args": ["pause"]}))));
+        assert!(!runs_pause(&with(
+            json!({"args": ["/pause"], "terminal": true})
+        )));
+        assert!(!runs_pause(&with(
+            json!({"args": ["sh", "-c", "cat /proc/meminfo"]})
+        )));
+        assert!(!runs_pause(&with(json!({"args": ["/pause", "-v"]}))));
+        assert!(!runs_pause(&with(json!({"args": ["/bin/pauser"]}))));
+        assert!(!runs_pause(&with(json!({"args": []}))));
+        assert!(!runs_pause(&json!({})));
+    }
 
     #[test]
     fn a_plain_container_is_no_pod() {

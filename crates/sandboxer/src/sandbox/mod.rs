@@ -216,11 +216,11 @@ impl Sandbox {
         let mut oci_value: serde_json::Value = serde_json::from_slice(&oci).map_err(|e| {
             Error::InvalidArgument(format!("OCI spec of container {}: {e}", spec.id))
         })?;
-        // The pod's sandbox container (podsandbox mode): the agent's pod init
-        // stands for it. Its rootfs is shared all the same, for an agent
-        // from before `sandbox_container`, which runs it.
+        // The pod's sandbox container (podsandbox mode): when it runs pause,
+        // the agent's pod init stands for it. Its rootfs is shared all the
+        // same, for an agent from before `sandbox_container`, which runs it.
         let sandbox_container = pod::from_sandbox_spec(&oci_value)?;
-        let is_sandbox_container = sandbox_container.is_some();
+        let pod_init_stands_in = sandbox_container.is_some() && pod::runs_pause(&oci_value);
         if let Some(pod) = sandbox_container {
             // The pod's sysctls are the VM's (SetupSandbox), not the pause
             // container's alone.
@@ -267,7 +267,7 @@ impl Sandbox {
                         .pid_namespace_of
                         .and_then(|pid| self.container_by_init_pid(pid))
                         .unwrap_or_default(),
-                    sandbox_container: is_sandbox_container,
+                    sandbox_container: pod_init_stands_in,
                     ..Default::default()
                 })
                 .await
