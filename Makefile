@@ -17,23 +17,26 @@ ifneq ($(CARGO_BIN),)
 export PATH := $(CARGO_BIN):$(PATH)
 endif
 CARGO ?= cargo
+# Each step's duration goes to target/step-times; scripts/test.sh prints them at its end.
+TIMED := scripts/timed.sh
 
 .PHONY: all deps build guest images demo test check bench clean-test
 
 all: build
 
 deps:
-	scripts/install-deps.sh
+	@rm -f target/step-times
+	$(TIMED) deps scripts/install-deps.sh
 
 # The agent is built (statically, for the guest) by scripts/build-guest.sh.
 build: deps
-	$(CARGO) build --release --workspace --exclude kuasar-agent
+	$(TIMED) build $(CARGO) build --release --workspace --exclude kuasar-agent
 
 guest: deps
-	scripts/build-guest.sh
+	$(TIMED) guest scripts/build-guest.sh
 
 images: deps
-	scripts/build-test-images.sh
+	$(TIMED) images scripts/build-test-images.sh
 
 demo: deps build guest images
 	scripts/demo.sh

@@ -89,31 +89,54 @@ on_exit() {
     for p in $(descendants "$CHILD") "$CHILD"; do kill -KILL "$p" 2>/dev/null || true; done
   fi
   clean_stale
+  print_step_times
   exit "$rc"
 }
 trap on_exit EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# run CMD...: runs a step in the background so that a signal can stop it and its children.
+# run NAME CMD...: runs a step in the background so that a signal can stop it and its
+# children, and notes its duration under NAME in target/step-times.
 run() {
+  local name=$1 rc=0
+  shift
   echo "== $*" >&2
-  "$@" &
+  scripts/timed.sh "$name" "$@" &
   CHILD=$!
-  wait "$CHILD"
+  wait "$CHILD" || rc=$?
   CHILD=""
+  return "$rc"
+}
+
+# Where the time went: the steps of this run (and of make's, before it), at the very end.
+print_step_times() {
+  [ -s target/step-times ] || return 0
+  echo "test.sh: step times:" >&2
+  sed 's/^/  /' target/step-times >&2
+  rm -f target/step-times
 }
 
 clean_stale
-run cargo fmt --all -- --check
-run cargo clippy --workspace --all-targets -- -D warnings
+run fmt cargo fmt --all -- --check
+run clippy cargo clippy --workspace --all-targets -- -D warnings
 if [ "$CHECK_ONLY" = 1 ]; then exit 0; fi
-run deploy/check.sh
-run deploy/installer/test-install.sh
-run cargo test --workspace --exclude kuasar-e2e
+run manifests deploy/check.sh
+run installer deploy/installer/test-install.sh
+run unit cargo test --workspace --exclude kuasar-e2e
 # The e2e suite drives the release binaries.
-run cargo build --release --workspace --exclude kuasar-agent
+run build cargo build --release --workspace --exclude kuasar-agent
+# One test target at a time, each timed; a failing one does not stop the others.
 start=$(date +%s)
-run cargo test -p kuasar-e2e --no-fail-fast \
-  -- --test-threads="${KUASAR_E2E_THREADS:-1}"
+failed=()
+run e2e-lib cargo test -p kuasar-e2e --lib --bins || failed+=(lib)
+for target in tests/tests/*.rs; do
+  target=$(basename "$target" .rs)
+  run "e2e $target" cargo test -p kuasar-e2e --test "$target" \
+    -- --test-threads="${KUASAR_E2E_THREADS:-1}" || failed+=("$target")
+done
+if [ "${#failed[@]}" -gt 0 ]; then
+  echo "test.sh: failed e2e targets: ${failed[*]}" >&2
+  exit 1
+fi
 echo "test.sh: all tests passed (e2e took $(( $(date +%s) - start )) s)" >&2
