@@ -8,6 +8,27 @@
 set -euo pipefail
 [ "$(id -u)" = 0 ] || { echo "install-deps.sh: must run as root" >&2; exit 1; }
 
+# Building needs a Rust toolchain at least as new as the workspace's rust-version; Debian 12's
+# own (1.63) is too old, and no newer one comes from Debian. Checked first, before any install.
+# (Installing kuasar on a node needs no toolchain: deploy/installer.)
+check_rust() {
+  local root want have
+  root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  want=$(sed -n 's/^rust-version *= *"\([0-9.]*\)".*/\1/p' "$root/Cargo.toml")
+  if ! have=$(cargo --version 2>/dev/null); then
+    echo "install-deps.sh: no cargo on PATH. Building kuasar needs Rust >= $want:" \
+      "install it with rustup (https://rustup.rs), then run this again" >&2
+    exit 1
+  fi
+  have=$(awk '{print $2}' <<<"$have")
+  if [ "$(printf '%s\n%s\n' "$want" "${have%%-*}" | sort -V | head -1)" != "$want" ]; then
+    echo "install-deps.sh: cargo $have is too old; building kuasar needs Rust >= $want" \
+      "(Debian 12's rustc is 1.63): install a newer one with rustup, then run this again" >&2
+    exit 1
+  fi
+}
+check_rust
+
 want=(qemu-system-x86 linux-image-amd64 busybox-static runc crun
       containernetworking-plugins iproute2 iptables kmod cpio gzip xz-utils zstd
       build-essential pkg-config jq util-linux procps psmisc
