@@ -16,7 +16,7 @@
 #                 as the last step of install, and removes the label first at uninstall.
 #
 # install, everything under the root, idempotent (a second run changes nothing):
-#   <prefix>/bin/{kuasar-vmm,containerd-shim-kuasar-vmm-v2}, /var/lib/kuasar/<guest files>,
+#   <prefix>/bin/{kuasar-vmm,containerd-shim-kuasar-vmm-v2,kuasarctl}, /var/lib/kuasar/<guest files>,
 #   /etc/systemd/system/kuasar-vmm.service (ExecStart under <prefix>), and
 #   /etc/kuasar/kuasar-vmm.toml only where there is none;
 #   containerd: the drop-in /etc/containerd/conf.d/kuasar-vmm.toml, and its path added to
@@ -297,8 +297,8 @@ install_node() {
   local -a files=()
   CONTAINERD_CHANGED=0
   version=$(containerd_version)
-  for p in bin/kuasar-vmm bin/containerd-shim-kuasar-vmm-v2 guest/vmlinux guest/initramfs.cpio \
-    kuasar-vmm.service kuasar-vmm.toml; do
+  for p in bin/kuasar-vmm bin/containerd-shim-kuasar-vmm-v2 bin/kuasarctl guest/vmlinux \
+    guest/initramfs.cpio kuasar-vmm.service kuasar-vmm.toml; do
     [ -f "$SOURCE/$p" ] || die "$p is missing from the payload $SOURCE (--source, KUASAR_SOURCE)"
   done
   case $PREFIX in
@@ -309,6 +309,7 @@ install_node() {
   # SRC DEST MODE for every file install owns; the unit and the drop-in are made here.
   files+=("$SOURCE/bin/kuasar-vmm" "$PREFIX/bin/kuasar-vmm" 0755)
   files+=("$SOURCE/bin/containerd-shim-kuasar-vmm-v2" "$PREFIX/bin/containerd-shim-kuasar-vmm-v2" 0755)
+  files+=("$SOURCE/bin/kuasarctl" "$PREFIX/bin/kuasarctl" 0755)
   for p in "$SOURCE"/guest/*; do files+=("$p" "$IMAGE_DIR/$(basename "$p")" 0644); done
   sed "s#/usr/local/bin/kuasar-vmm#$PREFIX/bin/kuasar-vmm#" "$SOURCE/kuasar-vmm.service" > "$WORK/unit"
   files+=("$WORK/unit" "$UNIT" 0644)

@@ -2,7 +2,7 @@
 # Lays out the installer's payload in DIR, as the image kuasar/kuasar-deploy carries it in
 # /opt/kuasar-deploy (docs/operations.md) and as kuasar-install.sh --source reads it:
 #   DIR/kuasar-install.sh, toml-edit.py     the installer
-#   DIR/bin/kuasar-vmm, containerd-shim-kuasar-vmm-v2
+#   DIR/bin/kuasar-vmm, containerd-shim-kuasar-vmm-v2, kuasarctl
 #   DIR/guest/vmlinux, initramfs.cpio, kernel-release, vmlinux-debian, vmlinux-debian.release
 #   DIR/kuasar-vmm.service, kuasar-vmm.toml (the default configuration)
 #
@@ -19,7 +19,7 @@ IMAGE_DIR=${KUASAR_IMAGE_DIR:-/var/lib/kuasar}
 die() { echo "payload.sh: $*" >&2; exit 1; }
 
 mkdir -p "$OUT/bin" "$OUT/guest"
-for f in kuasar-vmm containerd-shim-kuasar-vmm-v2; do
+for f in kuasar-vmm containerd-shim-kuasar-vmm-v2 kuasarctl; do
   [ -x "$BIN_DIR/$f" ] || die "$BIN_DIR/$f is missing (make build)"
   install -m 0755 "$BIN_DIR/$f" "$OUT/bin/$f"
 done

@@ -47,7 +47,7 @@ same_tree() { diff -r "$1" "$2" >&2 && diff <(snapshot "$1") <(snapshot "$2") >&
 make_payload() {
   local f
   mkdir -p "$SCRATCH/bin" "$SCRATCH/image"
-  for f in kuasar-vmm containerd-shim-kuasar-vmm-v2; do
+  for f in kuasar-vmm containerd-shim-kuasar-vmm-v2 kuasarctl; do
     printf '#!/bin/sh\necho %s 1\n' "$f" > "$SCRATCH/bin/$f"
     chmod 0755 "$SCRATCH/bin/$f"
   done
@@ -117,7 +117,7 @@ EOF
   freeze debian
 
   must_install "$root" install
-  for f in /usr/local/bin/kuasar-vmm /usr/local/bin/containerd-shim-kuasar-vmm-v2; do
+  for f in /usr/local/bin/kuasar-vmm /usr/local/bin/containerd-shim-kuasar-vmm-v2 /usr/local/bin/kuasarctl; do
     if [ ! -x "$root$f" ] || ! cmp -s "$root$f" "$PAYLOAD/bin/${f##*/}"; then fail "$f not installed as an executable"; fi
   done
   for f in "$PAYLOAD"/guest/*; do cmp -s "$f" "$root/var/lib/kuasar/${f##*/}" || fail "guest file ${f##*/} not installed"; done
