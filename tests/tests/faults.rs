@@ -9,7 +9,8 @@
 //!   containers exited, RemovePodSandbox works and leaves nothing; the other
 //!   pod is untouched;
 //! - pod cycles: RunPodSandbox -> (a container on some cycles) ->
-//!   StopPodSandbox -> RemovePodSandbox, 300 times, leaves exactly what was
+//!   StopPodSandbox -> RemovePodSandbox, 300 times (fewer, but at least 100,
+//!   when they take longer than the time budget), leaves exactly what was
 //!   there before (processes, mounts, netns, bridge ports, IPs, sockets and
 //!   directories in the state dir, kuasar-vmm's fds and threads).
 //!
@@ -589,6 +590,17 @@ fn cycles() -> usize {
     env_number("KUASAR_FAULT_CYCLES").unwrap_or(300)
 }
 
+/// After how long no new cycle starts (`KUASAR_FAULT_BUDGET_SECS`, default
+/// 600), once [`MIN_CYCLES`] have run: a slow or busy machine runs fewer
+/// cycles rather than stretching the suite (300 took 30 min on a 2-core
+/// machine busy with builds).
+fn budget() -> Duration {
+    Duration::from_secs(env_number("KUASAR_FAULT_BUDGET_SECS").unwrap_or(600) as u64)
+}
+
+/// The cycles that run whatever the budget.
+const MIN_CYCLES: usize = 100;
+
 /// How many cycles run at once (`KUASAR_FAULT_LANES`, default 2: a VM boot
 /// under emulation keeps one core busy, the machines have two).
 fn lanes() -> usize {
@@ -656,6 +668,7 @@ fn pod_cycles_leave_nothing() {
     let fx = fixture("kuasar-vmm");
     let n = cycles();
     let lanes = lanes();
+    let budget = budget();
 
     // `fixture` ran a warm-up cycle (with a container) for the handler:
     // kuasar-vmm's connections to containerd exist from then on.
@@ -676,7 +689,7 @@ fn pod_cycles_leave_nothing() {
                 let cri = Cri::connect(&fx.env.address()).unwrap_or_else(|e| panic!("{e}"));
                 while !failed.load(Ordering::SeqCst) {
                     let i = next.fetch_add(1, Ordering::SeqCst);
-                    if i > n {
+                    if i > n || (i > MIN_CYCLES && start.elapsed() > budget) {
                         break;
                     }
                     let mut mine = Phases::default();
@@ -707,6 +720,11 @@ fn pod_cycles_leave_nothing() {
         }
     });
     let cycles_took = start.elapsed();
+    let ran = done.load(Ordering::SeqCst);
+    if ran < n {
+        eprintln!("{ran} of {n} cycles ran: the time budget ({budget:?}) was spent");
+    }
+    let n = ran;
     let p = *phases.lock().unwrap_or_else(|e| e.into_inner());
     let (after, settled) = Census::settle(fx.env.dir(), &before, Census::diff, SLOW);
     eprintln!(
