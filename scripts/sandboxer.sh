@@ -15,7 +15,8 @@
 #      /var/lib/kuasar), KUASAR_LOG_LEVEL (default info), KUASAR_BOOT_TIMEOUT_SECS,
 #      KUASAR_KERNEL_PARAMS, KUASAR_ACCELERATOR (auto|kvm|tcg), KUASAR_VCPUS,
 #      KUASAR_MEMORY_MIB, KUASAR_KERNEL (the guest kernel: a file of the image dir, e.g.
-#      vmlinux-debian, or an absolute path): written into the config when set;
+#      vmlinux-debian, or an absolute path), KUASAR_METRICS_ADDRESS (the metrics endpoint,
+#      IP:port, e.g. 127.0.0.1:9464): written into the config when set;
 #      KUASAR_VMM_START_TIMEOUT (seconds to wait for the socket, default 20).
 set -euo pipefail
 
@@ -58,6 +59,11 @@ config() {
   [ -n "${KUASAR_MEMORY_MIB:-}" ] && echo "memory_mib = $KUASAR_MEMORY_MIB"
   [ -n "${KUASAR_BOOT_TIMEOUT_SECS:-}" ] && echo "boot_timeout_secs = $KUASAR_BOOT_TIMEOUT_SECS"
   [ -n "${KUASAR_KERNEL_PARAMS:-}" ] && echo "kernel_params = $(toml_str "$KUASAR_KERNEL_PARAMS")"
+  if [ -n "${KUASAR_METRICS_ADDRESS:-}" ]; then
+    echo
+    echo "[metrics]"
+    echo "address = $(toml_str "$KUASAR_METRICS_ADDRESS")"
+  fi
   return 0
 }
 

@@ -35,6 +35,8 @@ pub struct SandboxerConfig {
     /// `[qemu] call_timeout_secs`: the bound on each agent call.
     pub call_timeout_secs: Option<u64>,
     pub kernel_params: Option<String>,
+    /// `[metrics] address` (None: no metrics endpoint, the default).
+    pub metrics_address: Option<String>,
 }
 
 fn toml_str(s: &str) -> String {
@@ -56,6 +58,7 @@ impl SandboxerConfig {
             boot_timeout_secs: None,
             call_timeout_secs: None,
             kernel_params: None,
+            metrics_address: None,
         }
     }
 
@@ -101,6 +104,9 @@ impl SandboxerConfig {
         }
         if let Some(k) = &self.kernel_params {
             s += &format!("kernel_params = {}\n", toml_str(k));
+        }
+        if let Some(a) = &self.metrics_address {
+            s += &format!("\n[metrics]\naddress = {}\n", toml_str(a));
         }
         s
     }

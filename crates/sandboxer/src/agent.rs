@@ -11,6 +11,8 @@ use ttrpc::context::{self, Context};
 use ttrpc::r#async::Client;
 use ttrpc::Code;
 
+use crate::metrics::Metrics;
+
 /// Default bound on every agent call that does not wait for a process by
 /// design (`[qemu] call_timeout_secs`).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -76,6 +78,19 @@ impl AgentError {
         }
     }
 
+    /// What went wrong, as the metrics label it: `timeout`, `transport`,
+    /// `protocol`, `connect`, or the status code the agent answered
+    /// (`not_found`, `unimplemented`, ...).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AgentError::Connect { .. } => "connect",
+            AgentError::Timeout { .. } => "timeout",
+            AgentError::Transport { .. } => "transport",
+            AgentError::Protocol { .. } => "protocol",
+            AgentError::Status { code, .. } => status_kind(*code),
+        }
+    }
+
     /// True when the guest's agent does not know the call (an older agent).
     pub fn is_unimplemented(&self) -> bool {
         matches!(
@@ -96,6 +111,29 @@ impl AgentError {
                 ..
             }
         )
+    }
+}
+
+/// A status code's name as a metrics label (gRPC's canonical names).
+fn status_kind(code: Code) -> &'static str {
+    match code {
+        Code::OK => "ok",
+        Code::CANCELLED => "cancelled",
+        Code::UNKNOWN => "unknown",
+        Code::INVALID_ARGUMENT => "invalid_argument",
+        Code::DEADLINE_EXCEEDED => "deadline_exceeded",
+        Code::NOT_FOUND => "not_found",
+        Code::ALREADY_EXISTS => "already_exists",
+        Code::PERMISSION_DENIED => "permission_denied",
+        Code::RESOURCE_EXHAUSTED => "resource_exhausted",
+        Code::FAILED_PRECONDITION => "failed_precondition",
+        Code::ABORTED => "aborted",
+        Code::OUT_OF_RANGE => "out_of_range",
+        Code::UNIMPLEMENTED => "unimplemented",
+        Code::INTERNAL => "internal",
+        Code::UNAVAILABLE => "unavailable",
+        Code::DATA_LOSS => "data_loss",
+        Code::UNAUTHENTICATED => "unauthenticated",
     }
 }
 
@@ -141,9 +179,12 @@ pub struct Agent {
     client: AgentClient,
     /// Why the guard cut the connection off, once it did.
     broken: Arc<OnceLock<String>>,
+    /// Where calls are counted (the metrics endpoint is on).
+    metrics: Option<Arc<Metrics>>,
 }
 
-/// Runs one agent call with a timeout (None: wait as long as it takes).
+/// Runs one agent call with a timeout (None: wait as long as it takes);
+/// every call is measured here (see [`Agent::observe`]).
 macro_rules! call {
     ($self:ident, $method:ident, $name:literal, $req:expr, $timeout:expr) => {{
         let timeout: Option<Duration> = $timeout;
@@ -154,32 +195,31 @@ macro_rules! call {
             None => context::Context::default(),
         };
         let req = $req;
+        let started = Instant::now();
         let fut = $self.client.$method(ctx, &req);
         let res = match timeout {
-            Some(t) => tokio::time::timeout(t, fut)
-                .await
-                .map_err(|_| AgentError::Timeout {
+            Some(t) => match tokio::time::timeout(t, fut).await {
+                Ok(res) => res.map_err(|e| $self.call_error($name, e)),
+                Err(_) => Err(AgentError::Timeout {
                     method: $name,
                     after: t,
-                })?,
-            None => fut.await,
-        };
-        res.map_err(|e| match $self.broken.get() {
-            Some(reason) => AgentError::Protocol {
-                method: $name,
-                reason: reason.clone(),
+                }),
             },
-            None => AgentError::from_ttrpc($name, e),
-        })
+            None => fut.await.map_err(|e| $self.call_error($name, e)),
+        };
+        $self.observe($name, started, &res);
+        res
     }};
 }
 
 impl Agent {
     /// Connects to the agent at `address` (`unix://...`) and waits until it
-    /// answers a ping, at most until `deadline`.
+    /// answers a ping, at most until `deadline`. Calls are counted in
+    /// `metrics` when there are some.
     pub async fn connect(
         address: &str,
         deadline: Instant,
+        metrics: Option<Arc<Metrics>>,
     ) -> Result<(Self, PingResponse), AgentError> {
         let broken = Arc::new(OnceLock::new());
         let client = match address.strip_prefix("unix://") {
@@ -199,12 +239,34 @@ impl Agent {
         let agent = Agent {
             client: AgentClient::new(client),
             broken,
+            metrics,
         };
         // One ping for the whole wait: the request waits in the channel until
         // the guest opens its end, so there is nothing to gain by resending.
         let left = deadline.saturating_duration_since(Instant::now());
         let pong = call!(agent, ping, "Ping", Empty::new(), Some(left))?;
         Ok((agent, pong))
+    }
+
+    /// The error of a call ttrpc failed: a protocol breach once the guard
+    /// cut the connection off.
+    fn call_error(&self, method: &'static str, e: ttrpc::Error) -> AgentError {
+        match self.broken.get() {
+            Some(reason) => AgentError::Protocol {
+                method,
+                reason: reason.clone(),
+            },
+            None => AgentError::from_ttrpc(method, e),
+        }
+    }
+
+    /// Counts a call (its time, its error) when metrics are on. The waits
+    /// by design (WaitProcess rounds, output and port-forward reads) are
+    /// timed too: their time is how long the guest had nothing to say.
+    fn observe<T>(&self, method: &'static str, started: Instant, res: &Result<T, AgentError>) {
+        if let Some(metrics) = &self.metrics {
+            metrics.observe_agent_call(method, started.elapsed(), res.as_ref().err());
+        }
     }
 
     pub async fn create_container(&self, req: CreateContainerRequest) -> Result<u32, AgentError> {
@@ -288,17 +350,14 @@ impl Agent {
         let res = loop {
             let mut req = process_request(container_id, exec_id);
             req.wait_timeout_ms = WAIT_ROUND.as_millis() as u32;
-            // (`call!` returns a timeout with `?`: keep it in this block.)
-            let round = async {
-                call!(
-                    self,
-                    wait_process,
-                    "WaitProcess",
-                    req,
-                    Some(WAIT_ROUND + call_timeout())
-                )
-            };
-            match round.await {
+            let round = call!(
+                self,
+                wait_process,
+                "WaitProcess",
+                req,
+                Some(WAIT_ROUND + call_timeout())
+            );
+            match round {
                 Ok(res) if res.still_running => continue,
                 Ok(res) => break res,
                 Err(AgentError::Timeout { .. }) => {
@@ -738,6 +797,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+    use crate::metrics::{Format, Snapshot};
 
     /// A fake guest channel on a Unix socket: `answer` gets the connection.
     async fn fake_guest<F, Fut>(answer: F) -> (tempfile::TempDir, String)
@@ -767,7 +827,7 @@ mod tests {
         })
         .await;
         let started = Instant::now();
-        let err = Agent::connect(&address, Instant::now() + Duration::from_secs(20))
+        let err = Agent::connect(&address, Instant::now() + Duration::from_secs(20), None)
             .await
             .err()
             .expect("a garbage answer was accepted");
@@ -794,7 +854,7 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(30)).await;
         })
         .await;
-        let err = Agent::connect(&address, Instant::now() + Duration::from_secs(20))
+        let err = Agent::connect(&address, Instant::now() + Duration::from_secs(20), None)
             .await
             .err()
             .expect("accepted");
@@ -809,7 +869,9 @@ mod tests {
         })
         .await;
         let started = Instant::now();
-        let err = Agent::connect(&address, Instant::now() + Duration::from_millis(500))
+        let metrics = Arc::new(Metrics::new());
+        let deadline = Instant::now() + Duration::from_millis(500);
+        let err = Agent::connect(&address, deadline, Some(metrics.clone()))
             .await
             .err()
             .expect("accepted");
@@ -819,6 +881,39 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+        // The call was counted where every call is: timed, and its error.
+        let text = metrics
+            .encode(Snapshot::default(), Format::Prometheus)
+            .unwrap();
+        assert!(
+            text.contains("kuasar_agent_call_errors_total{method=\"Ping\",kind=\"timeout\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kuasar_agent_call_seconds_count{method=\"Ping\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn error_kinds_are_few_and_named() {
+        let status = |code| AgentError::Status {
+            method: "Stats",
+            code,
+            message: "m".into(),
+        };
+        assert_eq!(status(Code::NOT_FOUND).kind(), "not_found");
+        assert_eq!(status(Code::UNIMPLEMENTED).kind(), "unimplemented");
+        let timeout = AgentError::Timeout {
+            method: "Stats",
+            after: Duration::from_secs(1),
+        };
+        assert_eq!(timeout.kind(), "timeout");
+        let protocol = AgentError::Protocol {
+            method: "Stats",
+            reason: "r".into(),
+        };
+        assert_eq!(protocol.kind(), "protocol");
     }
 
     #[test]

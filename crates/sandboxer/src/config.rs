@@ -1,5 +1,6 @@
 //! The sandboxer's configuration: TOML, every key optional, unknown keys and
 //! unknown enum values rejected, then [`Config::validate`] names a bad field.
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -55,6 +56,7 @@ pub struct Config {
     pub log_level: String,
     pub qemu: QemuConfig,
     pub sizing: SizingConfig,
+    pub metrics: MetricsConfig,
 }
 
 impl Default for Config {
@@ -69,6 +71,7 @@ impl Default for Config {
             log_level: "info".into(),
             qemu: QemuConfig::default(),
             sizing: SizingConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -160,6 +163,42 @@ impl Default for SizingConfig {
             memory_overhead_percent: 4,
             vcpu_overhead: 0,
         }
+    }
+}
+
+/// The optional Prometheus endpoint (docs/operations.md, Metrics).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `IP:port` where `GET /metrics` is served over HTTP (such as
+    /// `127.0.0.1:9464`); empty (the default): no endpoint.
+    pub address: String,
+}
+
+impl MetricsConfig {
+    /// Whether an endpoint is configured (its address is checked by
+    /// [`Config::validate`]).
+    pub fn is_enabled(&self) -> bool {
+        !self.address.is_empty()
+    }
+
+    /// The endpoint's address: None when it is off, an error naming
+    /// `metrics.address` when it is not an `IP:port` with a port.
+    pub fn socket_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.address.is_empty() {
+            return Ok(None);
+        }
+        let invalid = |reason: &str| ConfigError::Invalid {
+            field: "metrics.address",
+            reason: reason.to_owned(),
+        };
+        let addr: SocketAddr = self.address.parse().map_err(|_| {
+            invalid("must be an IP address and a port, such as \"127.0.0.1:9464\" or \"[::1]:9464\" (empty: no endpoint)")
+        })?;
+        if addr.port() == 0 {
+            return Err(invalid("must name a port other than 0"));
+        }
+        Ok(Some(addr))
     }
 }
 
@@ -295,6 +334,7 @@ impl Config {
                 "is not a valid log filter (printable ASCII without spaces, at most 1024 bytes)",
             ));
         }
+        self.metrics.socket_addr()?;
         Ok(())
     }
 
@@ -480,6 +520,41 @@ mod tests {
         c.sizing.vcpu_overhead = 100;
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("sizing.vcpu_overhead"), "{err}");
+    }
+
+    #[test]
+    fn metrics_address_is_off_by_default_and_checked() {
+        let c = Config::default();
+        assert_eq!(c.metrics.socket_addr().unwrap(), None);
+        let c = Config::parse("[metrics]\naddress = \"\"").unwrap();
+        assert_eq!(c.metrics.socket_addr().unwrap(), None);
+        let c = Config::parse("[metrics]\naddress = \"127.0.0.1:9464\"").unwrap();
+        c.validate_values().unwrap();
+        assert_eq!(
+            c.metrics.socket_addr().unwrap(),
+            Some("127.0.0.1:9464".parse().unwrap())
+        );
+        let c = Config::parse("[metrics]\naddress = \"[::1]:9464\"").unwrap();
+        assert!(c.metrics.socket_addr().unwrap().unwrap().is_ipv6());
+        for bad in [
+            "localhost:9464",
+            "127.0.0.1",
+            "127.0.0.1:0",
+            ":9464",
+            "127.0.0.1:99999",
+            " 127.0.0.1:9464",
+        ] {
+            let c = Config {
+                metrics: MetricsConfig {
+                    address: bad.into(),
+                },
+                ..Config::default()
+            };
+            let err = c.validate_values().unwrap_err().to_string();
+            assert!(err.contains("`metrics.address`"), "{bad:?}: {err}");
+        }
+        let err = Config::parse("[metrics]\nport = 9464").unwrap_err();
+        assert!(err.to_string().contains("port"), "{err}");
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! What every sandbox shares: the configuration, the host's facts resolved
 //! once at start-up, the event publisher.
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 use crate::config::{Accelerator, Channel, Config};
 use crate::events::Publisher;
+use crate::metrics::Metrics;
 use crate::pod::HostCapacity;
 use crate::vmm::probe;
 use crate::vmm::qemu::{Accel, AgentChannel};
@@ -17,6 +19,8 @@ pub struct Host {
     pub publisher: Publisher,
     /// The most one VM can have: the host's memory and CPUs.
     pub capacity: HostCapacity,
+    /// What the metrics endpoint exports (None: it is off).
+    pub metrics: Option<Arc<Metrics>>,
     next_cid: AtomicU32,
 }
 
@@ -49,6 +53,10 @@ impl Host {
         // Guest CIDs are host-wide: start from a per-process offset so that
         // two sandboxers (or a restart) are unlikely to collide.
         let first_cid = 3 + (std::process::id() % 1000) * 1000;
+        let metrics = config
+            .metrics
+            .is_enabled()
+            .then(|| Arc::new(Metrics::new()));
         Host {
             config,
             accel,
@@ -56,6 +64,7 @@ impl Host {
             vsock,
             publisher: Publisher::default(),
             capacity,
+            metrics,
             next_cid: AtomicU32::new(first_cid),
         }
     }

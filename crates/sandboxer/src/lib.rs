@@ -17,6 +17,7 @@ pub mod error;
 pub mod events;
 pub mod host;
 pub mod io;
+pub mod metrics;
 pub mod mount;
 pub mod net;
 pub mod panic_guard;
@@ -87,6 +88,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     ));
     let socket = config.socket.clone();
     let grpc_socket = config.grpc_socket.clone();
+    // Bound first: a taken address stops us before any VM is touched.
+    let metrics_listener = match config.metrics.socket_addr()? {
+        Some(address) => Some(metrics::bind(address)?),
+        None => None,
+    };
     let host = Arc::new(host::Host::new(config));
     // Recovery comes before the sockets are bound: nothing is served, and
     // readiness is not reported, until every sandbox is back or cleaned.
@@ -98,6 +104,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         unreadable = recovered.unreadable,
         "recovery done"
     );
+    if let Some(m) = &registry.host.metrics {
+        m.count_recoveries(&recovered);
+    }
     for sandbox in recovered.adopted.into_iter().chain(recovered.stopped) {
         registry.insert(sandbox);
     }
@@ -138,6 +147,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let controller = Arc::new(controller::ControllerService::new(registry.clone()));
     controller.resume_task_sockets().await;
     let grpc = tokio::spawn(controller::serve(grpc_listener, controller.clone()));
+    let metrics_server = metrics_listener.and_then(|l| serve_metrics(l, &registry));
     tracing::info!(
         socket = %socket.display(),
         grpc_socket = %grpc_socket.display(),
@@ -162,10 +172,29 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::debug!("connections still open at exit");
     }
     grpc.abort();
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
     controller.close_task_sockets().await;
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(&grpc_socket);
     Ok(())
+}
+
+/// Starts serving the metrics endpoint on `listener`.
+fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    registry: &Arc<Registry>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let metrics = registry.host.metrics.clone()?;
+    if let Ok(address) = listener.local_addr() {
+        tracing::info!(%address, "metrics endpoint: GET /metrics");
+    }
+    Some(tokio::spawn(metrics::serve(
+        listener,
+        metrics,
+        registry.clone(),
+    )))
 }
 
 /// Tells systemd (when it started us with Type=notify) that we are ready.

@@ -253,11 +253,15 @@ fn vmm_metrics_any(
     use kuasar_api::containerd::cgroups::metrics::{
         CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics,
     };
-    let (rss, cpu_ns) = if pid == 0 {
-        (0, 0)
-    } else {
-        proc_usage(pid).unwrap_or((0, 0))
+    // A VMM that is gone (or not started) has used nothing.
+    let usage = match pid {
+        0 => Default::default(),
+        pid => crate::metrics::procfs::read(pid).unwrap_or_default(),
     };
+    let (rss, cpu_ns) = (
+        usage.rss_bytes,
+        u64::try_from(usage.cpu_time.as_nanos()).unwrap_or(u64::MAX),
+    );
     let metrics = Metrics {
         memory: Some(MemoryStat {
             usage: Some(MemoryEntry {
@@ -280,25 +284,4 @@ fn vmm_metrics_any(
         ..Default::default()
     };
     crate::events::pack(&metrics)
-}
-
-/// RSS bytes and CPU time (ns) of a process, from /proc.
-fn proc_usage(pid: u32) -> Option<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss_kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command (which may hold spaces) start at ") ".
-    let rest = &stat[stat.rfind(") ")? + 2..];
-    let fields: Vec<&str> = rest.split(' ').collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf only reads a configuration value.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Some((rss_kb * 1024, ticks * 1_000_000_000 / hz))
 }

@@ -186,8 +186,9 @@ impl Sandbox {
         });
         let vm = QemuVm::adopt(config.qemu.binary.clone(), spec, vmm_pid)
             .map_err(|e| Error::io(format!("follow VMM pid {vmm_pid}"), e))?;
+        let deadline = Instant::now() + ADOPT_TIMEOUT;
         let (agent, _) =
-            Agent::connect(&record.agent_address, Instant::now() + ADOPT_TIMEOUT).await?;
+            Agent::connect(&record.agent_address, deadline, host.metrics.clone()).await?;
         *sandbox.agent.write().unwrap_or_else(|p| p.into_inner()) = Some(agent.clone());
         *sandbox
             .agent_address

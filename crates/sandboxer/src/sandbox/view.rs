@@ -15,6 +15,8 @@ pub enum Mode {
 }
 
 impl Mode {
+    pub const ALL: [Mode; 3] = [Mode::PodSandbox, Mode::Shim, Mode::ZeroShim];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::PodSandbox => "podsandbox",
@@ -36,6 +38,12 @@ pub enum SandboxState {
 }
 
 impl SandboxState {
+    pub const ALL: [SandboxState; 3] = [
+        SandboxState::Created,
+        SandboxState::Running,
+        SandboxState::Stopped,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             SandboxState::Created => "created",

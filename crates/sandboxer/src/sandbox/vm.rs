@@ -18,6 +18,7 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 impl Sandbox {
     /// Boots the sandbox's VM unless it runs; returns its agent.
     pub(super) async fn ensure_vm(self: &Arc<Self>) -> Result<Agent> {
+        let requested = Instant::now();
         let mut vm = self.vm.lock().await;
         if let Some(v) = vm.as_ref() {
             if let Some(exit) = *v.exited().borrow() {
@@ -122,6 +123,9 @@ impl Sandbox {
                 self.watch_vm(qemu.exited());
                 *vm = Some(qemu);
                 self.save_record();
+                if let Some(m) = &self.host.metrics {
+                    m.observe_pod_start(requested.elapsed());
+                }
                 Ok(agent)
             }
             Err(e) => {
@@ -231,10 +235,11 @@ impl Sandbox {
         deadline: Instant,
         timeout: Duration,
     ) -> Result<Agent, StartVmError> {
+        let spawned = Instant::now();
         vm.start().await?;
         let mut exited = vm.exited();
         let address = vm.agent_address();
-        let connect = Agent::connect(&address, deadline);
+        let connect = Agent::connect(&address, deadline, self.host.metrics.clone());
         // Either the agent answers (or fails), or the VMM exits first.
         let answered = tokio::select! {
             res = connect => Some(res),
@@ -243,6 +248,9 @@ impl Sandbox {
         match answered {
             Some(Ok((agent, pong))) => {
                 tracing::debug!(sandbox = %self.info.id, kernel = %pong.kernel_release, agent = %pong.agent_version, "agent answered");
+                if let Some(m) = &self.host.metrics {
+                    m.observe_vm_boot(spawned.elapsed());
+                }
                 Ok(agent)
             }
             Some(Err(crate::agent::AgentError::Timeout { .. })) => Err(StartVmError::BootTimeout {
