@@ -8,9 +8,10 @@
 #                    the fallback, chosen with `kernel = "vmlinux-debian"` in kuasar-vmm's config
 #   vmlinux-debian.release  its release string
 #   initramfs.cpio   uncompressed newc: /init (static kuasar-agent), /usr/bin/crun (the
-#                    guest's OCI runtime, static: scripts/build-crun.sh), Debian's kernel's modules (for
-#                    the fallback; the agent loads only the running kernel's), and
-#                    /etc/kuasar/modules (load order)
+#                    guest's OCI runtime, static: scripts/build-crun.sh), /bin/busybox (static,
+#                    busybox-static) with its applets linked in /bin (the tools of `kuasarctl exec`,
+#                    a debug command in the guest), Debian's kernel's modules (for the fallback; the
+#                    agent loads only the running kernel's), and /etc/kuasar/modules (load order)
 # Debian's kernel is the newest installed one that has /lib/modules/<release>.
 # Needs the packages of scripts/install-deps.sh, and cargo. Run as root.
 # Every file lands in OUTDIR by rename(2) of a finished temporary file in OUTDIR, so a VM
@@ -150,6 +151,20 @@ else
   done
 fi
 
+# busybox, static, its applets linked in /bin: the tools `kuasarctl exec` runs in the guest,
+# outside every container (sh, ps, cat, ls, ip, ...). Nothing in the guest runs it otherwise.
+BUSYBOX=$(command -v busybox || true)
+[ -n "$BUSYBOX" ] || die "busybox not found (run: make deps, it installs busybox-static)"
+if readelf -l "$BUSYBOX" | grep -q 'program interpreter'; then
+  die "$BUSYBOX is dynamically linked: install busybox-static (make deps)"
+fi
+mkdir -p "$STAGE/bin"
+install -m 0755 "$BUSYBOX" "$STAGE/bin/busybox"
+for applet in $("$BUSYBOX" --list); do
+  case $applet in ''|busybox|*/*) continue ;; esac
+  [ -e "$STAGE/bin/$applet" ] || ln -s busybox "$STAGE/bin/$applet"
+done
+
 # Kernel modules with their dependencies, in load order, decompressed.
 : > "$STAGE/etc/kuasar/modules"
 declare -A seen=()
@@ -202,5 +217,5 @@ size() { du -h --apparent-size "$1" | cut -f1; }
 echo "guest image in $OUTDIR:"
 echo "  vmlinux         $(size "$OUTDIR/vmlinux")  $OWN_RELEASE, the default (from $KDIR)"
 echo "  vmlinux-debian  $(size "$OUTDIR/vmlinux-debian")  $RELEASE, the fallback (from $VMLINUZ)"
-echo "  initramfs.cpio  $(size "$OUTDIR/initramfs.cpio")  (agent $(size "$AGENT"), crun $(size "$CRUN") $CRUN_KIND, $(wc -l < "$STAGE/etc/kuasar/modules") modules of $RELEASE)"
+echo "  initramfs.cpio  $(size "$OUTDIR/initramfs.cpio")  (agent $(size "$AGENT"), crun $(size "$CRUN") $CRUN_KIND, busybox $(size "$BUSYBOX"), $(wc -l < "$STAGE/etc/kuasar/modules") modules of $RELEASE)"
 echo "  kernel-release  $OWN_RELEASE"

@@ -1,7 +1,8 @@
 //! `kuasarctl` against a private containerd + kuasar-vmm: one container in
 //! its microVM (`ctr run -d`), then the CLI's list, inspect by prefix,
-//! console, its errors (unknown id, nothing listening), version and config;
-//! CRI pods of the zero-shim and shim modes, with their mode and addresses.
+//! console, exec in the guest, its errors (unknown id, nothing listening),
+//! version and config; CRI pods of the zero-shim and shim modes, with their
+//! mode and addresses.
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -12,9 +13,13 @@ use kuasar_e2e::{cmd, paths, shared, EnvOptions, Output, BUSYBOX};
 const CLI_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn kuasarctl(socket: &Path, args: &[&str]) -> Output {
+    kuasarctl_with(socket, args, None)
+}
+
+fn kuasarctl_with(socket: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
     let mut c = Command::new(paths::kuasarctl());
     c.arg("--socket").arg(socket).args(args);
-    cmd::run(&mut c, None, CLI_TIMEOUT)
+    cmd::run(&mut c, stdin, CLI_TIMEOUT)
 }
 
 fn json(out: &Output) -> serde_json::Value {
@@ -91,6 +96,9 @@ fn kuasarctl_lists_inspects_and_reads_the_console() {
         "console output differs from {console_log}"
     );
 
+    let pid = one["containers"][0]["pid"].as_u64().unwrap_or(0);
+    exec_runs_in_the_guest_outside_the_container(&socket, &id, pid);
+
     // An unknown id: exit 1, the id named.
     let out = kuasarctl(&socket, &["inspect", "no-such-sandbox"]);
     assert_eq!(out.code, Some(1), "{out}");
@@ -134,6 +142,88 @@ fn kuasarctl_lists_inspects_and_reads_the_console() {
     assert!(out.success(), "{out}");
     assert!(out.stdout.contains("agent ready"), "{out}");
     env.assert_clean();
+}
+
+/// `kuasarctl exec` in the VM of sandbox `id`, whose one container runs
+/// `sleep 3600` as guest pid `pid`.
+fn exec_runs_in_the_guest_outside_the_container(socket: &Path, id: &str, pid: u64) {
+    assert!(pid > 1, "no guest pid for the container of {id}");
+    // The guest's PID 1 is the agent (/init), by a unique prefix of the id.
+    let prefix = &id[..id.len() - 1];
+    let out = kuasarctl(socket, &["exec", prefix, "--", "cat", "/proc/1/comm"]);
+    eprintln!("kuasarctl exec {prefix} -- cat /proc/1/comm:\n{out}");
+    assert!(out.success(), "{out}");
+    assert_eq!(out.stdout, "init\n", "{out}");
+
+    // Outside the container: another mount namespace than its process's,
+    // the guest's own root (crun is there, not in the container), and the
+    // container's processes in view.
+    let script = format!(
+        "readlink /proc/self/ns/mnt; readlink /proc/{pid}/ns/mnt; cat /proc/{pid}/comm; \
+         test -e /usr/bin/crun && echo guest-root; \
+         test -e /proc/{pid}/root/usr/bin/crun || echo not-the-container-root"
+    );
+    let out = kuasarctl(socket, &["exec", id, "--", "sh", "-c", &script]);
+    eprintln!("kuasarctl exec {id} -- sh -c '...':\n{out}");
+    assert!(out.success(), "{out}");
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 5, "{out}");
+    assert!(lines[0].starts_with("mnt:["), "{out}");
+    assert_ne!(
+        lines[0], lines[1],
+        "the same mount namespace as the container: {out}"
+    );
+    assert_eq!(
+        lines[2..],
+        ["sleep", "guest-root", "not-the-container-root"],
+        "{out}"
+    );
+
+    // The exit status and stderr pass through.
+    let out = kuasarctl(
+        socket,
+        &["exec", id, "--", "sh", "-c", "echo oops >&2; exit 3"],
+    );
+    assert_eq!(out.code, Some(3), "{out}");
+    assert_eq!(
+        (out.stdout.as_str(), out.stderr.as_str()),
+        ("", "oops\n"),
+        "{out}"
+    );
+
+    // stdin with -i, none without.
+    let input = b"hello from the host\n";
+    let out = kuasarctl_with(socket, &["exec", "-i", id, "--", "cat"], Some(input));
+    assert!(out.success(), "{out}");
+    assert_eq!(out.raw_stdout, input, "{out}");
+    let out = kuasarctl_with(socket, &["exec", id, "--", "cat"], Some(input));
+    assert!(out.success() && out.stdout.is_empty(), "{out}");
+
+    // The timeout kills the command.
+    let out = kuasarctl(
+        socket,
+        &["exec", "--timeout", "2", id, "--", "sleep", "100"],
+    );
+    eprintln!("kuasarctl exec --timeout 2 {id} -- sleep 100:\n{out}");
+    assert_eq!(out.code, Some(137), "{out}");
+    assert!(
+        out.stderr.contains("killed after its timeout of 2 s"),
+        "{out}"
+    );
+    assert!(out.elapsed < Duration::from_secs(20), "{out}");
+
+    // A program the guest does not have; a sandbox nobody knows.
+    let out = kuasarctl(socket, &["exec", id, "--", "no-such-program"]);
+    eprintln!("kuasarctl exec {id} -- no-such-program:\n{out}");
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(
+        out.stderr
+            .contains("no-such-program: no such program in the guest"),
+        "{out}"
+    );
+    let out = kuasarctl(socket, &["exec", "no-such-sandbox", "--", "true"]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("no sandbox no-such-sandbox"), "{out}");
 }
 
 #[test]

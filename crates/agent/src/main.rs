@@ -5,6 +5,7 @@
 mod channel;
 mod console;
 mod container;
+mod debug;
 mod error;
 mod init;
 mod net;

@@ -111,7 +111,7 @@ pub fn null_stdio() -> ChildStdio {
     }
 }
 
-fn cloexec_pipe() -> Result<(OwnedFd, OwnedFd)> {
+pub(crate) fn cloexec_pipe() -> Result<(OwnedFd, OwnedFd)> {
     let (r, w) = pipe2(OFlag::O_CLOEXEC).context("pipe2")?;
     // SAFETY: fcntl(F_SETPIPE_SZ) on a pipe fd we own; failure is harmless.
     unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };

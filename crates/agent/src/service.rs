@@ -15,6 +15,7 @@ use crate::container::{
     check_resources, parse_cgroup_path, rewrite_process, rewrite_spec, validate_id, Container,
     Runner,
 };
+use crate::debug::DebugCommand;
 use crate::error::{Context, Error, Result};
 use crate::pod::{PodAdditions, POD_DIR};
 use crate::podns::PodPidNamespace;
@@ -734,5 +735,36 @@ impl Agent for AgentService {
         let closed = self.forwards.reset();
         info!(closed, "port-forward connections reset");
         Ok(Empty::default())
+    }
+
+    async fn debug_exec(
+        &self,
+        _: &TtrpcContext,
+        req: DebugExecRequest,
+    ) -> TtrpcResult<DebugExecResponse> {
+        info!(argv = ?req.argv, timeout_ms = req.timeout_ms, "debug exec");
+        // In a task of its own: a request the host gives up on still ends
+        // with its command killed at the timeout.
+        let res = self
+            .detached(|i| async move {
+                let command = DebugCommand::new(req.argv, req.stdin, req.timeout_ms)?;
+                crate::debug::run(i.reaper.as_ref(), command).await
+            })
+            .await;
+        let o = reply("DebugExec", res)?;
+        info!(
+            status = o.exit_status,
+            timed_out = o.timed_out,
+            "debug exec done"
+        );
+        Ok(DebugExecResponse {
+            exit_status: o.exit_status,
+            stdout: o.stdout.data,
+            stderr: o.stderr.data,
+            stdout_truncated: o.stdout.truncated,
+            stderr_truncated: o.stderr.truncated,
+            timed_out: o.timed_out,
+            ..Default::default()
+        })
     }
 }

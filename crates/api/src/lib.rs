@@ -113,3 +113,27 @@ pub fn vmm_socket_from(env: Option<std::ffi::OsString>) -> std::path::PathBuf {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::PathBuf::from(DEFAULT_VMM_SOCKET))
 }
+
+/// The bounds of an operator's debug command (the agent's `DebugExec`, the
+/// Admin service's `Exec`), which every side enforces on what it receives.
+pub mod debug_exec {
+    use std::time::Duration;
+
+    /// The most stdout, and the most stderr, a reply carries.
+    pub const MAX_OUTPUT: usize = 1 << 20;
+    /// The most stdin a request carries.
+    pub const MAX_STDIN: usize = 1 << 20;
+    /// The timeout of a request that names none.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+    /// The longest timeout (longer ones are cut to it).
+    pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+
+    /// The timeout a request asking for `requested` gets (zero: the default).
+    pub fn timeout(requested: Duration) -> Duration {
+        if requested.is_zero() {
+            DEFAULT_TIMEOUT
+        } else {
+            requested.min(MAX_TIMEOUT)
+        }
+    }
+}

@@ -3,14 +3,18 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kuasar_api::sandboxer::{
-    AdminClient, Empty, PingResponse, ReadConsoleRequest, ReadConsoleResponse, SandboxSummary,
-    SandboxerClient,
+    AdminClient, Empty, ExecRequest, ExecResponse, PingResponse, ReadConsoleRequest,
+    ReadConsoleResponse, SandboxSummary, SandboxerClient,
 };
 
 use crate::error::CtlError;
 
 /// How long one call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How much longer than its command's timeout an Exec may take (kuasar-vmm
+/// bounds its agent call by the timeout and its own call timeout, 30 s by
+/// default).
+const EXEC_MARGIN: Duration = Duration::from_secs(60);
 
 pub struct Client {
     socket: PathBuf,
@@ -53,7 +57,11 @@ impl Client {
     }
 
     fn context() -> ttrpc::context::Context {
-        ttrpc::context::with_timeout(CALL_TIMEOUT.as_nanos() as i64)
+        Self::context_for(CALL_TIMEOUT)
+    }
+
+    fn context_for(timeout: Duration) -> ttrpc::context::Context {
+        ttrpc::context::with_timeout(timeout.as_nanos().try_into().unwrap_or(i64::MAX))
     }
 
     pub fn list(&self) -> Result<Vec<SandboxSummary>, CtlError> {
@@ -78,6 +86,28 @@ impl Client {
         self.admin
             .read_console(Self::context(), &req)
             .map_err(|e| self.failed("ReadConsole", e))
+    }
+
+    /// Runs `argv` in sandbox `id`'s guest (an exact id), killed after
+    /// `timeout_secs`.
+    pub fn exec(
+        &self,
+        id: &str,
+        argv: Vec<String>,
+        stdin: Vec<u8>,
+        timeout_secs: u32,
+    ) -> Result<ExecResponse, CtlError> {
+        let req = ExecRequest {
+            sandbox_id: id.to_owned(),
+            argv,
+            stdin,
+            timeout_secs,
+            ..Default::default()
+        };
+        let bound = Duration::from_secs(timeout_secs.into()) + EXEC_MARGIN;
+        self.admin
+            .exec(Self::context_for(bound), &req)
+            .map_err(|e| self.failed("Exec", e))
     }
 
     pub fn ping(&self) -> Result<PingResponse, CtlError> {

@@ -19,6 +19,10 @@ pub enum CtlError {
     Config(#[source] kuasar_vmm::config::ConfigError),
     #[error("write the output")]
     Output(#[source] std::io::Error),
+    #[error("read stdin")]
+    Stdin(#[source] std::io::Error),
+    #[error("stdin holds more than {max} bytes, the most exec gives a command")]
+    StdinTooLarge { max: usize },
 }
 
 /// The error and its sources, joined by ": " (kuasar-vmm's printer).

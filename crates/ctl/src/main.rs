@@ -6,7 +6,7 @@ use clap::Parser;
 fn main() -> ExitCode {
     let args = kuasarctl::args::Args::parse();
     match kuasarctl::run(args) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(status) => ExitCode::from(status),
         Err(e) => {
             eprintln!("kuasarctl: {}", kuasarctl::error::chain(&e));
             ExitCode::FAILURE

@@ -1,14 +1,17 @@
 //! The operator's service (`kuasar.sandboxer.v1.Admin`, for kuasarctl):
-//! the node's sandboxes and their guest consoles, read-only.
+//! the node's sandboxes and their guest consoles, read-only, and debug
+//! commands in a guest, outside every container (`Exec`).
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
+use kuasar_api::agent::DebugExecResponse;
 use kuasar_api::sandboxer::sandboxer_ttrpc_async::Admin;
 use kuasar_api::sandboxer::{
-    ContainerSummary, Empty, ListSandboxesResponse, ReadConsoleRequest, ReadConsoleResponse,
-    SandboxSummary,
+    ContainerSummary, Empty, ExecRequest, ExecResponse, ListSandboxesResponse, ReadConsoleRequest,
+    ReadConsoleResponse, SandboxSummary,
 };
 use ttrpc::r#async::TtrpcContext;
 
@@ -110,6 +113,19 @@ fn read_log(path: &Path, offset: u64, max: u32) -> Result<ReadConsoleResponse> {
     })
 }
 
+/// The guest's answer to a debug command, as the operator gets it.
+fn exec_response(r: DebugExecResponse) -> ExecResponse {
+    ExecResponse {
+        exit_status: r.exit_status,
+        stdout: r.stdout,
+        stderr: r.stderr,
+        stdout_truncated: r.stdout_truncated,
+        stderr_truncated: r.stderr_truncated,
+        timed_out: r.timed_out,
+        ..Default::default()
+    }
+}
+
 #[async_trait]
 impl Admin for AdminService {
     async fn list_sandboxes(
@@ -136,6 +152,17 @@ impl Admin for AdminService {
             .await
             .map_err(|e| Error::Internal(format!("read the console: {e}")))?;
         Ok(read?)
+    }
+
+    async fn exec(&self, _: &TtrpcContext, req: ExecRequest) -> ttrpc::Result<ExecResponse> {
+        let sandbox = self.registry.get(&req.sandbox_id)?;
+        let timeout = kuasar_api::debug_exec::timeout(Duration::from_secs(req.timeout_secs.into()));
+        tracing::info!(sandbox = %sandbox.info.id, argv = ?req.argv, ?timeout, "exec");
+        let res = sandbox.debug_exec(req.argv, req.stdin, timeout).await;
+        if let Err(e) = &res {
+            tracing::info!(sandbox = %sandbox.info.id, "exec failed: {}", crate::error::chain(e));
+        }
+        Ok(exec_response(res?))
     }
 }
 
@@ -173,6 +200,40 @@ mod tests {
         );
         let e = read_console(&sandbox, 0, 0).unwrap_err();
         assert!(matches!(e, Error::FailedPrecondition(_)), "{e}");
+    }
+
+    #[tokio::test]
+    async fn exec_needs_a_command_and_a_running_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = registry(dir.path());
+        let sandbox = registry
+            .register(SandboxInfo {
+                id: "pod-1".into(),
+                namespace: "default".into(),
+                bundle: "/b".into(),
+                ttrpc_address: String::new(),
+            })
+            .unwrap();
+        let exec = |argv: &[&str], stdin: usize| {
+            let argv = argv.iter().map(|a| a.to_string()).collect();
+            sandbox.debug_exec(argv, vec![0; stdin], Duration::from_secs(1))
+        };
+        let e = exec(&[], 0).await.unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+        let e = exec(&[""], 0).await.unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+        let e = exec(&["cat"], kuasar_api::debug_exec::MAX_STDIN + 1)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+        let e = exec(&["ps"], 0).await.unwrap_err();
+        assert!(matches!(e, Error::FailedPrecondition(_)), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "sandbox pod-1 has no VM yet (it boots with the first container)"
+        );
+        let e = registry.get("pod-2").err().unwrap();
+        assert!(matches!(e, Error::NotFound(_)), "{e}");
     }
 
     #[test]

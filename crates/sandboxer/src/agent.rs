@@ -507,6 +507,31 @@ impl Agent {
     }
 }
 
+/// An operator's debug command (kuasarctl exec). An agent without the call
+/// answers UNIMPLEMENTED.
+impl Agent {
+    /// Runs `req` in the guest, outside every container; bounded by the
+    /// command's timeout plus the call timeout, and its reply by the
+    /// protocol's output bound.
+    pub async fn debug_exec(&self, req: DebugExecRequest) -> Result<DebugExecResponse, AgentError> {
+        use kuasar_api::debug_exec::{timeout, MAX_OUTPUT};
+        let bound = timeout(Duration::from_millis(req.timeout_ms.into())) + call_timeout();
+        let res = call!(self, debug_exec, "DebugExec", req, Some(bound))?;
+        for (name, data) in [("stdout", &res.stdout), ("stderr", &res.stderr)] {
+            if data.len() > MAX_OUTPUT {
+                return Err(AgentError::Transport {
+                    method: "DebugExec",
+                    message: format!(
+                        "guest sent {} bytes of {name}, more than {MAX_OUTPUT}",
+                        data.len()
+                    ),
+                });
+            }
+        }
+        Ok(res)
+    }
+}
+
 /// Port forwarding: the guest end of one relayed TCP connection (see
 /// `crate::portforward`). An agent without these calls answers UNIMPLEMENTED.
 impl Agent {
@@ -914,6 +939,94 @@ mod tests {
             reason: "r".into(),
         };
         assert_eq!(protocol.kind(), "protocol");
+    }
+
+    /// An agent over ttrpc whose DebugExec answers `output` bytes of
+    /// stdout; without the method at all when `old` (an older agent).
+    async fn ttrpc_guest(
+        output: usize,
+        old: bool,
+    ) -> (tempfile::TempDir, String, ttrpc::r#async::Server) {
+        struct Guest(usize);
+        #[async_trait::async_trait]
+        impl agent_ttrpc_async::Agent for Guest {
+            async fn ping(
+                &self,
+                _: &ttrpc::r#async::TtrpcContext,
+                _: Empty,
+            ) -> ttrpc::Result<PingResponse> {
+                Ok(PingResponse::new())
+            }
+            async fn debug_exec(
+                &self,
+                _: &ttrpc::r#async::TtrpcContext,
+                req: DebugExecRequest,
+            ) -> ttrpc::Result<DebugExecResponse> {
+                Ok(DebugExecResponse {
+                    exit_status: 3,
+                    stdout: vec![b'x'; self.0],
+                    stderr: req.stdin,
+                    ..Default::default()
+                })
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let mut services = agent_ttrpc_async::create_agent(Arc::new(Guest(output)));
+        if old {
+            for service in services.values_mut() {
+                service.methods.remove("DebugExec");
+            }
+        }
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let mut server = ttrpc::r#async::Server::new()
+            .set_domain_unix()
+            .add_listener(std::os::fd::IntoRawFd::into_raw_fd(listener))
+            .unwrap()
+            .register_service(services);
+        server.start().await.unwrap();
+        (dir, format!("unix://{}", path.display()), server)
+    }
+
+    fn debug_request() -> DebugExecRequest {
+        DebugExecRequest {
+            argv: vec!["cat".into()],
+            stdin: b"in".to_vec(),
+            timeout_ms: 1000,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn debug_exec_replies_are_bounded() {
+        use kuasar_api::debug_exec::MAX_OUTPUT;
+        let deadline = || Instant::now() + Duration::from_secs(10);
+        let (_dir, address, _server) = ttrpc_guest(MAX_OUTPUT, false).await;
+        let (agent, _) = Agent::connect(&address, deadline()).await.unwrap();
+        let res = agent.debug_exec(debug_request()).await.unwrap();
+        assert_eq!(res.exit_status, 3);
+        assert_eq!(
+            (res.stdout.len(), res.stderr.as_slice()),
+            (MAX_OUTPUT, &b"in"[..])
+        );
+
+        let (_dir, address, _server) = ttrpc_guest(MAX_OUTPUT + 1, false).await;
+        let (agent, _) = Agent::connect(&address, deadline()).await.unwrap();
+        let err = agent.debug_exec(debug_request()).await.unwrap_err();
+        assert!(matches!(err, AgentError::Transport { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains("bytes of stdout, more than"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_agent_without_debug_exec_is_told_apart() {
+        let (_dir, address, _server) = ttrpc_guest(0, true).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (agent, _) = Agent::connect(&address, deadline).await.unwrap();
+        let err = agent.debug_exec(debug_request()).await.unwrap_err();
+        assert!(err.is_unimplemented(), "{err:?}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! One module per verb.
 pub mod config;
 pub mod console;
+pub mod exec;
 pub mod inspect;
 pub mod list;
 pub mod version;

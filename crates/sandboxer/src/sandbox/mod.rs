@@ -1,5 +1,6 @@
 //! One sandbox: its VM, its agent connection, its containers.
 mod adopt;
+mod debug;
 mod forward;
 mod lifecycle;
 mod view;
