@@ -98,9 +98,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // readiness is not reported, until every sandbox is back or cleaned.
     let recovered = recovery::recover_all(&host).await;
     let registry = Arc::new(Registry::new(host));
+    let (adopted, stopped) = (recovered.adopted.len(), recovered.stopped.len());
     tracing::info!(
-        adopted = recovered.adopted.len(),
-        stopped = recovered.stopped.len(),
+        adopted,
+        stopped,
         unreadable = recovered.unreadable,
         "recovery done"
     );
@@ -153,7 +154,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         grpc_socket = %grpc_socket.display(),
         "kuasar-vmm ready"
     );
-    notify_ready();
+    sd_notify(&ready_message(adopted, stopped, recovered.unreadable));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -165,6 +166,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         sandboxes = registry.len(),
         "shutting down; VMs keep running"
     );
+    sd_notify(&format!(
+        "STOPPING=1\nSTATUS=stopping; the VMs of {} sandboxes keep running",
+        registry.len()
+    ));
     if tokio::time::timeout(SHUTDOWN_GRACE, server.shutdown())
         .await
         .is_err()
@@ -197,24 +202,74 @@ fn serve_metrics(
     )))
 }
 
-/// Tells systemd (when it started us with Type=notify) that we are ready.
-fn notify_ready() {
+/// What systemd hears once recovery is done and the sockets are served:
+/// `READY=1`, and a status line that `systemctl status` shows.
+fn ready_message(adopted: usize, stopped: usize, unreadable: usize) -> String {
+    format!(
+        "READY=1\nSTATUS=serving; recovery: {adopted} adopted, {stopped} stopped, {unreadable} unreadable"
+    )
+}
+
+/// Sends `message` (newline-separated `KEY=value` lines, sd_notify(3)) to
+/// systemd when it started us with Type=notify; does nothing otherwise.
+fn sd_notify(message: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
     };
-    let sock = match std::os::unix::net::UnixDatagram::unbound() {
-        Ok(s) => s,
-        Err(_) => return,
-    };
-    let path = path.to_string_lossy().into_owned();
-    let res = if let Some(abstract_name) = path.strip_prefix('@') {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes())
-            .and_then(|addr| sock.send_to_addr(b"READY=1", &addr))
-    } else {
-        sock.send_to(b"READY=1", &path)
-    };
-    if let Err(e) = res {
+    if let Err(e) = notify_socket_send(&path.to_string_lossy(), message) {
         tracing::warn!("sd_notify: {e}");
+    }
+}
+
+/// One datagram to the notification socket `path` (a file, or `@name` for
+/// an abstract socket).
+fn notify_socket_send(path: &str, message: &str) -> std::io::Result<()> {
+    let sock = std::os::unix::net::UnixDatagram::unbound()?;
+    if let Some(abstract_name) = path.strip_prefix('@') {
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes())?;
+        sock.send_to_addr(message.as_bytes(), &addr)?;
+    } else {
+        sock.send_to(message.as_bytes(), path)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixDatagram;
+
+    fn received(sock: &UnixDatagram) -> String {
+        let mut buf = [0u8; 512];
+        let n = sock.recv(&mut buf).unwrap();
+        String::from_utf8(buf[..n].to_vec()).unwrap()
+    }
+
+    #[test]
+    fn ready_says_ready_and_what_recovery_found() {
+        assert_eq!(
+            ready_message(2, 1, 0),
+            "READY=1\nSTATUS=serving; recovery: 2 adopted, 1 stopped, 0 unreadable"
+        );
+    }
+
+    #[test]
+    fn notifies_a_socket_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        notify_socket_send(path.to_str().unwrap(), &ready_message(0, 0, 0)).unwrap();
+        assert!(received(&sock).starts_with("READY=1\nSTATUS="));
+    }
+
+    #[test]
+    fn notifies_an_abstract_socket() {
+        use std::os::linux::net::SocketAddrExt;
+        let name = format!("kuasar-vmm-test-notify-{}", std::process::id());
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        let sock = UnixDatagram::bind_addr(&addr).unwrap();
+        notify_socket_send(&format!("@{name}"), "STOPPING=1").unwrap();
+        assert_eq!(received(&sock), "STOPPING=1");
     }
 }

@@ -35,9 +35,12 @@ fn main() -> ExitCode {
         .and_then(|text| kuasar_vmm::config::log_filter(&text))
         .or_else(|| kuasar_vmm::config::log_filter(&config.log_level))
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: under systemd stderr is the journal, which
+    // would otherwise store (and journalctl print) the raw escape sequences.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match kuasar_vmm::run(config) {
         Ok(()) => ExitCode::SUCCESS,
