@@ -135,6 +135,8 @@ for target in tests/tests/*.rs; do
   run "e2e $target" cargo test -p kuasar-e2e --test "$target" \
     -- --test-threads="${KUASAR_E2E_THREADS:-1}" || failed+=("$target")
 done
+# kuasar-vmm.service under a booted systemd (prints SKIPPED with the reason where it cannot boot).
+run systemd deploy/test-unit.sh || failed+=(systemd)
 if [ "${#failed[@]}" -gt 0 ]; then
   echo "test.sh: failed e2e targets: ${failed[*]}" >&2
   exit 1
