@@ -1002,7 +1002,7 @@ mod tests {
         use kuasar_api::debug_exec::MAX_OUTPUT;
         let deadline = || Instant::now() + Duration::from_secs(10);
         let (_dir, address, _server) = ttrpc_guest(MAX_OUTPUT, false).await;
-        let (agent, _) = Agent::connect(&address, deadline()).await.unwrap();
+        let (agent, _) = Agent::connect(&address, deadline(), None).await.unwrap();
         let res = agent.debug_exec(debug_request()).await.unwrap();
         assert_eq!(res.exit_status, 3);
         assert_eq!(
@@ -1011,7 +1011,7 @@ mod tests {
         );
 
         let (_dir, address, _server) = ttrpc_guest(MAX_OUTPUT + 1, false).await;
-        let (agent, _) = Agent::connect(&address, deadline()).await.unwrap();
+        let (agent, _) = Agent::connect(&address, deadline(), None).await.unwrap();
         let err = agent.debug_exec(debug_request()).await.unwrap_err();
         assert!(matches!(err, AgentError::Transport { .. }), "{err:?}");
         assert!(
@@ -1024,7 +1024,7 @@ mod tests {
     async fn an_agent_without_debug_exec_is_told_apart() {
         let (_dir, address, _server) = ttrpc_guest(0, true).await;
         let deadline = Instant::now() + Duration::from_secs(10);
-        let (agent, _) = Agent::connect(&address, deadline).await.unwrap();
+        let (agent, _) = Agent::connect(&address, deadline, None).await.unwrap();
         let err = agent.debug_exec(debug_request()).await.unwrap_err();
         assert!(err.is_unimplemented(), "{err:?}");
     }
