@@ -12,7 +12,8 @@
 #   (e) through CRI, runc against kuasar-vmm (tests/src/bin/cri-bench.rs, its own private
 #       environment, the default kernel): RunPodSandbox to ready, pod start to a container's
 #       first log line, and the memory of the shims and of kuasar-vmm with 5 pods of each
-#       running (skip with KUASAR_BENCH_CRI=0)
+#       running, and `kuasarctl list` with KUASAR_BENCH_CTL_PODS (default 20) pods running
+#       (skip all of (e) with KUASAR_BENCH_CRI=0)
 # Medians of N runs (KUASAR_BENCH_RUNS, default 5); ratio (a)/(c), target <= 1.3; the first
 # kernel against the last: (b) target <= 0.5x, one QEMU's PSS target <= 0.6x.
 # Needs `make build guest images`. Env: KUASAR_BENCH_DIR (default /run/kuasar-bench),

@@ -9,7 +9,11 @@
 //!     with 5 pods of each handler running;
 //!   - the zero-shim mode (handler `kuasar-vmm-zero`): the processes with 5
 //!     pods running (no shim, one kuasar-vmm, five QEMUs) and kuasar-vmm's
-//!     RSS/PSS then and with no pod (`KUASAR_BENCH_ZERO_ONLY=1`: only this).
+//!     RSS/PSS then and with no pod (`KUASAR_BENCH_ZERO_ONLY=1`: only this);
+//!   - `kuasarctl list` (table and `-o json`) with `KUASAR_BENCH_CTL_PODS`
+//!     (default 20) pods running, each with a container: wall time of the
+//!     whole command, as an operator's shell sees it, median and max of 20
+//!     (`KUASAR_BENCH_CTL_ONLY=1`: only this; 0 pods: skipped).
 //!
 //! Run by scripts/bench.sh (`make bench`); needs `make build guest images`.
 use std::path::Path;
@@ -23,6 +27,8 @@ use kuasar_e2e::{procs, Env, EnvOptions, BUSYBOX};
 const HANDLERS: &[&str] = &["runc", "kuasar-vmm"];
 const MEMORY_PODS: usize = 5;
 const LOG_TIMEOUT: Duration = Duration::from_secs(120);
+/// Timed runs of each kuasarctl command.
+const CTL_RUNS: usize = 20;
 
 struct Bench {
     env: Env,
@@ -193,6 +199,77 @@ fn zero_shim_memory(b: &Bench) -> Result<Vec<String>, String> {
     started
 }
 
+/// `kuasarctl list` against kuasar-vmm holding `count` running pods: one
+/// line per output format with the median and max wall time of CTL_RUNS runs.
+fn kuasarctl_list(b: &Bench, count: usize) -> Result<Vec<String>, String> {
+    let mut pods = Vec::new();
+    let measured = (|| {
+        for i in 0..count {
+            let name = b.env.unique_id(&format!("ctl-{i}"));
+            let log_dir = b.env.dir().join("bench-logs").join(&name);
+            let _ = std::fs::create_dir_all(&log_dir);
+            let cfg = spec::pod(&name, &log_dir);
+            let id = b
+                .cri
+                .run_pod(&cfg, "kuasar-vmm")
+                .map_err(|e| format!("RunPodSandbox {}: {e}", i + 1))?;
+            pods.push(id.clone());
+            let c = spec::container("sleep", BUSYBOX, &["sleep", "3600"]);
+            b.cri
+                .create_container(&id, &c, &cfg)
+                .and_then(|cid| b.cri.start_container(&cid))
+                .map_err(|e| format!("container in pod {}: {e}", i + 1))?;
+            eprintln!("cri-bench: kuasarctl: pod {} of {count} running", i + 1);
+        }
+        let socket = b.env.vmm_socket();
+        let mut lines = Vec::new();
+        for format in [&[][..], &["-o", "json"][..]] {
+            let mut times = Vec::new();
+            for _ in 0..CTL_RUNS {
+                let started = Instant::now();
+                let out = std::process::Command::new(kuasar_e2e::paths::kuasarctl())
+                    .arg("--socket")
+                    .arg(&socket)
+                    .arg("list")
+                    .args(format)
+                    .output()
+                    .map_err(|e| format!("run kuasarctl: {e}"))?;
+                times.push(started.elapsed());
+                if !out.status.success() {
+                    return Err(format!(
+                        "kuasarctl list: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ));
+                }
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                let listed = pods
+                    .iter()
+                    .filter(|id| stdout.contains(id.get(..12).unwrap_or(id)))
+                    .count();
+                if listed < count {
+                    return Err(format!(
+                        "kuasarctl list showed {listed} of {count} pods ({}):\n{stdout}",
+                        pods.join(" ")
+                    ));
+                }
+            }
+            let max = times.iter().max().copied().unwrap_or_default();
+            let ms1 = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1000.0);
+            lines.push(format!(
+                "kuasarctl {:<12} with {count} pods: median {} ms, max {} ms ({CTL_RUNS} runs; target < 50 ms)",
+                ["list"].iter().chain(format).copied().collect::<Vec<_>>().join(" "),
+                ms1(median(times)),
+                ms1(max)
+            ));
+        }
+        Ok(lines)
+    })();
+    for id in &pods {
+        let _ = b.cri.stop_and_remove_pod(id);
+    }
+    measured
+}
+
 fn run() -> Result<(), String> {
     let runs: usize = std::env::var("KUASAR_BENCH_RUNS")
         .ok()
@@ -205,6 +282,16 @@ fn run() -> Result<(), String> {
     if std::env::var("KUASAR_BENCH_ZERO_ONLY").is_ok_and(|v| v == "1") {
         println!("Zero-shim mode ({ZERO_HANDLER})");
         for line in zero_shim_memory(&b)? {
+            println!("{line}");
+        }
+        return Ok(());
+    }
+    let ctl_pods: usize = std::env::var("KUASAR_BENCH_CTL_PODS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    if std::env::var("KUASAR_BENCH_CTL_ONLY").is_ok_and(|v| v == "1") {
+        for line in kuasarctl_list(&b, ctl_pods)? {
             println!("{line}");
         }
         return Ok(());
@@ -312,6 +399,16 @@ fn run() -> Result<(), String> {
         Err(e) => {
             notes.push(format!("{ZERO_HANDLER}: {e}"));
             failed = true;
+        }
+    }
+    if ctl_pods > 0 {
+        println!();
+        match kuasarctl_list(&b, ctl_pods) {
+            Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
+            Err(e) => {
+                notes.push(format!("kuasarctl: {e}"));
+                failed = true;
+            }
         }
     }
     for n in notes {
