@@ -3,13 +3,13 @@
 //! containers with their stdio), and the stdio descriptors its VMM holds
 //! meanwhile so that containerd never sees a container's output end.
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use super::phase::{Ended, Held, Live, Phase};
 use super::*;
 use crate::state::{ContainerRecord, NetRecord, ProcRecord, SandboxRecord, RECORD_VERSION};
-use crate::vmm::qemu::{QemuVm, VmSpec};
+use crate::vmm::qemu::QemuVm;
 
 /// How long a re-adopted VM's agent may take to answer.
 const ADOPT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,7 +50,7 @@ fn proc_record(p: &Process) -> ProcRecord {
 impl Sandbox {
     /// The sandbox as persisted.
     pub(super) fn record(&self) -> SandboxRecord {
-        let pid = self.vmm_pid.load(Ordering::Relaxed);
+        let live = self.live();
         let mut containers: Vec<ContainerRecord> = self
             .containers()
             .values()
@@ -63,29 +63,27 @@ impl Sandbox {
             })
             .collect();
         containers.sort_by(|a, b| a.id.cmp(&b.id));
-        let net = match self.net.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            Some(net) => Some(NetRecord {
-                netns: net.netns.display().to_string(),
-                links: net.links(),
-            }),
-            None => self
-                .adopted_net
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-        };
+        let net = live.as_ref().and_then(|live| {
+            let held = live.held.lock().unwrap_or_else(|p| p.into_inner());
+            match &held.net {
+                Some(net) => Some(NetRecord {
+                    netns: net.netns.display().to_string(),
+                    links: net.links(),
+                }),
+                None => held.adopted_net.clone(),
+            }
+        });
         SandboxRecord {
             version: RECORD_VERSION,
             id: self.info.id.clone(),
             namespace: self.info.namespace.clone(),
             bundle: self.info.bundle.clone(),
             ttrpc_address: self.info.ttrpc_address.clone(),
-            vmm_pid: (pid != 0).then_some(pid),
-            agent_address: self
-                .agent_address
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
+            vmm_pid: live.as_ref().map(|live| live.pid).filter(|&pid| pid != 0),
+            agent_address: live
+                .as_ref()
+                .map(|live| live.agent_address.clone())
+                .unwrap_or_default(),
             created_at: self.created_at,
             managed: self.is_managed(),
             task_socket: self
@@ -154,7 +152,11 @@ impl Sandbox {
     pub fn stopped(host: Arc<Host>, record: SandboxRecord, lost_status: u32) -> Arc<Self> {
         let sandbox = Self::from_record(host, &record);
         sandbox.restore_containers(&record, Some(lost_status));
-        sandbox.mark_exited(lost_status);
+        sandbox.phase.send_replace(Phase::Stopped(Ended {
+            status: lost_status,
+            at: SystemTime::now(),
+            shape: None,
+        }));
         sandbox
     }
 
@@ -163,49 +165,38 @@ impl Sandbox {
     /// the VMM, and resumes every live container's stdio and exit watch.
     pub async fn adopt(host: Arc<Host>, record: SandboxRecord, vmm_pid: u32) -> Result<Arc<Self>> {
         let sandbox = Self::from_record(host.clone(), &record);
-        let config = &host.config;
-        let mut spec = VmSpec::from_config(
-            record.id.clone(),
-            host.accel,
-            host.agent_channel(),
-            host.tsc_khz,
-            &config.qemu,
-            config.kernel_path(),
-            config.initrd_path(),
-            sandbox.dir.clone(),
-        );
         // The size the VM was booted with (what the operator's view shows).
-        if let Ok(Some(size)) = sandbox.pod_vm_size(record.pod.as_ref()) {
-            spec.vcpus = size.vcpus;
-            spec.memory_mib = size.memory_mib;
-        }
-        sandbox.set_vm_shape(VmShape {
-            vcpus: spec.vcpus,
-            memory_mib: spec.memory_mib,
-            console_log: spec.console_log(),
-        });
-        let vm = QemuVm::adopt(config.qemu.binary.clone(), spec, vmm_pid)
+        let size = sandbox.pod_vm_size(record.pod.as_ref()).ok().flatten();
+        let spec = sandbox.vm_spec(size);
+        let shape = VmShape::of(&spec);
+        let vm = QemuVm::adopt(host.config.qemu.binary.clone(), spec, vmm_pid)
             .map_err(|e| Error::io(format!("follow VMM pid {vmm_pid}"), e))?;
         let deadline = Instant::now() + ADOPT_TIMEOUT;
         let (agent, _) =
             Agent::connect(&record.agent_address, deadline, host.metrics.clone()).await?;
-        *sandbox.agent.write().unwrap_or_else(|p| p.into_inner()) = Some(agent.clone());
-        *sandbox
-            .agent_address
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = record.agent_address.clone();
         *sandbox
             .task_socket
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = record.task_socket.clone();
-        *sandbox
-            .adopted_net
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = record.net.clone();
-        sandbox.vmm_pid.store(vmm_pid, Ordering::Relaxed);
         sandbox.restore_containers(&record, None);
         let exited = vm.exited();
-        *sandbox.vm.lock().await = Some(Box::new(vm));
+        let mut held = Held {
+            adopted_net: record.net.clone(),
+            ..Held::default()
+        };
+        if let Some(net) = &record.net {
+            held.port_forward = sandbox
+                .start_port_forward(Path::new(&net.netns), &agent)
+                .await;
+        }
+        sandbox.phase.send_replace(Phase::Running(Arc::new(Live {
+            vmm: tokio::sync::Mutex::new(Box::new(vm)),
+            agent: agent.clone(),
+            pid: vmm_pid,
+            agent_address: record.agent_address.clone(),
+            shape,
+            held: Mutex::new(held),
+        })));
         let containers: Vec<_> = sandbox.containers().values().cloned().collect();
         for c in containers {
             let p = &c.init;
@@ -219,11 +210,6 @@ impl Sandbox {
                     }
                 }
             }
-        }
-        if let Some(net) = &record.net {
-            sandbox
-                .start_port_forward(Path::new(&net.netns), &agent)
-                .await;
         }
         sandbox.watch_vm(exited);
         sandbox.save_record();
@@ -258,9 +244,8 @@ impl Sandbox {
         if fds.is_empty() {
             return;
         }
-        let vm = self.vm.lock().await;
-        if let Some(vm) = vm.as_ref() {
-            if let Err(e) = vm.hold_fds(fds).await {
+        if let Some(live) = self.live() {
+            if let Err(e) = live.vmm.lock().await.hold_fds(fds).await {
                 tracing::warn!(sandbox = %self.info.id, container = cid, "the VMM does not hold the stdio (a sandboxer restart would end its output): {e}");
             }
         }
@@ -268,9 +253,8 @@ impl Sandbox {
 
     /// Closes the VMM's copies of a container's stdio fifos.
     pub(super) async fn release_stdio(&self, cid: &str) {
-        let vm = self.vm.lock().await;
-        if let Some(vm) = vm.as_ref() {
-            if let Err(e) = vm.release_fds(held_names(cid)).await {
+        if let Some(live) = self.live() {
+            if let Err(e) = live.vmm.lock().await.release_fds(held_names(cid)).await {
                 tracing::warn!(sandbox = %self.info.id, container = cid, "release held stdio: {e}");
             }
         }
@@ -279,7 +263,7 @@ impl Sandbox {
     /// Records the zero-shim task socket (None once no longer served).
     pub fn set_task_socket(&self, path: Option<String>) {
         *self.task_socket.lock().unwrap_or_else(|p| p.into_inner()) = path;
-        if self.vmm_pid.load(Ordering::Relaxed) != 0 {
+        if self.is_running() {
             self.save_record();
         }
     }
@@ -289,16 +273,6 @@ impl Sandbox {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-    }
-
-    /// True while the VM runs and its agent is connected.
-    pub fn is_running(&self) -> bool {
-        self.exit.borrow().is_none()
-            && self
-                .agent
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .is_some()
     }
 }
 

@@ -3,6 +3,7 @@ mod adopt;
 mod debug;
 mod forward;
 mod lifecycle;
+mod phase;
 mod view;
 mod vm;
 
@@ -11,7 +12,7 @@ pub use view::{ContainerView, Mode, SandboxState, VmShape};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kuasar_api::agent::{CreateContainerRequest, ExecProcessRequest, StatsResponse};
@@ -69,36 +70,20 @@ pub struct Sandbox {
     pub dir: PathBuf,
     host: Arc<Host>,
     created_at: u64,
-    /// Serialises VM boot and stop; held across them by design (one VM).
-    vm: tokio::sync::Mutex<Option<Box<dyn Vmm>>>,
-    agent: RwLock<Option<Agent>>,
-    /// The VMM's pid once it runs (0 before), for the persisted record.
-    vmm_pid: std::sync::atomic::AtomicU32,
+    /// Where the sandbox is in its life, with the VM, agent and network it
+    /// holds while it runs: one lock, transitions in phase.rs. A watch
+    /// channel, so that a request can wait for a boot or a stop to end.
+    phase: tokio::sync::watch::Sender<phase::Phase>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
     /// Guest-side removals of deleted containers still running, by id.
     removals: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
-    /// Set once the sandbox is being stopped on request.
-    stopping: std::sync::atomic::AtomicBool,
     /// The Kubernetes pod this sandbox runs, once known (CRI only).
     pod: Mutex<Option<PodConfig>>,
     /// Set when containerd drives the sandbox through the sandbox API
     /// (CreateSandbox ... ShutdownSandbox) rather than a pause container.
     managed: std::sync::atomic::AtomicBool,
-    /// The sandbox's end (exit status, when) once its VM stopped or died.
-    exit: tokio::sync::watch::Sender<Option<(u32, SystemTime)>>,
-    /// The pod's network as attached to the VM (pods with a netns only).
-    net: Mutex<Option<crate::net::NetAttachment>>,
-    /// The pod's network as an earlier run of the sandboxer attached it
-    /// (an adopted sandbox: QEMU holds the taps, we know their names).
-    adopted_net: Mutex<Option<crate::state::NetRecord>>,
-    /// Where the guest agent is reached, once the VM runs.
-    agent_address: Mutex<String>,
     /// The zero-shim task socket, while it is served.
     task_socket: Mutex<Option<String>>,
-    /// The pod's port-forward relay, while the VM runs (pods with a netns).
-    port_forward: Mutex<Option<crate::portforward::PortForward>>,
-    /// The VM's size and files, once it was booted or adopted.
-    vm_shape: Mutex<Option<VmShape>>,
 }
 
 impl Sandbox {
@@ -116,21 +101,12 @@ impl Sandbox {
             info,
             host,
             created_at,
-            vm: tokio::sync::Mutex::new(None),
-            agent: RwLock::new(None),
-            vmm_pid: std::sync::atomic::AtomicU32::new(0),
+            phase: tokio::sync::watch::channel(phase::Phase::Created).0,
             containers: Mutex::new(HashMap::new()),
             removals: Mutex::new(HashMap::new()),
-            stopping: std::sync::atomic::AtomicBool::new(false),
             pod: Mutex::new(None),
             managed: std::sync::atomic::AtomicBool::new(false),
-            exit: tokio::sync::watch::channel(None).0,
-            net: Mutex::new(None),
-            adopted_net: Mutex::new(None),
-            agent_address: Mutex::new(String::new()),
             task_socket: Mutex::new(None),
-            port_forward: Mutex::new(None),
-            vm_shape: Mutex::new(None),
         })
     }
 
@@ -179,14 +155,15 @@ impl Sandbox {
         Ok((c, p))
     }
 
+    /// The running VM, if the sandbox is running.
+    fn live(&self) -> Option<Arc<phase::Live>> {
+        self.phase.borrow().live().cloned()
+    }
+
     fn agent(&self) -> Result<Agent> {
-        self.agent
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or_else(|| {
-                Error::FailedPrecondition(format!("sandbox {} has no running VM", self.info.id))
-            })
+        self.live().map(|live| live.agent.clone()).ok_or_else(|| {
+            Error::FailedPrecondition(format!("sandbox {} has no running VM", self.info.id))
+        })
     }
 
     async fn publish<E: protobuf::MessageFull>(&self, topic: &str, event: E) {
@@ -199,7 +176,7 @@ impl Sandbox {
     /// Creates a container (booting the VM first when it is the first).
     pub async fn create_container(self: &Arc<Self>, spec: CreateSpec) -> Result<u32> {
         validate_id("container", &spec.id)?;
-        if self.exit.borrow().is_some() {
+        if self.phase.borrow().ended().is_some() {
             return Err(Error::FailedPrecondition(format!(
                 "sandbox {} is stopped: no container can be created in it",
                 self.info.id
@@ -442,7 +419,7 @@ impl Sandbox {
         if !process.set_exited(status, at) {
             return;
         }
-        if process.exec_id.is_empty() && !self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        if process.exec_id.is_empty() && !self.phase.borrow().is_ending() {
             // Recorded before containerd hears of it: a restarted sandboxer
             // must not report this exit a second time.
             self.save_record();
@@ -532,8 +509,8 @@ impl Sandbox {
                     exec = exec_id,
                     "SIGKILL not delivered ({e}); stopping the VM instead"
                 );
-                if let Some(vm) = self.vm.lock().await.as_mut() {
-                    if let Err(e) = vm.stop(Duration::ZERO).await {
+                if let Some(live) = self.live() {
+                    if let Err(e) = live.vmm.lock().await.stop(Duration::ZERO).await {
                         tracing::error!(sandbox = %self.info.id, "{e}");
                     }
                 }

@@ -1,5 +1,6 @@
 //! What the operator sees of a sandbox (kuasarctl, through the admin
 //! service): read-only accessors, each taking one lock at most.
+use super::phase::Phase;
 use super::*;
 
 /// How a sandbox came to kuasar-vmm.
@@ -62,6 +63,16 @@ pub struct VmShape {
     pub console_log: PathBuf,
 }
 
+impl VmShape {
+    pub(super) fn of(spec: &crate::vmm::qemu::VmSpec) -> Self {
+        VmShape {
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            console_log: spec.console_log(),
+        }
+    }
+}
+
 /// One container as the operator sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerView {
@@ -83,13 +94,16 @@ impl Sandbox {
     }
 
     pub fn state(&self) -> SandboxState {
-        if self.exit.borrow().is_some() {
-            SandboxState::Stopped
-        } else if self.is_running() {
-            SandboxState::Running
-        } else {
-            SandboxState::Created
+        match &*self.phase.borrow() {
+            Phase::Created | Phase::Booting => SandboxState::Created,
+            Phase::Running(_) => SandboxState::Running,
+            Phase::Stopping | Phase::Stopped(_) => SandboxState::Stopped,
         }
+    }
+
+    /// True while the VM runs and its agent is connected.
+    pub fn is_running(&self) -> bool {
+        self.phase.borrow().live().is_some()
     }
 
     /// The VMM's pid while it runs, else 0.
@@ -102,24 +116,24 @@ impl Sandbox {
         self.created_at
     }
 
-    pub(super) fn set_vm_shape(&self, shape: VmShape) {
-        *self.vm_shape.lock().unwrap_or_else(|p| p.into_inner()) = Some(shape);
-    }
-
-    /// The VM's size and files, once it was booted.
+    /// The VM's size and files, once it was booted (also after it ended).
     pub fn vm_shape(&self) -> Option<VmShape> {
-        self.vm_shape
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        let phase = self.phase.borrow();
+        match &*phase {
+            Phase::Running(live) => Some(live.shape.clone()),
+            Phase::Stopped(ended) => ended.shape.clone(),
+            _ => None,
+        }
     }
 
     /// The pod's addresses (CIDR notation) as attached to the VM by this
     /// run of kuasar-vmm (an adopted sandbox's are not known).
     pub fn ips(&self) -> Vec<String> {
-        self.net
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let Some(live) = self.live() else {
+            return Vec::new();
+        };
+        let held = live.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.net
             .as_ref()
             .map(|net| net.interfaces().flat_map(|i| i.cidrs()).collect())
             .unwrap_or_default()

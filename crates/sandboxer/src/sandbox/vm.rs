@@ -1,8 +1,9 @@
 //! The VM side of a sandbox: boot (and what a failed boot reports), the
-//! watch on the VMM, the persisted record, and stopping.
+//! watch on the VMM, the persisted record, and releasing what a VM held.
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
+use super::phase::{begin_boot, end_boot, BootStep, Held, Live, Reason};
 use super::*;
 use crate::vmm::qemu::{log_tail, QemuVm, VmSpec};
 use crate::vmm::StartVmError;
@@ -12,25 +13,46 @@ use crate::vmm::StartVmError;
 const CONSOLE_TAIL: usize = 600;
 /// How long a broken agent channel waits to learn whether the VMM exited.
 const VMM_EXIT_WAIT: Duration = Duration::from_secs(1);
-/// How long the VM gets to quit before it is killed.
-const STOP_GRACE: Duration = Duration::from_secs(2);
 
 impl Sandbox {
-    /// Boots the sandbox's VM unless it runs; returns its agent.
+    /// Boots the sandbox's VM unless it runs (or waits for the boot under
+    /// way); returns its agent.
     pub(super) async fn ensure_vm(self: &Arc<Self>) -> Result<Agent> {
         let requested = Instant::now();
-        let mut vm = self.vm.lock().await;
-        if let Some(v) = vm.as_ref() {
-            if let Some(exit) = *v.exited().borrow() {
+        let step = self
+            .settled(|p| match begin_boot(p) {
+                BootStep::Wait => None,
+                step => Some(step),
+            })
+            .await;
+        match step {
+            BootStep::Ready(live) => return Ok(live.agent.clone()),
+            BootStep::Ended => {
                 return Err(Error::FailedPrecondition(format!(
-                    "the VM of sandbox {} has exited ({exit:?})",
+                    "the VM of sandbox {} has stopped",
                     self.info.id
-                )));
+                )))
             }
-            return self.agent();
+            BootStep::Boot | BootStep::Wait => {}
         }
+        let booted = self.boot_vm().await;
+        let live = booted.as_ref().ok().cloned();
+        self.phase.send_modify(|p| end_boot(p, live.clone()));
+        let live = booted?;
+        // After Running: a VM that died meanwhile is torn down at once.
+        self.watch_vm(live.vmm.lock().await.exited());
+        self.save_record();
+        if let Some(m) = &self.host.metrics {
+            m.observe_pod_start(requested.elapsed());
+        }
+        Ok(live.agent.clone())
+    }
+
+    /// The boot itself, in phases: size the VM, attach the pod's network,
+    /// start the VMM and wait for its agent, set the guest up, start port
+    /// forwarding. A failure undoes what was done (the one rollback below).
+    async fn boot_vm(self: &Arc<Self>) -> Result<Arc<Live>> {
         let started = Instant::now();
-        let config = &self.host.config;
         let pod = self.pod();
         // Sized (and refused when too big) before anything is made.
         let size = self.pod_vm_size(pod.as_ref())?;
@@ -40,6 +62,62 @@ impl Sandbox {
             path: self.dir.clone(),
             source,
         })?;
+        if let Some(size) = &size {
+            tracing::info!(
+                sandbox = %self.info.id,
+                vcpus = size.vcpus,
+                memory_mib = size.memory_mib,
+                "VM sized from the pod"
+            );
+        }
+        let spec = self.vm_spec(size);
+        let shape = VmShape::of(&spec);
+        let mut qemu = QemuVm::new(self.host.config.qemu.binary.clone(), spec);
+        let mut held = Held::default();
+        let prepared = self.attach_net(pod.as_ref(), &mut qemu, &mut held).await;
+        let mut qemu: Box<dyn Vmm> = Box::new(qemu);
+        let booted = match prepared {
+            Ok(()) => {
+                self.boot_guest(qemu.as_mut(), pod.as_ref(), &held, started)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        let agent = match booted {
+            Ok(agent) => agent,
+            Err(e) => {
+                tracing::warn!(sandbox = %self.info.id, "VM start failed: {}", crate::error::chain(&e));
+                let _ = qemu.stop(Duration::ZERO).await;
+                self.release(held).await;
+                if let Err(e) = mount::remove_dir(&self.dir) {
+                    tracing::warn!(dir = %self.dir.display(), "remove sandbox directory: {e}");
+                }
+                return Err(e);
+            }
+        };
+        let pid = qemu.pid().unwrap_or(0);
+        tracing::info!(
+            sandbox = %self.info.id,
+            pid,
+            boot_ms = started.elapsed().as_millis() as u64,
+            "agent ready"
+        );
+        if let Some(netns) = pod.as_ref().and_then(|p| p.netns.as_deref()) {
+            held.port_forward = self.start_port_forward(netns, &agent).await;
+        }
+        Ok(Arc::new(Live {
+            agent_address: qemu.agent_address(),
+            vmm: tokio::sync::Mutex::new(qemu),
+            agent,
+            pid,
+            shape,
+            held: Mutex::new(held),
+        }))
+    }
+
+    /// The VM's plan: the configured VM, `size` when the pod sets one.
+    pub(super) fn vm_spec(&self, size: Option<crate::pod::VmSize>) -> VmSpec {
+        let config = &self.host.config;
         let mut spec = VmSpec::from_config(
             self.info.id.clone(),
             self.host.accel,
@@ -51,97 +129,56 @@ impl Sandbox {
             self.dir.clone(),
         );
         if let Some(size) = size {
-            tracing::info!(
-                sandbox = %self.info.id,
-                vcpus = size.vcpus,
-                memory_mib = size.memory_mib,
-                "VM sized from the pod"
-            );
             spec.vcpus = size.vcpus;
             spec.memory_mib = size.memory_mib;
         }
-        let shape = VmShape {
-            vcpus: spec.vcpus,
-            memory_mib: spec.memory_mib,
-            console_log: spec.console_log(),
-        };
-        let mut qemu = QemuVm::new(config.qemu.binary.clone(), spec);
-        // The pod's interface goes to the VM before QEMU starts: QEMU gets
-        // the taps' fds on its command line.
-        if let Some(netns) = pod.as_ref().and_then(|p| p.netns.as_deref()) {
-            let net = crate::net::attach(netns).await?;
-            tracing::info!(
-                sandbox = %self.info.id,
-                netns = %netns.display(),
-                interfaces = ?net.interfaces().map(|i| (&i.name, i.cidrs())).collect::<Vec<_>>(),
-                "pod network attached"
-            );
-            let taps: std::io::Result<Vec<_>> = net
-                .nics
-                .iter()
-                .map(|nic| Ok((nic.tap.try_clone()?, nic.interface.mac_string())))
-                .collect();
-            match taps {
-                Ok(taps) => {
-                    for (fd, mac) in taps {
-                        qemu.add_nic(fd, mac);
-                    }
-                }
-                Err(e) => {
-                    self.detach_net(Some(net)).await;
-                    return Err(Error::io("duplicate a tap fd for the VMM", e));
-                }
-            }
-            *self.net.lock().unwrap_or_else(|p| p.into_inner()) = Some(net);
-        }
-        let mut qemu: Box<dyn Vmm> = Box::new(qemu);
-        let timeout = Duration::from_secs(config.qemu.boot_timeout_secs);
-        let booted = match self.boot(qemu.as_mut(), started + timeout, timeout).await {
-            Ok(agent) => self.setup_guest(&agent, pod.as_ref()).await.map(|()| agent),
-            Err(e) => Err(Error::from(e)),
-        };
-        match booted {
-            Ok(agent) => {
-                tracing::info!(
-                    sandbox = %self.info.id,
-                    pid = qemu.pid().unwrap_or(0),
-                    boot_ms = started.elapsed().as_millis() as u64,
-                    "agent ready"
-                );
-                *self.agent.write().unwrap_or_else(|p| p.into_inner()) = Some(agent.clone());
-                *self.agent_address.lock().unwrap_or_else(|p| p.into_inner()) =
-                    qemu.agent_address();
-                self.vmm_pid.store(
-                    qemu.pid().unwrap_or(0),
-                    std::sync::atomic::Ordering::Relaxed,
-                );
-                // Before the watch: a VM that dies meanwhile stops it again.
-                if let Some(netns) = pod.as_ref().and_then(|p| p.netns.as_deref()) {
-                    self.start_port_forward(netns, &agent).await;
-                }
-                self.set_vm_shape(shape);
-                self.watch_vm(qemu.exited());
-                *vm = Some(qemu);
-                self.save_record();
-                if let Some(m) = &self.host.metrics {
-                    m.observe_pod_start(requested.elapsed());
-                }
-                Ok(agent)
-            }
-            Err(e) => {
-                tracing::warn!(sandbox = %self.info.id, "VM start failed: {}", crate::error::chain(&e));
-                let _ = qemu.stop(Duration::ZERO).await;
-                self.detach_net(None).await;
-                if let Err(e) = mount::remove_dir(&self.dir) {
-                    tracing::warn!(dir = %self.dir.display(), "remove sandbox directory: {e}");
-                }
-                Err(e)
-            }
-        }
+        spec
     }
 
-    /// Gives the freshly booted guest what the pod needs before its first
-    /// container: host name, network, DNS.
+    /// Moves the pod's interfaces (pods with a netns) to taps that `qemu`
+    /// gets on its command line; the attachment goes into `held`.
+    async fn attach_net(
+        &self,
+        pod: Option<&PodConfig>,
+        qemu: &mut QemuVm,
+        held: &mut Held,
+    ) -> Result<()> {
+        let Some(netns) = pod.and_then(|p| p.netns.as_deref()) else {
+            return Ok(());
+        };
+        let net = crate::net::attach(netns).await?;
+        tracing::info!(
+            sandbox = %self.info.id,
+            netns = %netns.display(),
+            interfaces = ?net.interfaces().map(|i| (&i.name, i.cidrs())).collect::<Vec<_>>(),
+            "pod network attached"
+        );
+        let taps: std::io::Result<Vec<_>> = net
+            .nics
+            .iter()
+            .map(|nic| Ok((nic.tap.try_clone()?, nic.interface.mac_string())))
+            .collect();
+        held.net = Some(net);
+        for (fd, mac) in taps.map_err(|e| Error::io("duplicate a tap fd for the VMM", e))? {
+            qemu.add_nic(fd, mac);
+        }
+        Ok(())
+    }
+
+    /// Starts the VMM, waits for its agent, and sets the guest up.
+    async fn boot_guest(
+        &self,
+        vm: &mut dyn Vmm,
+        pod: Option<&PodConfig>,
+        held: &Held,
+        started: Instant,
+    ) -> Result<Agent> {
+        let timeout = Duration::from_secs(self.host.config.qemu.boot_timeout_secs);
+        let agent = self.boot(vm, started + timeout, timeout).await?;
+        self.setup_guest(&agent, pod, held.net.as_ref()).await?;
+        Ok(agent)
+    }
+
     /// The VM's size for `pod` (None: the configured default), refused
     /// when too big for the host.
     pub(super) fn pod_vm_size(
@@ -160,7 +197,14 @@ impl Sandbox {
         }
     }
 
-    async fn setup_guest(&self, agent: &Agent, pod: Option<&PodConfig>) -> Result<()> {
+    /// Gives the freshly booted guest what the pod needs before its first
+    /// container: host name, network, DNS.
+    async fn setup_guest(
+        &self,
+        agent: &Agent,
+        pod: Option<&PodConfig>,
+        net: Option<&crate::net::NetAttachment>,
+    ) -> Result<()> {
         let Some(pod) = pod else { return Ok(()) };
         let resolv_conf = match pod.dns.as_ref().and_then(|d| d.resolv_conf()) {
             Some(r) => r.into_bytes(),
@@ -177,7 +221,7 @@ impl Sandbox {
                 .collect(),
             ..Default::default()
         };
-        if let Some(net) = self.net.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        if let Some(net) = net {
             req.interfaces = net
                 .interfaces()
                 .map(|i| kuasar_api::agent::Interface {
@@ -203,23 +247,23 @@ impl Sandbox {
         agent.setup_sandbox(req).await.map_err(Error::from)
     }
 
-    /// Takes the pod's network back from the VM: `net`, or the one the
-    /// sandbox holds. Failures are logged (the namespace goes with the pod).
-    pub(super) async fn detach_net(&self, net: Option<crate::net::NetAttachment>) {
-        self.stop_port_forward().await;
-        let net = net.or_else(|| self.net.lock().unwrap_or_else(|p| p.into_inner()).take());
-        let adopted = self
-            .adopted_net
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(adopted) = adopted {
+    /// Releases what a VM held on the host: port forwarding, then the pod's
+    /// network (this run's attachment, or an adopted one's links).
+    /// Failures are logged (the namespace goes with the pod).
+    pub(super) async fn release(&self, held: Held) {
+        if let Some(pf) = held.port_forward {
+            match pf.stop().await {
+                Ok(()) => tracing::debug!(sandbox = %self.info.id, "port forwarding stopped"),
+                Err(e) => tracing::warn!(sandbox = %self.info.id, "{}", crate::error::chain(&e)),
+            }
+        }
+        if let Some(adopted) = held.adopted_net {
             let netns = std::path::PathBuf::from(&adopted.netns);
             if let Err(e) = crate::net::release(&netns, adopted.links).await {
                 tracing::warn!(sandbox = %self.info.id, "{}", crate::error::chain(&e));
             }
         }
-        let Some(net) = net else { return };
+        let Some(net) = held.net else { return };
         let netns = net.netns.clone();
         match crate::net::detach(net).await {
             Ok(()) => {
@@ -290,11 +334,9 @@ impl Sandbox {
         }
     }
 
-    /// Stops the VM and frees everything the sandbox holds. Processes still
-    /// running are reported as killed.
-    /// Follows the VMM: when it exits without being asked to, the
-    /// sandbox's processes are reported killed and what the VM held on the
-    /// host is released at once.
+    /// Follows the VMM: when it exits without being asked to, the sandbox
+    /// is torn down at once (its processes reported killed, what the VM
+    /// held on the host released).
     pub(super) fn watch_vm(
         self: &Arc<Self>,
         mut exited: tokio::sync::watch::Receiver<Option<crate::vmm::VmExit>>,
@@ -304,79 +346,9 @@ impl Sandbox {
             let _ = exited.wait_for(|e| e.is_some()).await;
             let exit = *exited.borrow();
             if let Some(sandbox) = sandbox.upgrade() {
-                sandbox.vm_died(exit).await;
+                sandbox.teardown(Reason::VmDied(exit)).await;
             }
         });
-    }
-
-    async fn vm_died(&self, exit: Option<crate::vmm::VmExit>) {
-        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
-            return;
-        }
-        tracing::error!(sandbox = %self.info.id, ?exit, "the VM exited unexpectedly");
-        self.mark_exited(255);
-        *self.agent.write().unwrap_or_else(|p| p.into_inner()) = None;
-        self.report_all_killed().await;
-        self.detach_net(None).await;
-        // Keep state.json and the logs until containerd deletes the sandbox;
-        // the mounts, the shared directory and the sockets go now.
-        for path in [
-            self.dir.join("shared"),
-            self.dir.join("agent.sock"),
-            self.dir.join("qmp.sock"),
-        ] {
-            let res = if path.is_dir() {
-                mount::remove_dir(&path)
-            } else {
-                std::fs::remove_file(&path)
-            };
-            if let Err(e) = res {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(path = %path.display(), "release: {e}");
-                }
-            }
-        }
-    }
-
-    /// Stops every process's output copies and reports the processes not
-    /// yet exited as killed (137): the VM they ran in is gone.
-    pub(super) async fn report_all_killed(&self) {
-        let containers: Vec<_> = self.containers().values().cloned().collect();
-        for c in &containers {
-            for p in c.all_processes() {
-                p.pumps.lock().await.abort();
-                if matches!(p.state(), ProcState::Running | ProcState::Created) {
-                    self.report_exit(&p, 137, SystemTime::now()).await;
-                }
-            }
-        }
-    }
-
-    pub async fn shutdown(&self) {
-        self.stopping
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        let mut vm = self.vm.lock().await;
-        let containers: Vec<_> = self.containers().drain().map(|(_, c)| c).collect();
-        for c in &containers {
-            for p in c.all_processes() {
-                p.pumps.lock().await.abort();
-                if p.state() == ProcState::Running {
-                    self.report_exit(&p, 137, SystemTime::now()).await;
-                }
-            }
-        }
-        *self.agent.write().unwrap_or_else(|p| p.into_inner()) = None;
-        self.mark_exited(0);
-        if let Some(mut v) = vm.take() {
-            if let Err(e) = v.stop(STOP_GRACE).await {
-                tracing::error!(sandbox = %self.info.id, "{e}");
-            }
-        }
-        self.detach_net(None).await;
-        if let Err(e) = mount::remove_dir(&self.dir) {
-            tracing::warn!(dir = %self.dir.display(), "remove sandbox directory: {e}");
-        }
-        tracing::info!(sandbox = %self.info.id, "sandbox stopped");
     }
 }
 
