@@ -91,10 +91,10 @@ fn pid_of_ns_path(path: &str) -> Option<u32> {
 
 /// Rewrites `spec` for the guest. `host_dir` is the container's directory
 /// for shared mounts on the host, `guest_dir` the same directory as the
-/// guest sees it.
+/// guest sees it: its bind mounts become shares of the container's
+/// directory, its namespaces the guest's.
 pub fn for_guest(spec: &mut Value, host_dir: &Path, guest_dir: &str) -> Result<GuestContainer> {
     let mut binds = Vec::new();
-    let mut pid_namespace_of = None;
     if let Some(mounts) = spec.get_mut("mounts").and_then(Value::as_array_mut) {
         if mounts.len() > MAX_MOUNTS {
             return Err(Error::InvalidArgument(format!(
@@ -103,121 +103,149 @@ pub fn for_guest(spec: &mut Value, host_dir: &Path, guest_dir: &str) -> Result<G
             )));
         }
         for m in mounts.iter_mut() {
-            if !is_bind(m) {
-                continue;
-            }
-            let destination = m
-                .get("destination")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_owned();
-            if destination == "/dev/shm" {
-                *m = json!({
-                    "destination": "/dev/shm",
-                    "type": "tmpfs",
-                    "source": "shm",
-                    "options": ["nosuid", "noexec", "nodev", "mode=1777", SHM_SIZE],
-                });
-                continue;
-            }
-            if options(m).contains(&"rshared") {
-                return Err(Error::InvalidArgument(format!(
-                    "the mount on {destination:?} asks for Bidirectional mount propagation \
-                     (rshared): mounts made in a microVM cannot reach the node; run such pods \
-                     with a runc RuntimeClass"
-                )));
-            }
-            let source = m.get("source").and_then(Value::as_str).unwrap_or("");
-            if !source.starts_with('/') {
-                return Err(Error::InvalidArgument(format!(
-                    "bind mount on {destination:?}: source {source:?} is not an absolute host path"
-                )));
-            }
-            let name = binds.len().to_string();
-            let opts = options(m);
-            let recursive_readonly = opts.contains(&"rro");
-            let guest_source = format!("{guest_dir}/{name}");
-            binds.push(HostBind {
-                source: PathBuf::from(source),
-                target: host_dir.join(&name),
-                readonly: recursive_readonly || opts.contains(&"ro"),
-                recursive_readonly,
-                destination: destination.clone(),
-                guest_source: guest_source.clone(),
-            });
-            m["source"] = Value::String(guest_source);
-            if recursive_readonly {
-                // One 9p mount in the guest: read-only is recursive there.
-                if let Some(list) = m.get_mut("options").and_then(Value::as_array_mut) {
-                    for o in list.iter_mut() {
-                        if o.as_str() == Some("rro") {
-                            *o = Value::String("ro".into());
-                        }
-                    }
-                }
+            if let Some(bind) = guest_mount(m, binds.len(), host_dir, guest_dir)? {
+                binds.push(bind);
             }
         }
     }
+    let mut pid_namespace_of = None;
+    let mut shares_uts = false;
     if let Some(namespaces) = spec
         .pointer_mut("/linux/namespaces")
         .and_then(Value::as_array_mut)
     {
-        HostNamespace::refuse_missing(namespaces, &[HostNamespace::Pid, HostNamespace::Ipc])?;
-        let mut shares_uts = false;
-        namespaces.retain_mut(|ns| {
-            let kind = ns.get("type").and_then(Value::as_str).unwrap_or("");
-            let has_path = ns
-                .get("path")
-                .and_then(Value::as_str)
-                .is_some_and(|p| !p.is_empty());
-            if !has_path {
-                return true;
-            }
-            match kind {
-                "ipc" => false,
-                "uts" => {
-                    shares_uts = true;
-                    false
-                }
-                // The pod's network is the VM's: its NIC carries the pod's
-                // address (see net/).
-                "network" => false,
-                "pid" => {
-                    // 0 (unparsable) still means a shared one: the pod's.
-                    let path = ns.get("path").and_then(Value::as_str).unwrap_or("");
-                    pid_namespace_of = Some(pid_of_ns_path(path).unwrap_or(0));
-                    if let Some(o) = ns.as_object_mut() {
-                        o.remove("path");
-                    }
-                    true
-                }
-                _ => {
-                    if let Some(o) = ns.as_object_mut() {
-                        o.remove("path");
-                    }
-                    true
-                }
-            }
-        });
-        // The guest is cgroup v2 only, where a container sees its own
-        // cgroup as the root of /sys/fs/cgroup (containerd's default on a
-        // v2 host; a v1 host's spec has no cgroup namespace).
-        if !namespaces
-            .iter()
-            .any(|ns| ns.get("type").and_then(Value::as_str) == Some("cgroup"))
-        {
-            namespaces.push(json!({"type": "cgroup"}));
-        }
-        if shares_uts {
-            if let Some(o) = spec.as_object_mut() {
-                o.remove("hostname");
-            }
+        (pid_namespace_of, shares_uts) = guest_namespaces(namespaces)?;
+    }
+    if shares_uts {
+        if let Some(o) = spec.as_object_mut() {
+            o.remove("hostname");
         }
     }
     Ok(GuestContainer {
         binds,
         pid_namespace_of,
     })
+}
+
+/// Rewrites one mount of the spec for the guest. A bind mount becomes the
+/// share number `index` of the container's directory (returned, to be
+/// shared); `/dev/shm` a tmpfs of the guest; other mounts stay as they are.
+fn guest_mount(
+    m: &mut Value,
+    index: usize,
+    host_dir: &Path,
+    guest_dir: &str,
+) -> Result<Option<HostBind>> {
+    if !is_bind(m) {
+        return Ok(None);
+    }
+    let destination = m
+        .get("destination")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    if destination == "/dev/shm" {
+        *m = json!({
+            "destination": "/dev/shm",
+            "type": "tmpfs",
+            "source": "shm",
+            "options": ["nosuid", "noexec", "nodev", "mode=1777", SHM_SIZE],
+        });
+        return Ok(None);
+    }
+    if options(m).contains(&"rshared") {
+        return Err(Error::InvalidArgument(format!(
+            "the mount on {destination:?} asks for Bidirectional mount propagation \
+             (rshared): mounts made in a microVM cannot reach the node; run such pods \
+             with a runc RuntimeClass"
+        )));
+    }
+    let source = m.get("source").and_then(Value::as_str).unwrap_or("");
+    if !source.starts_with('/') {
+        return Err(Error::InvalidArgument(format!(
+            "bind mount on {destination:?}: source {source:?} is not an absolute host path"
+        )));
+    }
+    let name = index.to_string();
+    let opts = options(m);
+    let recursive_readonly = opts.contains(&"rro");
+    let guest_source = format!("{guest_dir}/{name}");
+    let bind = HostBind {
+        source: PathBuf::from(source),
+        target: host_dir.join(&name),
+        readonly: recursive_readonly || opts.contains(&"ro"),
+        recursive_readonly,
+        destination,
+        guest_source: guest_source.clone(),
+    };
+    m["source"] = Value::String(guest_source);
+    if recursive_readonly {
+        // One 9p mount in the guest: read-only is recursive there.
+        if let Some(list) = m.get_mut("options").and_then(Value::as_array_mut) {
+            for o in list.iter_mut() {
+                if o.as_str() == Some("rro") {
+                    *o = Value::String("ro".into());
+                }
+            }
+        }
+    }
+    Ok(Some(bind))
+}
+
+/// Rewrites the spec's namespaces for the guest: those joined by path are
+/// the pod's (IPC, UTS and network: the VM's own; PID: the pod's shared one
+/// or a container's); every container gets a cgroup namespace. Returns the
+/// pid whose PID namespace the container joins, if it names one (0: the
+/// pod's), and whether it shares the pod's UTS namespace.
+fn guest_namespaces(namespaces: &mut Vec<Value>) -> Result<(Option<u32>, bool)> {
+    HostNamespace::refuse_missing(namespaces, &[HostNamespace::Pid, HostNamespace::Ipc])?;
+    let mut shares_uts = false;
+    let mut pid_namespace_of = None;
+    namespaces.retain_mut(|ns| {
+        let kind = ns.get("type").and_then(Value::as_str).unwrap_or("");
+        let has_path = ns
+            .get("path")
+            .and_then(Value::as_str)
+            .is_some_and(|p| !p.is_empty());
+        if !has_path {
+            return true;
+        }
+        match kind {
+            "ipc" => false,
+            "uts" => {
+                shares_uts = true;
+                false
+            }
+            // The pod's network is the VM's: its NIC carries the pod's
+            // address (see net/).
+            "network" => false,
+            "pid" => {
+                // 0 (unparsable) still means a shared one: the pod's.
+                let path = ns.get("path").and_then(Value::as_str).unwrap_or("");
+                pid_namespace_of = Some(pid_of_ns_path(path).unwrap_or(0));
+                if let Some(o) = ns.as_object_mut() {
+                    o.remove("path");
+                }
+                true
+            }
+            _ => {
+                if let Some(o) = ns.as_object_mut() {
+                    o.remove("path");
+                }
+                true
+            }
+        }
+    });
+    // The guest is cgroup v2 only, where a container sees its own cgroup as
+    // the root of /sys/fs/cgroup (containerd's default on a v2 host; a v1
+    // host's spec has no cgroup namespace).
+    if !namespaces
+        .iter()
+        .any(|ns| ns.get("type").and_then(Value::as_str) == Some("cgroup"))
+    {
+        namespaces.push(json!({"type": "cgroup"}));
+    }
+    Ok((pid_namespace_of, shares_uts))
 }
 
 /// Bind-mounts each shared host path at its target (created to match: a

@@ -173,8 +173,45 @@ impl Sandbox {
             .await;
     }
 
-    /// Creates a container (booting the VM first when it is the first).
+    /// Creates a container (booting the VM first when it is the first), in
+    /// phases: admit the request, read its spec, have the VM, share its
+    /// files with the guest and create it there (a failure removes what was
+    /// shared), then register it and tell containerd.
     pub async fn create_container(self: &Arc<Self>, spec: CreateSpec) -> Result<u32> {
+        if let Some(pid) = self.admit_container(&spec)? {
+            return Ok(pid);
+        }
+        let (oci, pod_init_stands_in) = self.container_spec(&spec)?;
+        let agent = self.ensure_vm().await?;
+        let pending = self
+            .removals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&spec.id);
+        if let Some(removal) = pending {
+            let _ = removal.await;
+        }
+        let dir = self.dir.join("shared").join(&spec.id);
+        let created = self
+            .create_in_guest(&agent, &spec, &dir, oci, pod_init_stands_in)
+            .await;
+        let pid = match created {
+            Ok(pid) => pid,
+            Err(e) => {
+                if let Err(e) = mount::remove_dir(&dir) {
+                    tracing::warn!(dir = %dir.display(), "remove container directory: {e}");
+                }
+                return Err(e);
+            }
+        };
+        self.register_container(&agent, &spec, dir, pid).await;
+        self.publish_create(&spec, pid).await;
+        Ok(pid)
+    }
+
+    /// Checks a new container's request: a valid id, a sandbox not stopped,
+    /// an id not taken. Some(pid): the request is a resend of one done.
+    fn admit_container(&self, spec: &CreateSpec) -> Result<Option<u32>> {
         validate_id("container", &spec.id)?;
         if self.phase.borrow().ended().is_some() {
             return Err(Error::FailedPrecondition(format!(
@@ -186,84 +223,86 @@ impl Sandbox {
             // The shim resends a request once after a lost connection: the
             // same container again is that, not a conflict.
             if c.bundle == spec.bundle && c.init.stdio == spec.stdio {
-                return Ok(c.init.pid());
+                return Ok(Some(c.init.pid()));
             }
             return Err(Error::AlreadyExists(format!("container {}", spec.id)));
         }
+        Ok(None)
+    }
+
+    /// The container's OCI spec from its bundle, and whether the agent's
+    /// pod init stands in for it. The pod's sandbox container (podsandbox
+    /// mode) brings the pod's settings, recorded here.
+    fn container_spec(&self, spec: &CreateSpec) -> Result<(serde_json::Value, bool)> {
         let oci = read_spec(Path::new(&spec.bundle))?;
-        let mut oci_value: serde_json::Value = serde_json::from_slice(&oci).map_err(|e| {
+        let mut oci: serde_json::Value = serde_json::from_slice(&oci).map_err(|e| {
             Error::InvalidArgument(format!("OCI spec of container {}: {e}", spec.id))
         })?;
-        // The pod's sandbox container (podsandbox mode): when it runs pause,
-        // the agent's pod init stands for it. Its rootfs is shared all the
-        // same, for an agent from before `sandbox_container`, which runs it.
-        let sandbox_container = pod::from_sandbox_spec(&oci_value)?;
-        let pod_init_stands_in = sandbox_container.is_some() && pod::runs_pause(&oci_value);
+        // When the sandbox container runs pause, the agent's pod init
+        // stands for it. Its rootfs is shared all the same, for an agent
+        // from before `sandbox_container`, which runs it.
+        let sandbox_container = pod::from_sandbox_spec(&oci)?;
+        let pod_init_stands_in = sandbox_container.is_some() && pod::runs_pause(&oci);
         if let Some(pod) = sandbox_container {
             // The pod's sysctls are the VM's (SetupSandbox), not the pause
             // container's alone.
-            if let Some(linux) = oci_value.get_mut("linux").and_then(|l| l.as_object_mut()) {
+            if let Some(linux) = oci.get_mut("linux").and_then(|l| l.as_object_mut()) {
                 linux.remove("sysctl");
             }
             self.set_pod(pod);
         }
-        let agent = self.ensure_vm().await?;
-        let pending = self
-            .removals
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&spec.id);
-        if let Some(removal) = pending {
-            let _ = removal.await;
-        }
-        let dir = self.dir.join("shared").join(&spec.id);
-        let rootfs = dir.join("rootfs");
+        Ok((oci, pod_init_stands_in))
+    }
+
+    /// Shares the container's rootfs and bind mounts with the guest under
+    /// `dir`, rewrites its spec for the guest, and creates it there;
+    /// returns its init's pid. What it shared stays for the caller to
+    /// remove on failure.
+    async fn create_in_guest(
+        &self,
+        agent: &Agent,
+        spec: &CreateSpec,
+        dir: &Path,
+        mut oci: serde_json::Value,
+        pod_init_stands_in: bool,
+    ) -> Result<u32> {
         let guest = crate::spec::for_guest(
-            &mut oci_value,
+            &mut oci,
             &dir.join("mounts"),
             &format!("{GUEST_SHARED_DIR}/{}/mounts", spec.id),
         )?;
-        let prepared = prepare_rootfs(&spec, &rootfs)
-            .and_then(|()| crate::spec::share(&guest.binds))
-            .and_then(|carried| {
-                crate::spec::carry_submounts(&mut oci_value, &guest.binds, &carried);
-                serde_json::to_vec(&oci_value)
-                    .map_err(|e| Error::InvalidArgument(format!("OCI spec: {e}")))
-            });
-        let created = match prepared {
-            Ok(oci) => agent
-                .create_container(CreateContainerRequest {
-                    container_id: spec.id.clone(),
-                    spec_json: oci,
-                    rootfs_path: format!("{GUEST_SHARED_DIR}/{}/rootfs", spec.id),
-                    stdin: !spec.stdio.stdin.is_empty(),
-                    stdout: !spec.stdio.stdout.is_empty(),
-                    stderr: !spec.stdio.stderr.is_empty(),
-                    terminal: spec.stdio.terminal,
-                    pod_pid_namespace: guest.pid_namespace_of.is_some(),
-                    pid_namespace_of: guest
-                        .pid_namespace_of
-                        .and_then(|pid| self.container_by_init_pid(pid))
-                        .unwrap_or_default(),
-                    sandbox_container: pod_init_stands_in,
-                    ..Default::default()
-                })
-                .await
-                .map_err(Error::from),
-            Err(e) => Err(e),
-        };
-        let pid = match created {
-            Ok(pid) => pid,
-            Err(e) => {
-                if let Err(e) = mount::remove_dir(&dir) {
-                    tracing::warn!(dir = %dir.display(), "remove container directory: {e}");
-                }
-                return Err(e);
-            }
-        };
+        prepare_rootfs(spec, &dir.join("rootfs"))?;
+        let carried = crate::spec::share(&guest.binds)?;
+        crate::spec::carry_submounts(&mut oci, &guest.binds, &carried);
+        let oci = serde_json::to_vec(&oci)
+            .map_err(|e| Error::InvalidArgument(format!("OCI spec: {e}")))?;
+        let pid = agent
+            .create_container(CreateContainerRequest {
+                container_id: spec.id.clone(),
+                spec_json: oci,
+                rootfs_path: format!("{GUEST_SHARED_DIR}/{}/rootfs", spec.id),
+                stdin: !spec.stdio.stdin.is_empty(),
+                stdout: !spec.stdio.stdout.is_empty(),
+                stderr: !spec.stdio.stderr.is_empty(),
+                terminal: spec.stdio.terminal,
+                pod_pid_namespace: guest.pid_namespace_of.is_some(),
+                pid_namespace_of: guest
+                    .pid_namespace_of
+                    .and_then(|pid| self.container_by_init_pid(pid))
+                    .unwrap_or_default(),
+                sandbox_container: pod_init_stands_in,
+                ..Default::default()
+            })
+            .await?;
+        Ok(pid)
+    }
+
+    /// Registers a container created in the guest: its init process with
+    /// its output copies, the stdio the VMM holds, the persisted record.
+    async fn register_container(&self, agent: &Agent, spec: &CreateSpec, dir: PathBuf, pid: u32) {
         let init = Process::new(&spec.id, "", spec.stdio.clone(), Vec::new());
         init.set_pid(pid);
-        *init.pumps.lock().await = Pumps::start(&agent, &self.info.id, &spec.id, "", &spec.stdio);
+        *init.pumps.lock().await = Pumps::start(agent, &self.info.id, &spec.id, "", &spec.stdio);
         self.hold_stdio(&spec.id, &spec.stdio).await;
         let container = Arc::new(Container {
             id: spec.id.clone(),
@@ -274,6 +313,10 @@ impl Sandbox {
         });
         self.containers().insert(spec.id.clone(), container);
         self.save_record();
+    }
+
+    /// Tells containerd of a created container (TaskCreate).
+    async fn publish_create(&self, spec: &CreateSpec, pid: u32) {
         let rootfs = spec
             .rootfs
             .iter()
@@ -303,7 +346,6 @@ impl Sandbox {
             },
         )
         .await;
-        Ok(pid)
     }
 
     /// Starts a container's init process or a registered exec.
