@@ -188,10 +188,7 @@ impl MetricsConfig {
         if self.address.is_empty() {
             return Ok(None);
         }
-        let invalid = |reason: &str| ConfigError::Invalid {
-            field: "metrics.address",
-            reason: reason.to_owned(),
-        };
+        let invalid = |reason: &str| invalid("metrics.address", reason);
         let addr: SocketAddr = self.address.parse().map_err(|_| {
             invalid("must be an IP address and a port, such as \"127.0.0.1:9464\" or \"[::1]:9464\" (empty: no endpoint)")
         })?;
@@ -199,6 +196,14 @@ impl MetricsConfig {
             return Err(invalid("must name a port other than 0"));
         }
         Ok(Some(addr))
+    }
+}
+
+/// The error for a `field` whose value breaks its rule (`reason`).
+fn invalid(field: &'static str, reason: &str) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.to_owned(),
     }
 }
 
@@ -249,10 +254,21 @@ impl Config {
     /// Checks the values alone, touching no file (what the fuzz target
     /// drives after [`Config::parse`]).
     pub fn validate_values(&self) -> Result<(), ConfigError> {
-        let invalid = |field, reason: &str| ConfigError::Invalid {
-            field,
-            reason: reason.to_owned(),
-        };
+        self.validate_paths()?;
+        self.validate_vm()?;
+        if log_filter(&self.log_level).is_none() {
+            return Err(invalid(
+                "log_level",
+                "is not a valid log filter (printable ASCII without spaces, at most 1024 bytes)",
+            ));
+        }
+        self.metrics.socket_addr()?;
+        Ok(())
+    }
+
+    /// The sockets, the containerd address, the kernel and the state
+    /// directory: paths of the right kind and length.
+    fn validate_paths(&self) -> Result<(), ConfigError> {
         // sockaddr_un holds 108 bytes including the terminating NUL.
         if self.socket.as_os_str().len() >= 108 || !self.socket.is_absolute() {
             return Err(invalid(
@@ -295,6 +311,12 @@ impl Config {
                 "must be at most 40 bytes long (sandbox sockets live under it)",
             ));
         }
+        Ok(())
+    }
+
+    /// The VM's default size, the sizing overheads and the timeouts: within
+    /// their bounds.
+    fn validate_vm(&self) -> Result<(), ConfigError> {
         if !(1..=64).contains(&self.qemu.vcpus) {
             return Err(invalid("qemu.vcpus", "must be between 1 and 64"));
         }
@@ -328,13 +350,6 @@ impl Config {
                 "must be between 1 and 600",
             ));
         }
-        if log_filter(&self.log_level).is_none() {
-            return Err(invalid(
-                "log_level",
-                "is not a valid log filter (printable ASCII without spaces, at most 1024 bytes)",
-            ));
-        }
-        self.metrics.socket_addr()?;
         Ok(())
     }
 

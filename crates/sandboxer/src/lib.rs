@@ -78,11 +78,11 @@ pub(crate) fn bind(socket: &Path) -> anyhow::Result<std::os::unix::net::UnixList
     Ok(listener)
 }
 
+/// kuasar-vmm's life: recover the sandboxes of the state directory, serve
+/// the sockets, tell systemd, run until SIGTERM or SIGINT, then stop
+/// serving (the VMs keep running, for the next kuasar-vmm to adopt).
 async fn serve(config: Config) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.state_dir)
-        .with_context(|| format!("create state directory {}", config.state_dir.display()))?;
-    std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("chmod {}", config.state_dir.display()))?;
+    prepare_state_dir(&config)?;
     agent::set_call_timeout(std::time::Duration::from_secs(
         config.qemu.call_timeout_secs,
     ));
@@ -96,48 +96,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let host = Arc::new(host::Host::new(config));
     // Recovery comes before the sockets are bound: nothing is served, and
     // readiness is not reported, until every sandbox is back or cleaned.
-    let recovered = recovery::recover_all(&host).await;
-    let registry = Arc::new(Registry::new(host));
-    let (adopted, stopped) = (recovered.adopted.len(), recovered.stopped.len());
-    tracing::info!(
-        adopted,
-        stopped,
-        unreadable = recovered.unreadable,
-        "recovery done"
-    );
-    if let Some(m) = &registry.host.metrics {
-        m.count_recoveries(&recovered);
-    }
-    for sandbox in recovered.adopted.into_iter().chain(recovered.stopped) {
-        registry.insert(sandbox);
-    }
-    let listener = bind(&socket)?;
-    let sandboxer = service::SandboxerService::new(registry.clone());
-    let tasks = task::TaskService::new(registry.clone());
-    let mut server = ttrpc::r#async::Server::new()
-        .set_domain_unix()
-        .add_listener(listener.into_raw_fd())
-        .context("serve the socket")?
-        .register_service(panic_guard::ttrpc_services(
-            kuasar_api::sandboxer::sandboxer_ttrpc_async::create_sandboxer(Arc::new(sandboxer)),
-            None,
-        ))
-        .register_service(panic_guard::ttrpc_services(
-            kuasar_api::sandboxer::sandboxer_ttrpc_async::create_admin(Arc::new(
-                admin::AdminService::new(registry.clone()),
-            )),
-            None,
-        ))
-        .register_service(panic_guard::ttrpc_services(
-            kuasar_api::containerd::shim_async::create_task(Arc::new(tasks)),
-            None,
-        ))
-        .register_service(panic_guard::ttrpc_services(
-            kuasar_api::sandbox::sandbox_ttrpc_async::create_sandbox(Arc::new(
-                sandbox_api::SandboxService::new(registry.clone()),
-            )),
-            None,
-        ));
+    let (registry, ready) = recover(host).await;
+    let mut server = ttrpc_server(bind(&socket)?, &registry)?;
     server.start().await.context("start the ttrpc server")?;
     let grpc_listener = bind(&grpc_socket)?;
     grpc_listener
@@ -149,15 +109,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     controller.resume_task_sockets().await;
     let grpc = tokio::spawn(controller::serve(grpc_listener, controller.clone()));
     let metrics_server = metrics_listener.and_then(|l| serve_metrics(l, &registry));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     tracing::info!(
         socket = %socket.display(),
         grpc_socket = %grpc_socket.display(),
         "kuasar-vmm ready"
     );
-    sd_notify(&ready_message(adopted, stopped, recovered.unreadable));
+    sd_notify(&ready);
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
@@ -184,6 +144,72 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(&grpc_socket);
     Ok(())
+}
+
+/// Creates the state directory, private to root.
+fn prepare_state_dir(config: &Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("create state directory {}", config.state_dir.display()))?;
+    std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("chmod {}", config.state_dir.display()))
+}
+
+/// Takes back the sandboxes an earlier kuasar-vmm left (adopted, or
+/// stopped when their VM is gone) into a new registry; returns it with the
+/// readiness message that tells systemd what recovery found.
+async fn recover(host: Arc<host::Host>) -> (Arc<Registry>, String) {
+    let recovered = recovery::recover_all(&host).await;
+    let registry = Arc::new(Registry::new(host));
+    let (adopted, stopped) = (recovered.adopted.len(), recovered.stopped.len());
+    tracing::info!(
+        adopted,
+        stopped,
+        unreadable = recovered.unreadable,
+        "recovery done"
+    );
+    if let Some(m) = &registry.host.metrics {
+        m.count_recoveries(&recovered);
+    }
+    let ready = ready_message(adopted, stopped, recovered.unreadable);
+    for sandbox in recovered.adopted.into_iter().chain(recovered.stopped) {
+        registry.insert(sandbox);
+    }
+    (registry, ready)
+}
+
+/// The ttrpc server of the main socket: the Sandboxer and Admin services,
+/// containerd's task API (shim modes) and sandbox API (shim mode), each
+/// behind the panic guard.
+fn ttrpc_server(
+    listener: std::os::unix::net::UnixListener,
+    registry: &Arc<Registry>,
+) -> anyhow::Result<ttrpc::r#async::Server> {
+    let sandboxer = service::SandboxerService::new(registry.clone());
+    let tasks = task::TaskService::new(registry.clone());
+    Ok(ttrpc::r#async::Server::new()
+        .set_domain_unix()
+        .add_listener(listener.into_raw_fd())
+        .context("serve the socket")?
+        .register_service(panic_guard::ttrpc_services(
+            kuasar_api::sandboxer::sandboxer_ttrpc_async::create_sandboxer(Arc::new(sandboxer)),
+            None,
+        ))
+        .register_service(panic_guard::ttrpc_services(
+            kuasar_api::sandboxer::sandboxer_ttrpc_async::create_admin(Arc::new(
+                admin::AdminService::new(registry.clone()),
+            )),
+            None,
+        ))
+        .register_service(panic_guard::ttrpc_services(
+            kuasar_api::containerd::shim_async::create_task(Arc::new(tasks)),
+            None,
+        ))
+        .register_service(panic_guard::ttrpc_services(
+            kuasar_api::sandbox::sandbox_ttrpc_async::create_sandbox(Arc::new(
+                sandbox_api::SandboxService::new(registry.clone()),
+            )),
+            None,
+        )))
 }
 
 /// Starts serving the metrics endpoint on `listener`.
