@@ -136,7 +136,23 @@ impl VmSpec {
         p.join(" ")
     }
 
+    /// QEMU's command line: the machine, then the guest's kernel and
+    /// console, then its devices (agent channel, shared directory, balloon,
+    /// NICs), then the QMP socket.
     pub fn args(&self) -> Vec<String> {
+        let mut a = self.machine_args();
+        a.extend(self.device_args());
+        a.push("-qmp".into());
+        a.push(format!(
+            "unix:{},server=on,wait=off",
+            self.qmp_socket().display()
+        ));
+        a
+    }
+
+    /// The machine: name (the pid marker recovery looks for), microvm,
+    /// accelerator, size, sandbox, kernel, initramfs, command line, console.
+    fn machine_args(&self) -> Vec<String> {
         let path = |p: &Path| p.display().to_string();
         let (accel, cpu) = match self.accel {
             Accel::Kvm => ("kvm", "host"),
@@ -170,6 +186,15 @@ impl VmSpec {
         ]);
         push(&["-append", &self.kernel_cmdline()]);
         push(&["-serial", &format!("file:{}", path(&self.console_log()))]);
+        a
+    }
+
+    /// The devices: the agent's channel, the shared directory (9p), the
+    /// balloon, one NIC per tap.
+    fn device_args(&self) -> Vec<String> {
+        let path = |p: &Path| p.display().to_string();
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
         match self.channel {
             AgentChannel::Serial => {
                 let socket = path(&self.agent_socket());
@@ -213,10 +238,6 @@ impl VmSpec {
                 &format!("virtio-net-device,netdev=net{i},mac={}", nic.mac),
             ]);
         }
-        push(&[
-            "-qmp",
-            &format!("unix:{},server=on,wait=off", path(&self.qmp_socket())),
-        ]);
         a
     }
 }
