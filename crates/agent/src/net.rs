@@ -228,12 +228,22 @@ pub fn setup(interfaces: &[Interface], routes: &[Route]) -> Result<()> {
     }
     validate(interfaces, routes)?;
     let mut nl = netlink()?;
+    let indexes = find_nics(&mut nl, interfaces)?;
+    rename_nics(&mut nl, interfaces, &indexes)?;
+    configure_nics(&mut nl, interfaces, &indexes)?;
+    add_routes(&mut nl, interfaces, &indexes, routes)
+}
+
+/// The link index of each interface's NIC, in the order of `interfaces`:
+/// the link with the interface's MAC, waiting up to `NIC_TIMEOUT` (in all)
+/// for NICs the kernel has not shown yet.
+fn find_nics(nl: &mut Netlink, interfaces: &[Interface]) -> Result<Vec<u32>> {
     let deadline = Instant::now() + NIC_TIMEOUT;
     let mut indexes = Vec::new();
     for i in interfaces {
         let mac = parse_mac(&i.mac)?;
         let index = loop {
-            let found = links(&mut nl)?
+            let found = links(nl)?
                 .into_iter()
                 .find(|l| mac_of(l) == Some(&mac[..]))
                 .map(|l| l.header.index);
@@ -250,8 +260,14 @@ pub fn setup(interfaces: &[Interface], routes: &[Route]) -> Result<()> {
         };
         indexes.push(index);
     }
-    // Two passes of renames, so that NICs may swap names (eth0 <-> eth1).
-    let current = links(&mut nl)?;
+    Ok(indexes)
+}
+
+/// Gives each NIC (at `indexes`) its interface's name, if it has another.
+/// Two passes of renames (first to temporary names, then to the right
+/// ones), so that NICs may swap names (eth0 <-> eth1).
+fn rename_nics(nl: &mut Netlink, interfaces: &[Interface], indexes: &[u32]) -> Result<()> {
+    let current = links(nl)?;
     let name = |index: u32| {
         current
             .iter()
@@ -261,13 +277,13 @@ pub fn setup(interfaces: &[Interface], routes: &[Route]) -> Result<()> {
     };
     let renames: Vec<(u32, &str)> = interfaces
         .iter()
-        .zip(&indexes)
+        .zip(indexes)
         .filter(|(i, &index)| name(index).as_deref() != Some(i.name.as_str()))
         .map(|(i, &index)| (index, i.name.as_str()))
         .collect();
     for (n, (index, _)) in renames.iter().enumerate() {
         set_link(
-            &mut nl,
+            nl,
             *index,
             false,
             vec![LinkAttribute::IfName(format!("kuasartmp{n}"))],
@@ -276,17 +292,23 @@ pub fn setup(interfaces: &[Interface], routes: &[Route]) -> Result<()> {
     }
     for (index, to) in &renames {
         set_link(
-            &mut nl,
+            nl,
             *index,
             false,
             vec![LinkAttribute::IfName(to.to_string())],
             &format!("rename the NIC to {to}"),
         )?;
     }
-    for (i, &index) in interfaces.iter().zip(&indexes) {
+    Ok(())
+}
+
+/// Interface by interface: sets the NIC's MTU (if the host gave one), adds
+/// its addresses (one already there is fine), then brings it up.
+fn configure_nics(nl: &mut Netlink, interfaces: &[Interface], indexes: &[u32]) -> Result<()> {
+    for (i, &index) in interfaces.iter().zip(indexes) {
         if i.mtu > 0 {
             set_link(
-                &mut nl,
+                nl,
                 index,
                 false,
                 vec![LinkAttribute::Mtu(i.mtu)],
@@ -304,20 +326,26 @@ pub fn setup(interfaces: &[Interface], routes: &[Route]) -> Result<()> {
                 Err(e) => return Err(e).context(format!("add {a} to {}", i.name)),
             }
         }
-        set_link(
-            &mut nl,
-            index,
-            true,
-            Vec::new(),
-            &format!("set {} up", i.name),
-        )?;
+        set_link(nl, index, true, Vec::new(), &format!("set {} up", i.name))?;
     }
+    Ok(())
+}
+
+/// Adds the routes through the NICs of their devices, directly connected
+/// ones first (the others' gateways may need them); a route already there
+/// is fine.
+fn add_routes(
+    nl: &mut Netlink,
+    interfaces: &[Interface],
+    indexes: &[u32],
+    routes: &[Route],
+) -> Result<()> {
     let (direct, via): (Vec<&Route>, Vec<&Route>) =
         routes.iter().partition(|r| r.gateway.is_empty());
     for r in direct.into_iter().chain(via) {
         let index = interfaces
             .iter()
-            .zip(&indexes)
+            .zip(indexes)
             .find(|(i, _)| i.name == r.device)
             .map(|(_, &index)| index)
             .ok_or_else(|| Error::InvalidArgument(format!("route device {:?}", r.device)))?;

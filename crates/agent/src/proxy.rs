@@ -367,81 +367,31 @@ fn serve_host(port: &File, server: &Path, fault: &mut Option<Fault>) {
     let (mut to_server, mut to_host) = (Outbox::default(), Outbox::default());
     let mut scratch = vec![0u8; READ_CHUNK];
     loop {
-        let mut pev = PollFlags::empty();
-        if from_host.len() + to_server.bytes < HIGH_WATER {
-            pev |= PollFlags::POLLIN;
-        }
-        if !to_host.is_empty() {
-            pev |= PollFlags::POLLOUT;
-        }
-        let mut sev = PollFlags::empty();
-        if from_server.len() + to_host.bytes < HIGH_WATER {
-            sev |= PollFlags::POLLIN;
-        }
-        if !to_server.is_empty() {
-            sev |= PollFlags::POLLOUT;
-        }
-        let mut fds = [
-            PollFd::new(port.as_fd(), pev),
-            PollFd::new(sock.as_fd(), sev),
-        ];
-        match poll(&mut fds, PollTimeout::from(1000u16)) {
-            Ok(_) | Err(Errno::EINTR) => {}
-            Err(e) => {
-                warn!("poll: {e}");
-                return;
-            }
-        }
-        let pr = fds[0].revents().unwrap_or(PollFlags::empty());
-        let sr = fds[1].revents().unwrap_or(PollFlags::empty());
+        let pev = interest(&from_host, &to_server, &to_host);
+        let sev = interest(&from_server, &to_host, &to_server);
+        let Some((pr, sr)) = poll_both(port, &sock, pev, sev) else {
+            return;
+        };
         if pr.contains(PollFlags::POLLHUP) {
             return;
         }
-        let mut new_session = false;
         if pr.contains(PollFlags::POLLIN) {
-            match fill(port, &mut from_host, &mut scratch) {
-                Ok(true) => {}
-                Ok(false) => return,
-                Err(e) => {
-                    warn!("read port: {e}");
-                    return;
-                }
+            if !read_host(port, &mut from_host, &mut scratch) {
+                return;
             }
-            loop {
-                match from_host.next_frame() {
-                    Ok(Some((h, frame))) => {
-                        if tracker.is_new_session(&h) {
-                            debug!(stream = h.stream_id, "new host session");
-                            new_session = true;
-                            to_server.clear();
-                            to_host.clear();
-                            from_server.clear();
-                        }
-                        match fault
-                            .as_mut()
-                            .map_or(Action::Forward, |f| f.action(&h, &frame))
-                        {
-                            Action::Forward => to_server.push(frame),
-                            Action::Drop => {}
-                            Action::Garbage => to_host.push(garbage(4096)),
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(()) => {
-                        warn!("host sent a malformed frame; resetting the session");
-                        from_host.clear();
-                        to_server.clear();
-                        tracker.reset();
-                        new_session = true;
-                        break;
-                    }
-                }
+            let new_session = take_host_frames(
+                &mut from_host,
+                &mut tracker,
+                fault,
+                &mut to_server,
+                &mut to_host,
+                &mut from_server,
+            );
+            if new_session {
+                // Closing the old connection cancels its pending requests.
+                sock = connect(server);
+                continue;
             }
-        }
-        if new_session {
-            // Closing the old connection cancels its pending requests.
-            sock = connect(server);
-            continue;
         }
         if pr.contains(PollFlags::POLLOUT) {
             if let Err(e) = to_host.flush(port, PORT_WRITE_MAX) {
@@ -449,19 +399,14 @@ fn serve_host(port: &File, server: &Path, fault: &mut Option<Fault>) {
                 return;
             }
         }
-        let mut server_gone = false;
-        if sr.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
-            match fill(&sock, &mut from_server, &mut scratch) {
-                Ok(true) => {}
-                Ok(false) | Err(_) => server_gone = true,
-            }
-            while let Ok(Some((_, frame))) = from_server.next_frame() {
-                to_host.push(frame);
-            }
-        }
-        if sr.contains(PollFlags::POLLOUT) && to_server.flush(&sock, usize::MAX).is_err() {
-            server_gone = true;
-        }
+        let server_gone = exchange_with_server(
+            &sock,
+            sr,
+            &mut from_server,
+            &mut to_host,
+            &mut to_server,
+            &mut scratch,
+        );
         if server_gone {
             warn!("ttrpc server closed the proxied connection; reconnecting");
             from_server.clear();
@@ -469,6 +414,133 @@ fn serve_host(port: &File, server: &Path, fault: &mut Option<Fault>) {
             sock = connect(server);
         }
     }
+}
+
+/// What to poll one side for: readable while what was read from it
+/// (`read`, not yet whole frames, and `forward`, whole frames waiting to go
+/// to the other side) is under `HIGH_WATER`; writable while `outbox` has
+/// something for it.
+fn interest(read: &Framer, forward: &Outbox, outbox: &Outbox) -> PollFlags {
+    let mut events = PollFlags::empty();
+    if read.len() + forward.bytes < HIGH_WATER {
+        events |= PollFlags::POLLIN;
+    }
+    if !outbox.is_empty() {
+        events |= PollFlags::POLLOUT;
+    }
+    events
+}
+
+/// Waits up to a second for the port (`pev`) or the server connection
+/// (`sev`) to be ready, and returns what each is ready for (an interrupted
+/// wait counts as a timeout); `None` when polling fails.
+fn poll_both(
+    port: &File,
+    sock: &UnixStream,
+    pev: PollFlags,
+    sev: PollFlags,
+) -> Option<(PollFlags, PollFlags)> {
+    let mut fds = [
+        PollFd::new(port.as_fd(), pev),
+        PollFd::new(sock.as_fd(), sev),
+    ];
+    match poll(&mut fds, PollTimeout::from(1000u16)) {
+        Ok(_) | Err(Errno::EINTR) => {}
+        Err(e) => {
+            warn!("poll: {e}");
+            return None;
+        }
+    }
+    let pr = fds[0].revents().unwrap_or(PollFlags::empty());
+    let sr = fds[1].revents().unwrap_or(PollFlags::empty());
+    Some((pr, sr))
+}
+
+/// Reads what the host sent into `from_host`; false when the host is gone
+/// (EOF, or a read error, logged).
+fn read_host(port: &File, from_host: &mut Framer, scratch: &mut [u8]) -> bool {
+    match fill(port, from_host, scratch) {
+        Ok(true) => true,
+        Ok(false) => false,
+        Err(e) => {
+            warn!("read port: {e}");
+            false
+        }
+    }
+}
+
+/// Takes the whole frames out of `from_host` and queues each as the fault
+/// injection (if any) decides: for the server, dropped, or answered with
+/// garbage. A frame that starts a new session first drops everything still
+/// queued either way; a malformed frame drops what the host sent and resets
+/// the session tracking. True when the server connection must be replaced
+/// (a new session began, or the host's stream was malformed).
+fn take_host_frames(
+    from_host: &mut Framer,
+    tracker: &mut SessionTracker,
+    fault: &mut Option<Fault>,
+    to_server: &mut Outbox,
+    to_host: &mut Outbox,
+    from_server: &mut Framer,
+) -> bool {
+    let mut new_session = false;
+    loop {
+        match from_host.next_frame() {
+            Ok(Some((h, frame))) => {
+                if tracker.is_new_session(&h) {
+                    debug!(stream = h.stream_id, "new host session");
+                    new_session = true;
+                    to_server.clear();
+                    to_host.clear();
+                    from_server.clear();
+                }
+                match fault
+                    .as_mut()
+                    .map_or(Action::Forward, |f| f.action(&h, &frame))
+                {
+                    Action::Forward => to_server.push(frame),
+                    Action::Drop => {}
+                    Action::Garbage => to_host.push(garbage(4096)),
+                }
+            }
+            Ok(None) => return new_session,
+            Err(()) => {
+                warn!("host sent a malformed frame; resetting the session");
+                from_host.clear();
+                to_server.clear();
+                tracker.reset();
+                return true;
+            }
+        }
+    }
+}
+
+/// The server side of one round, as `sr` says it is ready: reads the
+/// server's replies and queues them for the host, then writes what is
+/// queued for the server. True when the server connection is gone (EOF, or
+/// a read or write error).
+fn exchange_with_server(
+    sock: &UnixStream,
+    sr: PollFlags,
+    from_server: &mut Framer,
+    to_host: &mut Outbox,
+    to_server: &mut Outbox,
+    scratch: &mut [u8],
+) -> bool {
+    let mut server_gone = false;
+    if sr.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
+        match fill(sock, from_server, scratch) {
+            Ok(true) => {}
+            Ok(false) | Err(_) => server_gone = true,
+        }
+        while let Ok(Some((_, frame))) = from_server.next_frame() {
+            to_host.push(frame);
+        }
+    }
+    if sr.contains(PollFlags::POLLOUT) && to_server.flush(sock, usize::MAX).is_err() {
+        server_gone = true;
+    }
+    server_gone
 }
 
 #[cfg(test)]
