@@ -7,6 +7,7 @@
 //! separate value (`-debug`, `-debug=false`); flag parsing stops at the
 //! first non-flag argument or after `--`. Unknown flags are rejected.
 
+use std::iter::Peekable;
 use std::path::PathBuf;
 
 use crate::error::{Error, Result};
@@ -62,7 +63,9 @@ fn parse_bool(name: &str, v: &str) -> Result<bool> {
     }
 }
 
-/// Parses the arguments after the program name.
+/// Parses the arguments after the program name, in three phases: the
+/// flags, then the action word after them, then the checks of the required
+/// flags. `-h`, `-v` and `-info` need no action and skip the last two.
 pub fn parse<I, S>(args: I) -> Result<Args>
 where
     I: IntoIterator<Item = S>,
@@ -79,6 +82,25 @@ where
         debug: false,
         verb: Verb::Help,
     };
+    let flag_verb = parse_flags(&mut it, &mut a)?;
+    let rest: Vec<String> = it.collect();
+    if let Some(verb) = flag_verb {
+        a.verb = verb;
+        return Ok(a);
+    }
+    a.verb = parse_action(&rest)?;
+    check_required(&a)?;
+    Ok(a)
+}
+
+/// Phase 1: consumes the leading flags into `a`, stopping at the first
+/// non-flag argument (left in `it`) or after `--`. Returns the verb that a
+/// flag alone asks for, if any: `-h` wins over `-v`, which wins over
+/// `-info` (the last value given for each flag counts).
+fn parse_flags<I>(it: &mut Peekable<I>, a: &mut Args) -> Result<Option<Verb>>
+where
+    I: Iterator<Item = String>,
+{
     let mut version = false;
     let mut info = false;
     let mut help = false;
@@ -92,21 +114,11 @@ where
             break;
         }
         let arg = it.next().unwrap_or_default();
-        let body = arg
-            .strip_prefix("--")
-            .or_else(|| arg.strip_prefix('-'))
-            .unwrap_or(&arg);
-        if body.is_empty() || body.starts_with('-') || body.starts_with('=') {
-            return Err(usage(format!("bad flag syntax: {arg}")));
-        }
-        let (name, inline) = match body.split_once('=') {
-            Some((n, v)) => (n, Some(v.to_string())),
-            None => (body, None),
-        };
+        let (name, inline) = split_flag(&arg)?;
         match name {
             "debug" | "v" | "info" | "h" | "help" => {
                 let on = match inline {
-                    Some(v) => parse_bool(name, &v)?,
+                    Some(v) => parse_bool(name, v)?,
                     None => true,
                 };
                 match name {
@@ -118,7 +130,7 @@ where
             }
             "namespace" | "address" | "publish-binary" | "id" | "bundle" | "socket" => {
                 let value = match inline {
-                    Some(v) => v,
+                    Some(v) => v.to_string(),
                     None => it
                         .next()
                         .ok_or_else(|| usage(format!("flag needs an argument: -{name}")))?,
@@ -136,20 +148,37 @@ where
         }
     }
 
-    let rest: Vec<String> = it.collect();
-    if help {
-        a.verb = Verb::Help;
-        return Ok(a);
+    Ok(if help {
+        Some(Verb::Help)
+    } else if version {
+        Some(Verb::Version)
+    } else if info {
+        Some(Verb::Info)
+    } else {
+        None
+    })
+}
+
+/// Splits one flag argument (`-name`, `--name`, `-name=value`) into its
+/// name and its inline value, if any. Rejects `---x`, `-=x` and the like.
+fn split_flag(arg: &str) -> Result<(&str, Option<&str>)> {
+    let body = arg
+        .strip_prefix("--")
+        .or_else(|| arg.strip_prefix('-'))
+        .unwrap_or(arg);
+    if body.is_empty() || body.starts_with('-') || body.starts_with('=') {
+        return Err(usage(format!("bad flag syntax: {arg}")));
     }
-    if version {
-        a.verb = Verb::Version;
-        return Ok(a);
-    }
-    if info {
-        a.verb = Verb::Info;
-        return Ok(a);
-    }
-    a.verb = match rest.first().map(String::as_str) {
+    Ok(match body.split_once('=') {
+        Some((n, v)) => (n, Some(v)),
+        None => (body, None),
+    })
+}
+
+/// Phase 2: the action word left after the flags (`start`, `delete` or
+/// the internal `serve`), which must be the last argument.
+fn parse_action(rest: &[String]) -> Result<Verb> {
+    let verb = match rest.first().map(String::as_str) {
         Some("start") => Verb::Start,
         Some("delete") => Verb::Delete,
         Some("serve") => Verb::Serve,
@@ -163,6 +192,12 @@ where
             &rest[1..]
         )));
     }
+    Ok(verb)
+}
+
+/// Phase 3: `-namespace` and `-id` are given (a usage error if not) and
+/// are valid names (the id is checked first).
+fn check_required(a: &Args) -> Result<()> {
     if a.namespace.is_empty() {
         return Err(usage("-namespace is required"));
     }
@@ -171,7 +206,7 @@ where
     }
     validate_id(&a.id)?;
     validate_namespace(&a.namespace)?;
-    Ok(a)
+    Ok(())
 }
 
 fn check_name(what: &'static str, value: &str) -> Result<()> {
@@ -322,6 +357,55 @@ mod tests {
         assert!(e.to_string().contains("-namespace is required"));
         let e = p(&["-namespace", "n", "start"]).unwrap_err();
         assert!(e.to_string().contains("-id is required"));
+    }
+
+    #[test]
+    fn split_flag_names_and_inline_values() {
+        assert_eq!(split_flag("-id").expect("splits"), ("id", None));
+        assert_eq!(split_flag("--id=x").expect("splits"), ("id", Some("x")));
+        assert_eq!(split_flag("-id=a=b").expect("splits"), ("id", Some("a=b")));
+        assert_eq!(split_flag("-id=").expect("splits"), ("id", Some("")));
+        for bad in ["--", "---x", "-=x", "--=x"] {
+            let e = split_flag(bad).unwrap_err();
+            assert_eq!(
+                e.to_string().lines().next(),
+                Some(&*format!("bad flag syntax: {bad}"))
+            );
+        }
+    }
+
+    #[test]
+    fn parse_action_takes_exactly_one_word() {
+        let words = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            parse_action(&words(&["start"])).expect("start"),
+            Verb::Start
+        );
+        assert_eq!(
+            parse_action(&words(&["delete"])).expect("delete"),
+            Verb::Delete
+        );
+        assert_eq!(
+            parse_action(&words(&["serve"])).expect("serve"),
+            Verb::Serve
+        );
+        assert!(parse_action(&[]).is_err());
+        assert!(parse_action(&words(&["Start"])).is_err());
+        assert!(parse_action(&words(&["delete", "x"])).is_err());
+    }
+
+    #[test]
+    fn last_value_counts_and_help_wins() {
+        let a = p(&["-v", "-v=false", "-namespace", "n", "-id", "x", "start"]).expect("parses");
+        assert_eq!(a.verb, Verb::Start);
+        assert_eq!(
+            p(&["-info", "-v", "-help"]).expect("parses").verb,
+            Verb::Help
+        );
+        assert_eq!(p(&["-info", "-v"]).expect("parses").verb, Verb::Version);
+        // Flag errors come before the action is looked at.
+        let e = p(&["-v", "-bogus"]).unwrap_err();
+        assert!(e.to_string().contains("not defined: -bogus"), "{e}");
     }
 
     #[test]

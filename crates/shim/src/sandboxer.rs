@@ -367,7 +367,9 @@ impl Vmm {
     }
 
     /// Relays one request; answers are returned unchanged (payload bytes,
-    /// or the sandboxer's status with its code and message).
+    /// or the sandboxer's status with its code and message). Each attempt
+    /// takes a live connection, sends the request with what is left of its
+    /// timeout, and when the connection breaks retries as `retry` says.
     pub fn call(
         &self,
         service: &str,
@@ -377,45 +379,13 @@ impl Vmm {
         timeout_nano: i64,
         retry: Retry,
     ) -> Result<Vec<u8>, Status> {
-        let deadline = u64::try_from(timeout_nano)
-            .ok()
-            .filter(|n| *n > 0)
-            .map(|n| Instant::now() + Duration::from_nanos(n));
-        let timed_out = || {
-            status(
-                Code::DEADLINE_EXCEEDED,
-                format!("{method}: no answer from kuasar-vmm within the request timeout"),
-            )
-        };
+        let deadline = deadline_of(timeout_nano);
         let mut broken = 0u32;
         loop {
-            let now = Instant::now();
-            let give_up = deadline.map_or(now + self.window, |d| d.min(now + self.window));
-            let conn = match self.live_conn(give_up) {
-                Ok(c) => c,
-                Err(e) => {
-                    let expired = deadline.is_some_and(|d| Instant::now() >= d);
-                    if retry == Retry::UntilAnswered && !expired {
-                        log!("warn", "{method}: still waiting for kuasar-vmm: {e}");
-                        continue;
-                    }
-                    return Err(if expired {
-                        timed_out()
-                    } else {
-                        self.unreachable(&e)
-                    });
-                }
+            let Some(conn) = self.conn_for_call(method, deadline, retry)? else {
+                continue;
             };
-            let remaining = match deadline {
-                None => 0,
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Err(timed_out());
-                    }
-                    i64::try_from(left.as_nanos()).unwrap_or(i64::MAX)
-                }
-            };
+            let remaining = remaining_nanos(deadline).ok_or_else(|| timed_out(method))?;
             match conn.call(
                 service,
                 method,
@@ -425,36 +395,139 @@ impl Vmm {
             ) {
                 Ok(p) => return Ok(p),
                 Err(CallError::Status(s)) => return Err(s),
-                Err(CallError::Timeout) => return Err(timed_out()),
+                Err(CallError::Timeout) => return Err(timed_out(method)),
                 Err(CallError::Broken(reason)) => {
-                    self.drop_conn(&conn);
                     broken += 1;
-                    log!(
-                        "warn",
-                        "{method}: connection to kuasar-vmm lost ({reason}), retrying"
-                    );
-                    match retry {
-                        Retry::Once if broken >= 2 => {
-                            return Err(status(
-                                Code::UNAVAILABLE,
-                                format!(
-                                    "connection to kuasar-vmm at {} lost: {reason}",
-                                    self.path.display()
-                                ),
-                            ))
-                        }
-                        Retry::Once => {}
-                        Retry::UntilAnswered => {
-                            if broken > 1 {
-                                // Connects but drops us: do not spin.
-                                std::thread::sleep(
-                                    BACKOFF_START.saturating_mul(broken).min(BACKOFF_MAX),
-                                );
-                            }
-                        }
-                    }
+                    self.after_broken(&conn, method, &reason, broken, retry)?;
                 }
             }
+        }
+    }
+
+    /// Phase 1 of an attempt: a live connection, (re)connecting until the
+    /// request's deadline or the reconnect window, whichever comes first.
+    /// `Ok(None)`: still none, and a `Retry::UntilAnswered` call keeps
+    /// waiting (logged). Otherwise fails with DEADLINE_EXCEEDED if the
+    /// deadline passed, else UNAVAILABLE naming the socket.
+    fn conn_for_call(
+        &self,
+        method: &str,
+        deadline: Option<Instant>,
+        retry: Retry,
+    ) -> Result<Option<Arc<Conn>>, Status> {
+        let now = Instant::now();
+        let give_up = deadline.map_or(now + self.window, |d| d.min(now + self.window));
+        match self.live_conn(give_up) {
+            Ok(c) => Ok(Some(c)),
+            Err(e) => {
+                let expired = deadline.is_some_and(|d| Instant::now() >= d);
+                if retry == Retry::UntilAnswered && !expired {
+                    log!("warn", "{method}: still waiting for kuasar-vmm: {e}");
+                    return Ok(None);
+                }
+                Err(if expired {
+                    timed_out(method)
+                } else {
+                    self.unreachable(&e)
+                })
+            }
+        }
+    }
+
+    /// Phase 2 of an attempt, when the connection broke under the call for
+    /// the `broken`-th time: forgets that connection and logs. Then `Ok` to
+    /// retry (a `Retry::UntilAnswered` call that keeps breaking first backs
+    /// off), or UNAVAILABLE for a `Retry::Once` call that broke twice.
+    fn after_broken(
+        &self,
+        conn: &Arc<Conn>,
+        method: &str,
+        reason: &str,
+        broken: u32,
+        retry: Retry,
+    ) -> Result<(), Status> {
+        self.drop_conn(conn);
+        log!(
+            "warn",
+            "{method}: connection to kuasar-vmm lost ({reason}), retrying"
+        );
+        match retry {
+            Retry::Once if broken >= 2 => Err(status(
+                Code::UNAVAILABLE,
+                format!(
+                    "connection to kuasar-vmm at {} lost: {reason}",
+                    self.path.display()
+                ),
+            )),
+            Retry::Once => Ok(()),
+            Retry::UntilAnswered => {
+                if broken > 1 {
+                    // Connects but drops us: do not spin.
+                    std::thread::sleep(BACKOFF_START.saturating_mul(broken).min(BACKOFF_MAX));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The instant a request's timeout (ttrpc's `timeout_nano`) runs out;
+/// `None` for no timeout (zero or negative).
+fn deadline_of(timeout_nano: i64) -> Option<Instant> {
+    u64::try_from(timeout_nano)
+        .ok()
+        .filter(|n| *n > 0)
+        .map(|n| Instant::now() + Duration::from_nanos(n))
+}
+
+/// What is left until `deadline`, as ttrpc's `timeout_nano` for one
+/// attempt (0 for no deadline); `None` once the deadline has passed.
+fn remaining_nanos(deadline: Option<Instant>) -> Option<i64> {
+    match deadline {
+        None => Some(0),
+        Some(d) => {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            Some(i64::try_from(left.as_nanos()).unwrap_or(i64::MAX))
+        }
+    }
+}
+
+/// The status of a relayed call whose request timeout ran out.
+fn timed_out(method: &str) -> Status {
+    status(
+        Code::DEADLINE_EXCEEDED,
+        format!("{method}: no answer from kuasar-vmm within the request timeout"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadline_only_for_a_positive_timeout() {
+        assert!(deadline_of(0).is_none());
+        assert!(deadline_of(-1).is_none());
+        let before = Instant::now();
+        let d = deadline_of(2_000_000_000).expect("a deadline");
+        assert!(d >= before + Duration::from_secs(2));
+        assert!(d <= Instant::now() + Duration::from_secs(2));
+    }
+
+    #[test]
+    fn remaining_time_of_an_attempt() {
+        assert_eq!(remaining_nanos(None), Some(0));
+        assert_eq!(remaining_nanos(Some(Instant::now())), None);
+        let left =
+            remaining_nanos(Some(Instant::now() + Duration::from_secs(10))).expect("time left");
+        assert!(left > 0 && left <= 10_000_000_000, "{left}");
+        // More than i64::MAX nanoseconds (292 years) left: clamped.
+        let centuries = Duration::from_secs(400 * 365 * 24 * 3600);
+        if let Some(far) = Instant::now().checked_add(centuries) {
+            assert_eq!(remaining_nanos(Some(far)), Some(i64::MAX));
         }
     }
 }

@@ -6,7 +6,7 @@ use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -23,16 +23,12 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
 const SERVE_STACK: usize = 256 * 1024;
 pub const BINARY_NAME: &str = "containerd-shim-kuasar-vmm-v2";
 
+/// Runs `start`: finds the sandbox this task belongs to, and unless a shim
+/// already serves it, registers it with kuasar-vmm and spawns the serving
+/// shim. Writes the shim's address to the bundle and returns it.
 pub fn run(args: &Args) -> Result<String> {
     let bundle = bundle::dir(args.bundle.as_deref())?;
-    // A container of a pod joins its pod's sandbox (and shim).
-    let sandbox_id = match bundle::group_id(&bundle) {
-        Some(group) => {
-            validate_id(&group)?;
-            group
-        }
-        None => args.id.clone(),
-    };
+    let sandbox_id = sandbox_id(args, &bundle)?;
     logger::init(&sandbox_id, args.debug, Some(&bundle));
     let path = socket::socket_path(
         &socket::socket_dir(),
@@ -53,6 +49,31 @@ pub fn run(args: &Args) -> Result<String> {
         return Ok(address);
     }
 
+    let (vmm, conn) = ping_vmm()?;
+    register_sandbox(&conn, &vmm, args, &sandbox_id, &bundle)?;
+    drop(conn);
+
+    spawn_serving_shim(args, &sandbox_id, &bundle, &path, &address)?;
+    bundle::write_address(&bundle, &address)?;
+    Ok(address)
+}
+
+/// Phase 1: the sandbox the task belongs to. A container of a pod joins
+/// its pod's sandbox (and shim), named by the bundle's group id; any other
+/// task is its own sandbox.
+fn sandbox_id(args: &Args, bundle: &Path) -> Result<String> {
+    match bundle::group_id(bundle) {
+        Some(group) => {
+            validate_id(&group)?;
+            Ok(group)
+        }
+        None => Ok(args.id.clone()),
+    }
+}
+
+/// Phase 2: connects to kuasar-vmm and pings it, logging its version and
+/// sandbox count. Returns its socket path and the open connection.
+fn ping_vmm() -> Result<(PathBuf, Conn)> {
     let vmm = vmm_socket();
     let unreachable = |reason: String| Error::VmmUnreachable {
         path: vmm.clone(),
@@ -69,30 +90,52 @@ pub fn run(args: &Args) -> Result<String> {
         vmm.display(),
         pong.sandboxes
     );
+    Ok((vmm, conn))
+}
 
+/// Phase 3: registers the sandbox with kuasar-vmm (at `vmm`, over `conn`),
+/// with its namespace, bundle and containerd's ttrpc address for events.
+fn register_sandbox(
+    conn: &Conn,
+    vmm: &Path,
+    args: &Args,
+    sandbox_id: &str,
+    bundle: &Path,
+) -> Result<()> {
     let mut req = RegisterSandboxRequest::new();
-    req.sandbox_id = sandbox_id.clone();
+    req.sandbox_id = sandbox_id.to_string();
     req.namespace = args.namespace.clone();
     req.bundle = bundle.to_string_lossy().into_owned();
     req.ttrpc_address = ttrpc_address(&args.address);
     let _: Empty = conn
         .unary(SANDBOXER_SERVICE, "RegisterSandbox", &req, REGISTER_TIMEOUT)
         .map_err(|e| Error::Register {
-            path: vmm.clone(),
-            id: sandbox_id.clone(),
+            path: vmm.to_path_buf(),
+            id: sandbox_id.to_string(),
             reason: e.to_string(),
         })?;
-    drop(conn);
+    Ok(())
+}
 
-    let Some(listener) = socket::bind(&path)? else {
+/// Phase 4: binds the shim's socket at `path` and spawns the detached
+/// serving shim on it. If a concurrent `start` of the same sandbox bound
+/// it first, does nothing (that shim serves the same address). If the
+/// spawn fails, removes the socket file.
+fn spawn_serving_shim(
+    args: &Args,
+    sandbox_id: &str,
+    bundle: &Path,
+    path: &Path,
+    address: &str,
+) -> Result<()> {
+    let Some(listener) = socket::bind(path)? else {
         // Lost a race with a concurrent `start` of the same sandbox.
-        bundle::write_address(&bundle, &address)?;
-        return Ok(address);
+        return Ok(());
     };
-    let pid = match spawn_server(&listener, args, &sandbox_id, &bundle, &path) {
+    let pid = match spawn_server(&listener, args, sandbox_id, bundle, path) {
         Ok(pid) => pid,
         Err(e) => {
-            socket::remove(&path);
+            socket::remove(path);
             return Err(Error::io("spawn the serving shim", e));
         }
     };
@@ -103,8 +146,7 @@ pub fn run(args: &Args) -> Result<String> {
         "start {}: shim pid {pid} serving at {address}",
         args.id
     );
-    bundle::write_address(&bundle, &address)?;
-    Ok(address)
+    Ok(())
 }
 
 /// Re-executes this binary as `serve`, detached: new session, stdio on
