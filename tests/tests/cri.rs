@@ -249,6 +249,7 @@ fn text(b: &[u8]) -> String {
 
 // --- pods ----------------------------------------------------------------------------------
 
+#[allow(clippy::too_many_lines)] // a test scenario, read top to bottom
 fn pod_lifecycle(h: &Handler) {
     let config = h.pod_config("life");
     let started = Instant::now();

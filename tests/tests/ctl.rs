@@ -37,6 +37,7 @@ fn env() -> kuasar_e2e::env::Shared {
 }
 
 #[test]
+#[allow(clippy::too_many_lines)] // a test scenario, read top to bottom
 fn kuasarctl_lists_inspects_and_reads_the_console() {
     let env = env();
     let socket = env.vmm_socket();

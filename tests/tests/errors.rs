@@ -315,6 +315,7 @@ fn ping(socket: &Path) -> u64 {
 }
 
 #[test]
+#[allow(clippy::too_many_lines)] // a test scenario, read top to bottom
 fn ids_that_escape_are_rejected() {
     let env = env();
     let _sb = start_sandboxer(&env, env.sandboxer_config());

@@ -432,6 +432,7 @@ fn sockets_below(dir: &Path) -> Vec<String> {
 }
 
 /// Point 2: a pod's VMM dies.
+#[allow(clippy::too_many_lines)] // a test scenario, read top to bottom
 fn vmm_killed(handler: &'static str) {
     let fx = fixture(handler);
     let before = Census::take(fx.env.dir());

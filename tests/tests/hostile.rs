@@ -613,6 +613,7 @@ fn bad_ids() -> Vec<String> {
 }
 
 #[test]
+#[allow(clippy::too_many_lines)] // a test scenario, read top to bottom
 fn ids_that_escape_on_every_entry_point() {
     let (env, w) = world();
     let socket = env.vmm_socket();

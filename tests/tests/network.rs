@@ -156,6 +156,7 @@ fn skip_reason() -> Option<&'static str> {
 }
 
 #[test]
+#[allow(clippy::too_many_lines)] // a test scenario, read top to bottom
 fn pod_ip_belongs_to_the_vm_and_its_containers_share_it() {
     if let Some(why) = skip_reason() {
         eprintln!("SKIP pod network test: {why}");

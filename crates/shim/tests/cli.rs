@@ -249,6 +249,7 @@ fn started_address(out: &Output) -> String {
 }
 
 #[test]
+#[allow(clippy::too_many_lines)] // a test scenario, read top to bottom
 fn start_serves_relays_and_exits_on_shutdown() {
     let dir = tmpdir();
     let vmm = dir.join("vmm.sock");

@@ -270,6 +270,7 @@ fn kuasarctl_list(b: &Bench, count: usize) -> Result<Vec<String>, String> {
     measured
 }
 
+#[allow(clippy::too_many_lines)] // the benchmark's steps, read top to bottom
 fn run() -> Result<(), String> {
     let runs: usize = std::env::var("KUASAR_BENCH_RUNS")
         .ok()

@@ -280,6 +280,7 @@ impl Drop for HostTmpfs {
 /// every handler here must) it is read-only too. Once the containers are
 /// gone the host can unmount and remove the submount: nothing of the
 /// runtime holds it.
+#[allow(clippy::too_many_lines)] // a test scenario, read top to bottom
 pub fn readonly_host_path_with_submount(h: &Handler) {
     let status = h.cri.status().expect("Status");
     let features = status

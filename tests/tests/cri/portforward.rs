@@ -69,6 +69,7 @@ fn forward(h: &Handler, pod_id: &str, port: i32) -> PortForwardSession {
 /// one on 127.0.0.1 only; a port nobody listens on ends the session without
 /// data; in a VM pod the relay listens in the pod's namespace only, and
 /// nothing of it is left once the pod is removed.
+#[allow(clippy::too_many_lines)] // a test scenario, read top to bottom
 pub fn port_forward(h: &Handler) {
     let pod = h.own_pod("portforward");
     let pod_ref = (pod.id.clone(), pod.config.clone());

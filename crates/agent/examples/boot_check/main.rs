@@ -175,6 +175,7 @@ struct Opts {
     reconnect_gap_ms: u64,
 }
 
+#[allow(clippy::too_many_lines)] // the check's steps, read top to bottom
 async fn run(vm: &mut Vm, opts: &Opts) -> Res<()> {
     let dir = vm.dir.clone();
     let (c, ping, boot_ms, tsc) = boot_and_ping(vm, opts).await?;
@@ -597,6 +598,7 @@ awk 'BEGIN { x = sprintf(\"%60000000s\", \"\"); print length(x) }'; echo awk=$?
 ";
 
 #[tokio::main(flavor = "current_thread")]
+#[allow(clippy::too_many_lines)] // the check's steps, read top to bottom
 async fn main() {
     let mut opts = Opts {
         image_dir: PathBuf::from("/var/lib/kuasar"),
