@@ -53,12 +53,14 @@ config() {
   echo "log_level = $(toml_str "${KUASAR_LOG_LEVEL:-info}")"
   [ -n "${KUASAR_KERNEL:-}" ] && echo "kernel = $(toml_str "$KUASAR_KERNEL")"
   echo
-  echo "[qemu]"
-  [ -n "${KUASAR_ACCELERATOR:-}" ] && echo "accelerator = $(toml_str "$KUASAR_ACCELERATOR")"
+  echo "[vm]"
   [ -n "${KUASAR_VCPUS:-}" ] && echo "vcpus = $KUASAR_VCPUS"
   [ -n "${KUASAR_MEMORY_MIB:-}" ] && echo "memory_mib = $KUASAR_MEMORY_MIB"
   [ -n "${KUASAR_BOOT_TIMEOUT_SECS:-}" ] && echo "boot_timeout_secs = $KUASAR_BOOT_TIMEOUT_SECS"
   [ -n "${KUASAR_KERNEL_PARAMS:-}" ] && echo "kernel_params = $(toml_str "$KUASAR_KERNEL_PARAMS")"
+  echo
+  echo "[qemu]"
+  [ -n "${KUASAR_ACCELERATOR:-}" ] && echo "accelerator = $(toml_str "$KUASAR_ACCELERATOR")"
   if [ -n "${KUASAR_METRICS_ADDRESS:-}" ]; then
     echo
     echo "[metrics]"

@@ -32,7 +32,7 @@ pub struct SandboxerConfig {
     pub log_level: String,
     pub qemu_binary: Option<PathBuf>,
     pub boot_timeout_secs: Option<u64>,
-    /// `[qemu] call_timeout_secs`: the bound on each agent call.
+    /// `[vm] call_timeout_secs`: the bound on each agent call.
     pub call_timeout_secs: Option<u64>,
     pub kernel_params: Option<String>,
     /// `[metrics] address` (None: no metrics endpoint, the default).
@@ -77,7 +77,7 @@ impl SandboxerConfig {
     pub fn to_toml(&self) -> String {
         let p = |p: &Path| toml_str(&p.to_string_lossy());
         let mut s = format!(
-            "socket = {}\ngrpc_socket = {}\ncontainerd_ttrpc_address = {}\nstate_dir = {}\nimage_dir = {}\nlog_level = {}\n\n[qemu]\n",
+            "socket = {}\ngrpc_socket = {}\ncontainerd_ttrpc_address = {}\nstate_dir = {}\nimage_dir = {}\nlog_level = {}\n",
             p(&self.socket),
             p(&self.grpc_socket()),
             p(&self.containerd_ttrpc_address),
@@ -86,16 +86,9 @@ impl SandboxerConfig {
             toml_str(&self.log_level)
         );
         if let Some(k) = &self.kernel {
-            // A top-level key: before the [qemu] table.
-            s = s.replacen(
-                "\n[qemu]\n",
-                &format!("kernel = {}\n\n[qemu]\n", toml_str(k)),
-                1,
-            );
+            s += &format!("kernel = {}\n", toml_str(k));
         }
-        if let Some(b) = &self.qemu_binary {
-            s += &format!("binary = {}\n", p(b));
-        }
+        s += "\n[vm]\n";
         if let Some(t) = self.boot_timeout_secs {
             s += &format!("boot_timeout_secs = {t}\n");
         }
@@ -104,6 +97,10 @@ impl SandboxerConfig {
         }
         if let Some(k) = &self.kernel_params {
             s += &format!("kernel_params = {}\n", toml_str(k));
+        }
+        s += "\n[qemu]\n";
+        if let Some(b) = &self.qemu_binary {
+            s += &format!("binary = {}\n", p(b));
         }
         if let Some(a) = &self.metrics_address {
             s += &format!("\n[metrics]\naddress = {}\n", toml_str(a));

@@ -24,9 +24,9 @@ use kuasar_e2e::{paths, procs, shared, EnvOptions, BUSYBOX};
 
 /// The zero-shim handler: its pods have a task socket served by kuasar-vmm.
 const ZERO: &str = "kuasar-vmm-zero";
-/// `[qemu] call_timeout_secs` of this file's kuasar-vmm.
+/// `[vm] call_timeout_secs` of this file's kuasar-vmm.
 const CALL_TIMEOUT_SECS: u64 = 5;
-/// `[qemu] boot_timeout_secs` of this file's kuasar-vmm.
+/// `[vm] boot_timeout_secs` of this file's kuasar-vmm.
 const BOOT_TIMEOUT_SECS: u64 = 20;
 const TASK_V2: &str = "containerd.task.v2.Task";
 const TASK_V3: &str = "containerd.task.v3.Task";

@@ -21,6 +21,8 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Syntax(#[from] Box<toml::de::Error>),
     #[error("parse config file {path}")]
     Parse {
         path: PathBuf,
@@ -54,9 +56,16 @@ pub struct Config {
     pub kernel: PathBuf,
     /// Default log filter (overridden by the `KUASAR_LOG` environment variable).
     pub log_level: String,
+    /// The VMs, whatever the hypervisor.
+    pub vm: VmConfig,
+    /// The hypervisor, QEMU.
     pub qemu: QemuConfig,
     pub sizing: SizingConfig,
     pub metrics: MetricsConfig,
+    /// What the file set the old way (`[qemu]` keys that moved to `[vm]`),
+    /// for a warning once logging is up.
+    #[serde(skip)]
+    pub deprecated: Vec<String>,
 }
 
 impl Default for Config {
@@ -69,9 +78,11 @@ impl Default for Config {
             image_dir: PathBuf::from("/var/lib/kuasar"),
             kernel: PathBuf::from(KERNEL_FILE),
             log_level: "info".into(),
+            vm: VmConfig::default(),
             qemu: QemuConfig::default(),
             sizing: SizingConfig::default(),
             metrics: MetricsConfig::default(),
+            deprecated: Vec::new(),
         }
     }
 }
@@ -98,21 +109,43 @@ pub enum Channel {
     Serial,
 }
 
+/// The VMs, whatever the hypervisor runs them.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
-pub struct QemuConfig {
-    pub binary: PathBuf,
-    pub accelerator: Accelerator,
-    pub channel: Channel,
+pub struct VmConfig {
+    /// vCPUs of a VM whose pod sets no CPU limit (and the least any gets).
     pub vcpus: u32,
+    /// Memory of a VM whose pod sets no memory limit (and the least any
+    /// gets), MiB.
     pub memory_mib: u32,
-    /// How long a guest may take from QEMU's spawn to the agent answering.
+    /// How long a guest may take from the VMM's spawn to the agent answering.
     pub boot_timeout_secs: u64,
     /// How long one call to a booted guest's agent may take (every call but
     /// the waits for a process, which are re-asked in rounds).
     pub call_timeout_secs: u64,
     /// Appended to the guest kernel's command line.
     pub kernel_params: String,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            vcpus: 1,
+            memory_mib: 256,
+            boot_timeout_secs: 30,
+            call_timeout_secs: 30,
+            kernel_params: String::new(),
+        }
+    }
+}
+
+/// QEMU: its binary and how it runs the VMs.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct QemuConfig {
+    pub binary: PathBuf,
+    pub accelerator: Accelerator,
+    pub channel: Channel,
     /// Host TSC frequency given to the guest (`tsc_early_khz`) under TCG;
     /// 0 reads it from the host.
     pub tsc_khz: u64,
@@ -121,6 +154,13 @@ pub struct QemuConfig {
     /// denied): QEMU parses the untrusted guest's device traffic. Off only
     /// for a QEMU built without seccomp support.
     pub seccomp: bool,
+    // Keys of before `[vm]`, still read into it (see [`Config::parse`]);
+    // always None after it.
+    pub(crate) vcpus: Option<u32>,
+    pub(crate) memory_mib: Option<u32>,
+    pub(crate) boot_timeout_secs: Option<u64>,
+    pub(crate) call_timeout_secs: Option<u64>,
+    pub(crate) kernel_params: Option<String>,
 }
 
 impl Default for QemuConfig {
@@ -129,21 +169,21 @@ impl Default for QemuConfig {
             binary: PathBuf::from("/usr/bin/qemu-system-x86_64"),
             accelerator: Accelerator::Auto,
             channel: Channel::Auto,
-            vcpus: 1,
-            memory_mib: 256,
-            boot_timeout_secs: 30,
-            call_timeout_secs: 30,
-            kernel_params: String::new(),
             tsc_khz: 0,
             seccomp: true,
+            vcpus: None,
+            memory_mib: None,
+            boot_timeout_secs: None,
+            call_timeout_secs: None,
+            kernel_params: None,
         }
     }
 }
 
 /// How a pod's VM is sized from its resources (CRI's sandbox annotations):
 /// memory = the pod's memory limit + `memory_overhead_mib`, vCPUs =
-/// ceil(CPU quota / period) + `vcpu_overhead`, never below `qemu.memory_mib`
-/// and `qemu.vcpus`, which a pod without limits gets.
+/// ceil(CPU quota / period) + `vcpu_overhead`, never below `vm.memory_mib`
+/// and `vm.vcpus`, which a pod without limits gets.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SizingConfig {
@@ -217,9 +257,12 @@ impl Config {
                     path: path.to_owned(),
                     source,
                 })?;
-                Self::parse(&text).map_err(|source| ConfigError::Parse {
-                    path: path.to_owned(),
-                    source: Box::new(source),
+                Self::parse(&text).map_err(|e| match e {
+                    ConfigError::Syntax(source) => ConfigError::Parse {
+                        path: path.to_owned(),
+                        source,
+                    },
+                    e => e,
                 })?
             }
         };
@@ -227,8 +270,70 @@ impl Config {
         Ok(config)
     }
 
-    pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
-        toml::from_str(text)
+    /// Parses a configuration file's text. The `[qemu]` keys that moved to
+    /// `[vm]` (vcpus, memory_mib, boot_timeout_secs, call_timeout_secs,
+    /// kernel_params) are still read, into `[vm]`, and noted in
+    /// `deprecated`; set in both places, they are refused.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(Box::new)?;
+        config.move_legacy_keys()?;
+        Ok(config)
+    }
+
+    /// Moves `[qemu]` keys of before `[vm]` into `[vm]`.
+    fn move_legacy_keys(&mut self) -> Result<(), ConfigError> {
+        let q = &mut self.qemu;
+        let (vcpus, memory_mib, boot_timeout_secs, call_timeout_secs, kernel_params) = (
+            q.vcpus.take(),
+            q.memory_mib.take(),
+            q.boot_timeout_secs.take(),
+            q.call_timeout_secs.take(),
+            q.kernel_params.take(),
+        );
+        let defaults = VmConfig::default();
+        let mut moved = |key: &'static str, set_in_vm: bool| {
+            if set_in_vm {
+                return Err(ConfigError::Invalid {
+                    field: key,
+                    reason: "is set in both [qemu] (its old place) and [vm]: keep the [vm] one"
+                        .into(),
+                });
+            }
+            self.deprecated.push(format!(
+                "`qemu.{key}` has moved to `vm.{key}`; it is read from [qemu] for now"
+            ));
+            Ok(())
+        };
+        if let Some(v) = vcpus {
+            moved("vcpus", self.vm.vcpus != defaults.vcpus)?;
+            self.vm.vcpus = v;
+        }
+        if let Some(v) = memory_mib {
+            moved("memory_mib", self.vm.memory_mib != defaults.memory_mib)?;
+            self.vm.memory_mib = v;
+        }
+        if let Some(v) = boot_timeout_secs {
+            moved(
+                "boot_timeout_secs",
+                self.vm.boot_timeout_secs != defaults.boot_timeout_secs,
+            )?;
+            self.vm.boot_timeout_secs = v;
+        }
+        if let Some(v) = call_timeout_secs {
+            moved(
+                "call_timeout_secs",
+                self.vm.call_timeout_secs != defaults.call_timeout_secs,
+            )?;
+            self.vm.call_timeout_secs = v;
+        }
+        if let Some(v) = kernel_params {
+            moved(
+                "kernel_params",
+                self.vm.kernel_params != defaults.kernel_params,
+            )?;
+            self.vm.kernel_params = v;
+        }
+        Ok(())
     }
 
     /// The guest kernel: `kernel` inside `image_dir`, or `kernel` itself
@@ -317,11 +422,11 @@ impl Config {
     /// The VM's default size, the sizing overheads and the timeouts: within
     /// their bounds.
     fn validate_vm(&self) -> Result<(), ConfigError> {
-        if !(1..=64).contains(&self.qemu.vcpus) {
-            return Err(invalid("qemu.vcpus", "must be between 1 and 64"));
+        if !(1..=64).contains(&self.vm.vcpus) {
+            return Err(invalid("vm.vcpus", "must be between 1 and 64"));
         }
-        if !(64..=65536).contains(&self.qemu.memory_mib) {
-            return Err(invalid("qemu.memory_mib", "must be between 64 and 65536"));
+        if !(64..=65536).contains(&self.vm.memory_mib) {
+            return Err(invalid("vm.memory_mib", "must be between 64 and 65536"));
         }
         if self.sizing.memory_overhead_mib > 65536 {
             return Err(invalid(
@@ -338,17 +443,11 @@ impl Config {
         if self.sizing.vcpu_overhead > 64 {
             return Err(invalid("sizing.vcpu_overhead", "must be at most 64"));
         }
-        if !(1..=600).contains(&self.qemu.boot_timeout_secs) {
-            return Err(invalid(
-                "qemu.boot_timeout_secs",
-                "must be between 1 and 600",
-            ));
+        if !(1..=600).contains(&self.vm.boot_timeout_secs) {
+            return Err(invalid("vm.boot_timeout_secs", "must be between 1 and 600"));
         }
-        if !(1..=600).contains(&self.qemu.call_timeout_secs) {
-            return Err(invalid(
-                "qemu.call_timeout_secs",
-                "must be between 1 and 600",
-            ));
+        if !(1..=600).contains(&self.vm.call_timeout_secs) {
+            return Err(invalid("vm.call_timeout_secs", "must be between 1 and 600"));
         }
         Ok(())
     }
@@ -462,11 +561,11 @@ mod tests {
         let mut c = Config::parse("image_dir = \"/nonexistent-kuasar-image\"").unwrap();
         c.validate_values().unwrap();
         assert!(matches!(c.validate(), Err(ConfigError::Missing { .. })));
-        c.qemu.vcpus = 0;
+        c.vm.vcpus = 0;
         assert!(matches!(
             c.validate_values(),
             Err(ConfigError::Invalid {
-                field: "qemu.vcpus",
+                field: "vm.vcpus",
                 ..
             })
         ));
@@ -476,6 +575,27 @@ mod tests {
     fn unknown_key_is_rejected() {
         let err = Config::parse("sockett = \"/x\"").unwrap_err();
         assert!(err.to_string().contains("sockett"), "{err}");
+    }
+
+    #[test]
+    fn vm_keys_of_the_qemu_section_are_still_read_and_noted() {
+        let c = Config::parse("[qemu]\nvcpus = 2\nboot_timeout_secs = 9\nseccomp = false").unwrap();
+        assert_eq!((c.vm.vcpus, c.vm.boot_timeout_secs), (2, 9));
+        assert!(!c.qemu.seccomp);
+        assert_eq!(
+            c.qemu,
+            Config::parse("[qemu]\nseccomp = false").unwrap().qemu
+        );
+        assert_eq!(c.deprecated.len(), 2, "{:?}", c.deprecated);
+        assert!(c.deprecated[0].contains("`vm.vcpus`"), "{:?}", c.deprecated);
+
+        let c = Config::parse("[vm]\nvcpus = 2\nkernel_params = \"x\"").unwrap();
+        assert_eq!((c.vm.vcpus, c.vm.kernel_params.as_str()), (2, "x"));
+        assert!(c.deprecated.is_empty());
+
+        let err = Config::parse("[vm]\nvcpus = 2\n[qemu]\nvcpus = 3").unwrap_err();
+        assert!(err.to_string().contains("`vcpus`"), "{err}");
+        assert!(err.to_string().contains("both [qemu]"), "{err}");
     }
 
     #[test]
@@ -515,9 +635,9 @@ mod tests {
     #[test]
     fn bad_values_name_the_field() {
         let mut c = Config::default();
-        c.qemu.vcpus = 0;
+        c.vm.vcpus = 0;
         let err = c.validate().unwrap_err().to_string();
-        assert!(err.contains("qemu.vcpus"), "{err}");
+        assert!(err.contains("vm.vcpus"), "{err}");
         let c = Config {
             socket: PathBuf::from("relative.sock"),
             ..Config::default()

@@ -286,7 +286,10 @@ impl Controller for ControllerService {
         let s = sandbox.pod_status();
         let mut info = HashMap::new();
         if req.verbose {
-            info.insert("vmm".to_owned(), "qemu".to_owned());
+            info.insert(
+                "vmm".to_owned(),
+                self.registry.host.hypervisor.name().to_owned(),
+            );
             info.insert("dir".to_owned(), sandbox.dir.display().to_string());
         }
         let address = self.task_address(&req.sandbox_id);

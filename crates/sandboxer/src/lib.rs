@@ -83,9 +83,7 @@ pub(crate) fn bind(socket: &Path) -> anyhow::Result<std::os::unix::net::UnixList
 /// serving (the VMs keep running, for the next kuasar-vmm to adopt).
 async fn serve(config: Config) -> anyhow::Result<()> {
     prepare_state_dir(&config)?;
-    agent::set_call_timeout(std::time::Duration::from_secs(
-        config.qemu.call_timeout_secs,
-    ));
+    agent::set_call_timeout(std::time::Duration::from_secs(config.vm.call_timeout_secs));
     let socket = config.socket.clone();
     let grpc_socket = config.grpc_socket.clone();
     // Bound first: a taken address stops us before any VM is touched.

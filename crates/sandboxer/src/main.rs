@@ -42,6 +42,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    for note in &config.deprecated {
+        tracing::warn!("configuration: {note}");
+    }
     match kuasar_vmm::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

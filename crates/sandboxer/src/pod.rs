@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
-use crate::config::{QemuConfig, SizingConfig};
+use crate::config::{SizingConfig, VmConfig};
 use crate::error::{Error, Result};
 
 pub mod settings;
@@ -286,11 +286,11 @@ const MIB: u64 = 1 << 20;
 /// limit gets the defaults.
 pub fn vm_size(
     resources: &PodResources,
-    qemu: &QemuConfig,
+    vm: &VmConfig,
     sizing: &SizingConfig,
     host: HostCapacity,
 ) -> Result<VmSize> {
-    let mut memory_mib = u64::from(qemu.memory_mib);
+    let mut memory_mib = u64::from(vm.memory_mib);
     let limit_mib = resources.memory_limit_bytes.div_ceil(MIB);
     let proportional_mib = limit_mib
         .saturating_mul(u64::from(sizing.memory_overhead_percent))
@@ -302,7 +302,7 @@ pub fn vm_size(
                 .saturating_add(proportional_mib),
         );
     }
-    let mut vcpus = u64::from(qemu.vcpus);
+    let mut vcpus = u64::from(vm.vcpus);
     if resources.cpu_quota > 0 && resources.cpu_period > 0 {
         let asked = (resources.cpu_quota as u64)
             .div_ceil(resources.cpu_period)
@@ -312,17 +312,17 @@ pub fn vm_size(
     if memory_mib > host.memory_mib {
         return Err(Error::ResourceExhausted(format!(
             "the pod needs a VM of {memory_mib} MiB (memory limit {limit_mib} MiB + {} MiB \
-             guest overhead, at least qemu.memory_mib = {}) but the host has {} MiB",
+             guest overhead, at least vm.memory_mib = {}) but the host has {} MiB",
             sizing.memory_overhead_mib.saturating_add(proportional_mib),
-            qemu.memory_mib,
+            vm.memory_mib,
             host.memory_mib
         )));
     }
     if vcpus > u64::from(host.cpus) {
         return Err(Error::ResourceExhausted(format!(
             "the pod needs a VM of {vcpus} vCPUs (CPU limit {}/{} + {} overhead, at least \
-             qemu.vcpus = {}) but the host has {} CPUs",
-            resources.cpu_quota, resources.cpu_period, sizing.vcpu_overhead, qemu.vcpus, host.cpus
+             vm.vcpus = {}) but the host has {} CPUs",
+            resources.cpu_quota, resources.cpu_period, sizing.vcpu_overhead, vm.vcpus, host.cpus
         )));
     }
     Ok(VmSize {
@@ -529,11 +529,11 @@ mod tests {
         assert!(err.contains(SANDBOX_MEMORY), "{err}");
     }
 
-    fn sizing() -> (QemuConfig, SizingConfig, HostCapacity) {
-        let qemu = QemuConfig {
+    fn sizing() -> (VmConfig, SizingConfig, HostCapacity) {
+        let vm = VmConfig {
             vcpus: 1,
             memory_mib: 256,
-            ..QemuConfig::default()
+            ..VmConfig::default()
         };
         let sizing = SizingConfig {
             memory_overhead_mib: 128,
@@ -544,7 +544,7 @@ mod tests {
             memory_mib: 24_000,
             cpus: 2,
         };
-        (qemu, sizing, host)
+        (vm, sizing, host)
     }
 
     fn pod(quota: i64, period: u64, memory: u64) -> PodResources {
@@ -557,8 +557,8 @@ mod tests {
 
     #[test]
     fn no_limits_give_the_defaults() {
-        let (qemu, sizing, host) = sizing();
-        let size = vm_size(&PodResources::default(), &qemu, &sizing, host).unwrap();
+        let (vm, sizing, host) = sizing();
+        let size = vm_size(&PodResources::default(), &vm, &sizing, host).unwrap();
         assert_eq!(
             size,
             VmSize {
@@ -567,72 +567,72 @@ mod tests {
             }
         );
         // An unlimited quota (-1) is no limit either.
-        let size = vm_size(&pod(-1, 100_000, 0), &qemu, &sizing, host).unwrap();
+        let size = vm_size(&pod(-1, 100_000, 0), &vm, &sizing, host).unwrap();
         assert_eq!(size.vcpus, 1);
     }
 
     #[test]
     fn memory_is_the_limit_plus_overhead_never_below_the_default() {
-        let (qemu, sizing, host) = sizing();
-        let size = vm_size(&pod(0, 0, 512 * MIB), &qemu, &sizing, host).unwrap();
+        let (vm, sizing, host) = sizing();
+        let size = vm_size(&pod(0, 0, 512 * MIB), &vm, &sizing, host).unwrap();
         assert_eq!(size.memory_mib, 640);
         // A part of a MiB counts as a whole one.
-        let size = vm_size(&pod(0, 0, 512 * MIB + 1), &qemu, &sizing, host).unwrap();
+        let size = vm_size(&pod(0, 0, 512 * MIB + 1), &vm, &sizing, host).unwrap();
         assert_eq!(size.memory_mib, 641);
         // 64 MiB + 128 MiB is below the default 256 MiB.
-        let size = vm_size(&pod(0, 0, 64 * MIB), &qemu, &sizing, host).unwrap();
+        let size = vm_size(&pod(0, 0, 64 * MIB), &vm, &sizing, host).unwrap();
         assert_eq!(size.memory_mib, 256);
     }
 
     #[test]
     fn a_percentage_of_the_limit_is_added() {
-        let (qemu, mut sizing, host) = sizing();
+        let (vm, mut sizing, host) = sizing();
         sizing.memory_overhead_percent = 4;
         // 1000 + 128 + 40.
-        let size = vm_size(&pod(0, 0, 1000 * MIB), &qemu, &sizing, host).unwrap();
+        let size = vm_size(&pod(0, 0, 1000 * MIB), &vm, &sizing, host).unwrap();
         assert_eq!(size.memory_mib, 1168);
         // 4% of 768 MiB is 30.72 MiB: rounded up.
-        let size = vm_size(&pod(0, 0, 768 * MIB), &qemu, &sizing, host).unwrap();
+        let size = vm_size(&pod(0, 0, 768 * MIB), &vm, &sizing, host).unwrap();
         assert_eq!(size.memory_mib, 768 + 128 + 31);
     }
 
     #[test]
     fn vcpus_are_the_quota_rounded_up_plus_overhead() {
-        let (qemu, mut sizing, host) = sizing();
-        let size = vm_size(&pod(150_000, 100_000, 0), &qemu, &sizing, host).unwrap();
+        let (vm, mut sizing, host) = sizing();
+        let size = vm_size(&pod(150_000, 100_000, 0), &vm, &sizing, host).unwrap();
         assert_eq!(size.vcpus, 2);
-        let size = vm_size(&pod(50_000, 100_000, 0), &qemu, &sizing, host).unwrap();
+        let size = vm_size(&pod(50_000, 100_000, 0), &vm, &sizing, host).unwrap();
         assert_eq!(size.vcpus, 1);
         sizing.vcpu_overhead = 1;
-        let size = vm_size(&pod(100_000, 100_000, 0), &qemu, &sizing, host).unwrap();
+        let size = vm_size(&pod(100_000, 100_000, 0), &vm, &sizing, host).unwrap();
         assert_eq!(size.vcpus, 2);
     }
 
     #[test]
     fn more_than_the_host_has_is_refused_with_both_figures() {
-        let (qemu, sizing, host) = sizing();
-        let err = vm_size(&pod(0, 0, 30_000 * MIB), &qemu, &sizing, host).unwrap_err();
+        let (vm, sizing, host) = sizing();
+        let err = vm_size(&pod(0, 0, 30_000 * MIB), &vm, &sizing, host).unwrap_err();
         assert!(matches!(err, Error::ResourceExhausted(_)), "{err:?}");
         let text = err.to_string();
         assert!(
             text.contains("30128 MiB") && text.contains("24000 MiB"),
             "{text}"
         );
-        let err = vm_size(&pod(300_000, 100_000, 0), &qemu, &sizing, host).unwrap_err();
+        let err = vm_size(&pod(300_000, 100_000, 0), &vm, &sizing, host).unwrap_err();
         let text = err.to_string();
         assert!(
             text.contains("3 vCPUs") && text.contains("2 CPUs"),
             "{text}"
         );
         // Exactly what the host has is fine.
-        let size = vm_size(&pod(200_000, 100_000, 0), &qemu, &sizing, host).unwrap();
+        let size = vm_size(&pod(200_000, 100_000, 0), &vm, &sizing, host).unwrap();
         assert_eq!(size.vcpus, 2);
     }
 
     #[test]
     fn huge_figures_do_not_overflow() {
-        let (qemu, sizing, host) = sizing();
-        assert!(vm_size(&pod(i64::MAX, 1, u64::MAX), &qemu, &sizing, host).is_err());
+        let (vm, sizing, host) = sizing();
+        assert!(vm_size(&pod(i64::MAX, 1, u64::MAX), &vm, &sizing, host).is_err());
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::events::timestamp;
 use crate::host::Host;
 use crate::sandbox::Sandbox;
 use crate::state::{ProcRecord, SandboxRecord};
+use crate::vmm::Hypervisor;
 
 /// Exit status reported for a container whose VM was gone at recovery.
 pub const LOST_EXIT_STATUS: u32 = 255;
@@ -51,18 +52,20 @@ pub async fn recover_all(host: &Arc<Host>) -> Recovered {
             Ok(r) if r.id == name && crate::container::validate_id("sandbox", &r.id).is_ok() => r,
             Ok(r) => {
                 tracing::error!(sandbox = %name, recorded = %r.id, "sandbox state names another sandbox; cleaning the directory");
-                clean_leftover(&dir);
+                clean_leftover(host.hypervisor.as_ref(), &dir);
                 found.unreadable += 1;
                 continue;
             }
             Err(e) => {
                 tracing::error!(sandbox = %name, "unreadable sandbox state, cleaning the directory: {}", crate::error::chain(&e));
-                clean_leftover(&dir);
+                clean_leftover(host.hypervisor.as_ref(), &dir);
                 found.unreadable += 1;
                 continue;
             }
         };
-        let alive = record.vmm_pid.filter(|&pid| is_our_vmm(pid, &record.id));
+        let alive = record
+            .vmm_pid
+            .filter(|&pid| host.hypervisor.owns(pid, &record.id));
         if let Some(pid) = alive {
             match Sandbox::adopt(host.clone(), record.clone(), pid).await {
                 Ok(sandbox) => {
@@ -77,7 +80,7 @@ pub async fn recover_all(host: &Arc<Host>) -> Recovered {
         } else if !record.containers.is_empty() || record.vmm_pid.is_some() {
             tracing::warn!(sandbox = %record.id, "the sandbox's VM is gone");
         }
-        clean_leftover(&dir);
+        clean_leftover(host.hypervisor.as_ref(), &dir);
         report_lost(host, &record).await;
         if let Some(net) = &record.net {
             // The relay died with the earlier run; its rule goes too.
@@ -118,24 +121,21 @@ async fn report_lost(host: &Host, record: &SandboxRecord) {
 }
 
 /// Stops the VMM a sandbox directory names (when it still runs and really is
-/// that sandbox's QEMU) and removes the directory, mounts included. The
+/// that sandbox's VMM) and removes the directory, mounts included. The
 /// network a pod's VM took over goes with the pod's netns.
-pub fn clean_leftover(dir: &Path) {
+pub fn clean_leftover(hypervisor: &dyn Hypervisor, dir: &Path) {
     let id = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     if let Ok(record) = SandboxRecord::load(dir) {
         if let Some(pid) = record.vmm_pid {
-            kill_vmm(pid, &id);
+            kill_vmm(hypervisor, pid, &id);
         }
     }
     // A VMM that started but never got its state recorded.
-    if let Some(pid) = std::fs::read_to_string(dir.join("qemu.pid"))
-        .ok()
-        .and_then(|p| p.trim().parse::<u32>().ok())
-    {
-        kill_vmm(pid, &id);
+    if let Some(pid) = hypervisor.recorded_pid(dir) {
+        kill_vmm(hypervisor, pid, &id);
     }
     match crate::mount::remove_dir(dir) {
         Ok(()) => tracing::warn!(sandbox = %id, "removed a sandbox left by an earlier run"),
@@ -143,16 +143,8 @@ pub fn clean_leftover(dir: &Path) {
     }
 }
 
-/// True when `pid` runs the QEMU of sandbox `id` (its command line carries
-/// the VM's name): a recycled pid is never mistaken for it.
-fn is_our_vmm(pid: u32, id: &str) -> bool {
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let marker = format!("kuasar-{id},");
-    String::from_utf8_lossy(&cmdline).contains(&marker)
-}
-
-fn kill_vmm(pid: u32, id: &str) {
-    if is_our_vmm(pid, id) {
+fn kill_vmm(hypervisor: &dyn Hypervisor, pid: u32, id: &str) {
+    if hypervisor.owns(pid, id) {
         tracing::warn!(sandbox = %id, pid, "stopping a VMM left by an earlier run");
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),

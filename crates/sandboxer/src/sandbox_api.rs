@@ -156,7 +156,8 @@ impl SandboxApi for SandboxService {
             resp.exited_at = timestamp_of(at);
         }
         if req.verbose {
-            resp.info.insert("vmm".into(), "qemu".into());
+            resp.info
+                .insert("vmm".into(), self.registry.host.hypervisor.name().into());
             resp.info
                 .insert("dir".into(), sandbox.dir.display().to_string());
         }

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use super::phase::{Ended, Held, Live, Phase};
 use super::*;
 use crate::state::{ContainerRecord, NetRecord, ProcRecord, SandboxRecord, RECORD_VERSION};
-use crate::vmm::qemu::QemuVm;
 
 /// How long a re-adopted VM's agent may take to answer.
 const ADOPT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -167,9 +166,11 @@ impl Sandbox {
         let sandbox = Self::from_record(host.clone(), &record);
         // The size the VM was booted with (what the operator's view shows).
         let size = sandbox.pod_vm_size(record.pod.as_ref()).ok().flatten();
-        let spec = sandbox.vm_spec(size);
-        let shape = VmShape::of(&spec);
-        let vm = QemuVm::adopt(host.config.qemu.binary.clone(), spec, vmm_pid)
+        let plan = sandbox.vm_plan(size);
+        let shape = VmShape::of(&plan);
+        let vm = host
+            .hypervisor
+            .adopt(plan, vmm_pid)
             .map_err(|e| Error::io(format!("follow VMM pid {vmm_pid}"), e))?;
         let deadline = Instant::now() + ADOPT_TIMEOUT;
         let (agent, _) =
@@ -190,7 +191,7 @@ impl Sandbox {
                 .await;
         }
         sandbox.phase.send_replace(Phase::Running(Arc::new(Live {
-            vmm: tokio::sync::Mutex::new(Box::new(vm)),
+            vmm: tokio::sync::Mutex::new(vm),
             agent: agent.clone(),
             pid: vmm_pid,
             agent_address: record.agent_address.clone(),

@@ -64,11 +64,11 @@ pub struct VmShape {
 }
 
 impl VmShape {
-    pub(super) fn of(spec: &crate::vmm::qemu::VmSpec) -> Self {
+    pub(super) fn of(plan: &crate::vmm::VmPlan) -> Self {
         VmShape {
-            vcpus: spec.vcpus,
-            memory_mib: spec.memory_mib,
-            console_log: spec.console_log(),
+            vcpus: plan.vcpus,
+            memory_mib: plan.memory_mib,
+            console_log: plan.console_log(),
         }
     }
 }

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use super::phase::{begin_boot, end_boot, BootStep, Held, Live, Reason};
 use super::*;
-use crate::vmm::qemu::{log_tail, QemuVm, VmSpec};
-use crate::vmm::StartVmError;
+use crate::vmm::qemu::log_tail;
+use crate::vmm::{PlanNic, StartVmError, VmPlan};
 
 /// How much of the guest console a boot error quotes (the directory holding
 /// the whole log is removed with the failed sandbox).
@@ -70,15 +70,14 @@ impl Sandbox {
                 "VM sized from the pod"
             );
         }
-        let spec = self.vm_spec(size);
-        let shape = VmShape::of(&spec);
-        let mut qemu = QemuVm::new(self.host.config.qemu.binary.clone(), spec);
+        let mut plan = self.vm_plan(size);
         let mut held = Held::default();
-        let prepared = self.attach_net(pod.as_ref(), &mut qemu, &mut held).await;
-        let mut qemu: Box<dyn Vmm> = Box::new(qemu);
+        let prepared = self.attach_net(pod.as_ref(), &mut plan, &mut held).await;
+        let shape = VmShape::of(&plan);
+        let mut vm = self.host.hypervisor.prepare(plan);
         let booted = match prepared {
             Ok(()) => {
-                self.boot_guest(qemu.as_mut(), pod.as_ref(), &held, started)
+                self.boot_guest(vm.as_mut(), pod.as_ref(), &held, started)
                     .await
             }
             Err(e) => Err(e),
@@ -87,7 +86,7 @@ impl Sandbox {
             Ok(agent) => agent,
             Err(e) => {
                 tracing::warn!(sandbox = %self.info.id, "VM start failed: {}", crate::error::chain(&e));
-                let _ = qemu.stop(Duration::ZERO).await;
+                let _ = vm.stop(Duration::ZERO).await;
                 self.release(held).await;
                 if let Err(e) = mount::remove_dir(&self.dir) {
                     tracing::warn!(dir = %self.dir.display(), "remove sandbox directory: {e}");
@@ -95,7 +94,7 @@ impl Sandbox {
                 return Err(e);
             }
         };
-        let pid = qemu.pid().unwrap_or(0);
+        let pid = vm.pid().unwrap_or(0);
         tracing::info!(
             sandbox = %self.info.id,
             pid,
@@ -106,8 +105,8 @@ impl Sandbox {
             held.port_forward = self.start_port_forward(netns, &agent).await;
         }
         Ok(Arc::new(Live {
-            agent_address: qemu.agent_address(),
-            vmm: tokio::sync::Mutex::new(qemu),
+            agent_address: vm.agent_address(),
+            vmm: tokio::sync::Mutex::new(vm),
             agent,
             pid,
             shape,
@@ -115,32 +114,29 @@ impl Sandbox {
         }))
     }
 
-    /// The VM's plan: the configured VM, `size` when the pod sets one.
-    pub(super) fn vm_spec(&self, size: Option<crate::pod::VmSize>) -> VmSpec {
-        let config = &self.host.config;
-        let mut spec = VmSpec::from_config(
-            self.info.id.clone(),
-            self.host.accel,
-            self.host.agent_channel(),
-            self.host.tsc_khz,
-            &config.qemu,
-            config.kernel_path(),
-            config.initrd_path(),
-            self.dir.clone(),
-        );
-        if let Some(size) = size {
-            spec.vcpus = size.vcpus;
-            spec.memory_mib = size.memory_mib;
+    /// The VM's plan: the configured VM, `size` when the pod sets one; its
+    /// NICs come with the pod's network.
+    pub(super) fn vm_plan(&self, size: Option<crate::pod::VmSize>) -> VmPlan {
+        let vm = &self.host.config.vm;
+        let (vcpus, memory_mib) = match size {
+            Some(size) => (size.vcpus, size.memory_mib),
+            None => (vm.vcpus, vm.memory_mib),
+        };
+        VmPlan {
+            id: self.info.id.clone(),
+            vcpus,
+            memory_mib,
+            dir: self.dir.clone(),
+            nics: Vec::new(),
         }
-        spec
     }
 
-    /// Moves the pod's interfaces (pods with a netns) to taps that `qemu`
-    /// gets on its command line; the attachment goes into `held`.
+    /// Moves the pod's interfaces (pods with a netns) to taps that the VM
+    /// gets (`plan`'s NICs); the attachment goes into `held`.
     async fn attach_net(
         &self,
         pod: Option<&PodConfig>,
-        qemu: &mut QemuVm,
+        plan: &mut VmPlan,
         held: &mut Held,
     ) -> Result<()> {
         let Some(netns) = pod.and_then(|p| p.netns.as_deref()) else {
@@ -159,8 +155,8 @@ impl Sandbox {
             .map(|nic| Ok((nic.tap.try_clone()?, nic.interface.mac_string())))
             .collect();
         held.net = Some(net);
-        for (fd, mac) in taps.map_err(|e| Error::io("duplicate a tap fd for the VMM", e))? {
-            qemu.add_nic(fd, mac);
+        for (tap, mac) in taps.map_err(|e| Error::io("duplicate a tap fd for the VMM", e))? {
+            plan.nics.push(PlanNic { tap, mac });
         }
         Ok(())
     }
@@ -173,7 +169,7 @@ impl Sandbox {
         held: &Held,
         started: Instant,
     ) -> Result<Agent> {
-        let timeout = Duration::from_secs(self.host.config.qemu.boot_timeout_secs);
+        let timeout = Duration::from_secs(self.host.config.vm.boot_timeout_secs);
         let agent = self.boot(vm, started + timeout, timeout).await?;
         self.setup_guest(&agent, pod, held.net.as_ref()).await?;
         Ok(agent)
@@ -189,7 +185,7 @@ impl Sandbox {
         match pod {
             Some(pod) => Ok(Some(crate::pod::vm_size(
                 &pod.resources,
-                &config.qemu,
+                &config.vm,
                 &config.sizing,
                 self.host.capacity,
             )?)),

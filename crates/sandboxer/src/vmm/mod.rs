@@ -1,4 +1,9 @@
-//! The hypervisor abstraction: one small trait, one module per VMM.
+//! The hypervisor seam: a [`Hypervisor`] makes [`Vmm`]s from a neutral
+//! [`VmPlan`] and takes running ones back after a restart; one module per
+//! hypervisor (`qemu/`) implements both, and owns its files, its command
+//! line and the marker by which its processes are recognised. What a
+//! second hypervisor implements: docs/design.md, "Adding a hypervisor".
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -56,6 +61,56 @@ pub enum StopVmError {
     Unkillable { pid: u32 },
 }
 
+/// A VM to boot for one sandbox, in no hypervisor's terms.
+#[derive(Debug)]
+pub struct VmPlan {
+    /// The sandbox's id (the VM's name; what recognises its process).
+    pub id: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// The sandbox's directory: the VMM's sockets, logs and pid file, and
+    /// `shared/`, the directory the guest mounts at [`GUEST_SHARED_DIR`].
+    pub dir: PathBuf,
+    /// The pod's NICs, in order (none without a pod network).
+    pub nics: Vec<PlanNic>,
+}
+
+impl VmPlan {
+    /// Where the guest's console is logged.
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join(CONSOLE_LOG)
+    }
+}
+
+/// A guest NIC on a tap device of the pod's network namespace.
+#[derive(Debug)]
+pub struct PlanNic {
+    /// An open queue of the tap; the VMM process inherits it.
+    pub tap: OwnedFd,
+    /// The guest NIC's MAC address (`aa:bb:cc:dd:ee:ff`): the pod
+    /// interface's, so that the pod's neighbours see no change.
+    pub mac: String,
+}
+
+/// One hypervisor: the factory of its VMs. kuasar-vmm holds one, chosen by
+/// the configuration, resolved against the host once at start-up.
+pub trait Hypervisor: Send + Sync {
+    /// Its name, as sandbox status reports show it (`info["vmm"]`).
+    fn name(&self) -> &'static str;
+    /// A VM for `plan`, not yet started ([`Vmm::start`] boots it).
+    fn prepare(&self, plan: VmPlan) -> Box<dyn Vmm>;
+    /// Takes over the VMM process `pid` that an earlier kuasar-vmm started
+    /// for `plan` (the caller checked it with [`Hypervisor::owns`]); its
+    /// exit is followed although it is not our child.
+    fn adopt(&self, plan: VmPlan, pid: u32) -> std::io::Result<Box<dyn Vmm>>;
+    /// True when process `pid` is the VMM of sandbox `id`: a recycled pid
+    /// is never mistaken for it.
+    fn owns(&self, pid: u32, id: &str) -> bool;
+    /// The pid a VMM started in sandbox directory `dir` wrote down, for
+    /// cleaning up after a run that died before recording the sandbox.
+    fn recorded_pid(&self, dir: &Path) -> Option<u32>;
+}
+
 /// A VM running one sandbox.
 #[async_trait]
 pub trait Vmm: Send + Sync {
@@ -82,6 +137,10 @@ pub trait Vmm: Send + Sync {
     /// are ignored).
     async fn release_fds(&self, names: Vec<String>) -> Result<(), String>;
 }
+
+/// The guest's console log, in the sandbox's directory, whatever the
+/// hypervisor (kuasarctl console reads it).
+pub const CONSOLE_LOG: &str = "console.log";
 
 /// Where the guest mounts the host's shared directory.
 pub const GUEST_SHARED_DIR: &str = "/run/kuasar/shared";

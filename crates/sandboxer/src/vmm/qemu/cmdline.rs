@@ -1,8 +1,6 @@
 //! Builds QEMU's command line for one sandbox (see docs/design.md).
 use std::path::{Path, PathBuf};
 
-use crate::config::QemuConfig;
-
 /// Name of the virtio-serial port the agent listens on.
 pub const AGENT_PORT_NAME: &str = "kuasar.agent";
 /// virtio-9p mount tag of the shared directory.
@@ -67,7 +65,7 @@ impl VmSpec {
         self.dir.join("qmp.sock")
     }
     pub fn console_log(&self) -> PathBuf {
-        self.dir.join("console.log")
+        self.dir.join(crate::vmm::CONSOLE_LOG)
     }
     pub fn shared_dir(&self) -> PathBuf {
         self.dir.join("shared")
@@ -78,33 +76,6 @@ impl VmSpec {
         match self.channel {
             AgentChannel::Serial => format!("unix://{}", self.agent_socket().display()),
             AgentChannel::Vsock { cid } => format!("vsock://{cid}:{AGENT_VSOCK_PORT}"),
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub fn from_config(
-        name: String,
-        accel: Accel,
-        channel: AgentChannel,
-        tsc_khz: Option<u64>,
-        c: &QemuConfig,
-        kernel: PathBuf,
-        initrd: PathBuf,
-        dir: PathBuf,
-    ) -> Self {
-        VmSpec {
-            name,
-            accel,
-            channel,
-            vcpus: c.vcpus,
-            memory_mib: c.memory_mib,
-            kernel,
-            initrd,
-            kernel_params: c.kernel_params.clone(),
-            tsc_khz,
-            seccomp: c.seccomp,
-            dir,
-            nics: Vec::new(),
         }
     }
 
@@ -161,7 +132,13 @@ impl VmSpec {
         };
         let mut a: Vec<String> = Vec::new();
         let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
-        push(&["-name", &format!("kuasar-{},debug-threads=on", self.name)]);
+        push(&[
+            "-name",
+            &format!(
+                "{}debug-threads=on",
+                super::hypervisor::name_marker(&self.name)
+            ),
+        ]);
         push(&["-machine", "microvm,acpi=on,pit=off,pic=off,rtc=on"]);
         push(&["-accel", accel, "-cpu", cpu]);
         push(&[
@@ -247,16 +224,20 @@ mod tests {
     use super::*;
 
     fn spec(accel: Accel) -> VmSpec {
-        VmSpec::from_config(
-            "sb1".into(),
+        VmSpec {
+            name: "sb1".into(),
             accel,
-            AgentChannel::Serial,
-            Some(2_596_138),
-            &QemuConfig::default(),
-            "/img/vmlinux".into(),
-            "/img/initramfs.cpio".into(),
-            "/run/kuasar/vmm/sb1".into(),
-        )
+            channel: AgentChannel::Serial,
+            vcpus: 1,
+            memory_mib: 256,
+            kernel: "/img/vmlinux".into(),
+            initrd: "/img/initramfs.cpio".into(),
+            kernel_params: String::new(),
+            tsc_khz: Some(2_596_138),
+            seccomp: true,
+            dir: "/run/kuasar/vmm/sb1".into(),
+            nics: Vec::new(),
+        }
     }
 
     #[test]

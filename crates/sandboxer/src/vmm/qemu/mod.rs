@@ -12,7 +12,10 @@ use tokio::sync::watch;
 use super::{StartVmError, StopVmError, VmExit, Vmm};
 
 pub mod cmdline;
+mod hypervisor;
 pub mod qmp;
+
+pub use hypervisor::Qemu;
 
 pub use cmdline::{Accel, AgentChannel, NicSpec, VmSpec};
 
@@ -119,7 +122,7 @@ impl QemuVm {
         })?;
         self.pid = child.id();
         if let Some(pid) = self.pid {
-            let _ = std::fs::write(self.spec.dir.join("qemu.pid"), pid.to_string());
+            let _ = std::fs::write(self.spec.dir.join(hypervisor::PID_FILE), pid.to_string());
         }
         let tx = self.exited_tx.take().expect("spawn runs once");
         tokio::spawn(async move {
