@@ -28,10 +28,6 @@ impl Registry {
         self.map().len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.map().is_empty()
-    }
-
     /// Returns the sandbox, recording it first when it is new.
     pub fn register(&self, info: SandboxInfo) -> Result<Arc<Sandbox>> {
         validate_id("sandbox", &info.id)?;

@@ -22,7 +22,7 @@ use crate::sandbox::{Mode, Sandbox, SandboxState};
 pub mod procfs;
 mod server;
 
-pub use server::{bind, serve, BindMetricsError};
+pub use server::{bind, serve};
 
 /// Bounds (s) of the boot and pod start histograms: a KVM boot takes a
 /// fraction of a second, a TCG one several; the boot timeout is 30 s.

@@ -29,7 +29,7 @@ use crate::agent::Agent;
 use crate::net::netns;
 use crate::net::NetError;
 
-pub use relay::{Guest, Limits, RelayError};
+pub use relay::Limits;
 
 /// How long the namespace work (bind, rules) may take.
 const NETNS_TIMEOUT: Duration = Duration::from_secs(10);
@@ -77,7 +77,6 @@ pub enum StopPortForwardError {
 #[derive(Debug)]
 pub struct PortForward {
     netns: PathBuf,
-    relay_port: u16,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -134,13 +133,8 @@ impl PortForward {
         tracing::info!(sandbox, netns = %netns.display(), relay_port, "port forwarding ready");
         Ok(PortForward {
             netns: netns.to_owned(),
-            relay_port,
             task,
         })
-    }
-
-    pub fn relay_port(&self) -> u16 {
-        self.relay_port
     }
 
     /// Ends the relay and removes its rule.

@@ -7,8 +7,7 @@ mod phase;
 mod view;
 mod vm;
 
-pub use lifecycle::PodStatus;
-pub use view::{ContainerView, Mode, SandboxState, VmShape};
+pub use view::{Mode, SandboxState, VmShape};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

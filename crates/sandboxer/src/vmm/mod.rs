@@ -122,8 +122,6 @@ pub trait Vmm: Send + Sync {
     fn pid(&self) -> Option<u32>;
     /// Where the guest agent is reached (a ttrpc address).
     fn agent_address(&self) -> String;
-    /// Host directory shared with the guest (seen there as [`GUEST_SHARED_DIR`]).
-    fn shared_dir(&self) -> &Path;
     /// The guest's console log.
     fn console_log(&self) -> &Path;
     /// Changes to `Some` when the VMM process has exited.

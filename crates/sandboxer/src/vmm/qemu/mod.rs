@@ -27,7 +27,6 @@ const SOCKET_WAIT: Duration = Duration::from_secs(10);
 pub struct QemuVm {
     binary: PathBuf,
     spec: VmSpec,
-    shared_dir: PathBuf,
     console_log: PathBuf,
     pid: Option<u32>,
     exited: watch::Receiver<Option<VmExit>>,
@@ -41,7 +40,6 @@ impl QemuVm {
         let (tx, rx) = watch::channel(None);
         QemuVm {
             binary,
-            shared_dir: spec.shared_dir(),
             console_log: spec.console_log(),
             spec,
             pid: None,
@@ -203,11 +201,6 @@ impl QemuVm {
         let exited = tokio::time::timeout(timeout, rx.wait_for(|e| e.is_some())).await;
         exited.is_ok()
     }
-
-    /// The tail of QEMU's own log, for error messages.
-    pub fn log_tail(&self) -> String {
-        log_tail(&self.log_path(), 2048)
-    }
 }
 
 #[async_trait]
@@ -269,10 +262,6 @@ impl Vmm for QemuVm {
 
     fn agent_address(&self) -> String {
         self.spec.agent_address()
-    }
-
-    fn shared_dir(&self) -> &Path {
-        &self.shared_dir
     }
 
     fn console_log(&self) -> &Path {
