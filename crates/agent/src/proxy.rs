@@ -21,15 +21,11 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+use kuasar_api::frame::{FrameError, Header, HEADER_LEN, MAX_PAYLOAD, TYPE_REQUEST};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tracing::{debug, info, warn};
 
-/// ttrpc's frame header: length (u32 BE), stream id (u32 BE), type, flags.
-const HEADER_LEN: usize = 10;
-/// ttrpc's largest frame payload.
-const MAX_PAYLOAD: usize = 4 << 20;
-const TYPE_REQUEST: u8 = 1;
 /// The most a virtio-serial port write takes at once.
 const PORT_WRITE_MAX: usize = 32 << 10;
 /// Stop reading a side while this much is waiting to be written.
@@ -38,29 +34,14 @@ const HIGH_WATER: usize = MAX_PAYLOAD + HEADER_LEN;
 const RECONNECT_POLL: Duration = Duration::from_millis(10);
 const READ_CHUNK: usize = 64 << 10;
 
-/// A parsed frame header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Header {
-    pub total_len: usize,
-    pub stream_id: u32,
-    pub kind: u8,
-}
-
 /// The header at the start of `buf`; `Ok(None)` if incomplete, `Err` if the
 /// length is beyond ttrpc's limit (the byte stream is not ttrpc).
-pub fn parse_header(buf: &[u8]) -> Result<Option<Header>, ()> {
-    if buf.len() < HEADER_LEN {
+fn parse_header(buf: &[u8]) -> Result<Option<Header>, FrameError> {
+    let Some(h) = Header::decode(buf) else {
         return Ok(None);
-    }
-    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-    if len > MAX_PAYLOAD {
-        return Err(());
-    }
-    Ok(Some(Header {
-        total_len: HEADER_LEN + len,
-        stream_id: u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]),
-        kind: buf[8],
-    }))
+    };
+    h.checked_len(MAX_PAYLOAD)?;
+    Ok(Some(h))
 }
 
 /// A misbehaviour the proxy shows when the kernel command line asks for it
@@ -206,14 +187,14 @@ impl Framer {
     }
 
     /// The next whole frame with its header; `Err` when the stream is broken.
-    pub fn next_frame(&mut self) -> Result<Option<(Header, Vec<u8>)>, ()> {
+    pub fn next_frame(&mut self) -> Result<Option<(Header, Vec<u8>)>, FrameError> {
         let Some(h) = parse_header(&self.buf)? else {
             return Ok(None);
         };
-        if self.buf.len() < h.total_len {
+        if self.buf.len() < h.frame_len() {
             return Ok(None);
         }
-        let rest = self.buf.split_off(h.total_len);
+        let rest = self.buf.split_off(h.frame_len());
         Ok(Some((h, std::mem::replace(&mut self.buf, rest))))
     }
 }
@@ -504,7 +485,7 @@ fn take_host_frames(
                 }
             }
             Ok(None) => return new_session,
-            Err(()) => {
+            Err(_) => {
                 warn!("host sent a malformed frame; resetting the session");
                 from_host.clear();
                 to_server.clear();
@@ -548,9 +529,13 @@ mod tests {
     use super::*;
 
     fn frame(stream: u32, kind: u8, payload: &[u8]) -> Vec<u8> {
-        let mut f = (payload.len() as u32).to_be_bytes().to_vec();
-        f.extend(stream.to_be_bytes());
-        f.extend([kind, 0]);
+        let h = Header {
+            len: payload.len() as u32,
+            stream_id: stream,
+            kind,
+            flags: 0,
+        };
+        let mut f = h.encode().to_vec();
         f.extend(payload);
         f
     }
@@ -565,21 +550,24 @@ mod tests {
         assert_eq!(fr.next_frame(), Ok(None));
         fr.extend(&all[7..]);
         let (h, f) = fr.next_frame().unwrap().unwrap();
-        assert_eq!((h.stream_id, h.total_len, f), (1, 15, a));
+        assert_eq!((h.stream_id, h.frame_len(), f), (1, 15, a));
         let (h, f) = fr.next_frame().unwrap().unwrap();
         assert_eq!((h.stream_id, f), (3, b));
         assert_eq!(fr.next_frame(), Ok(None));
         let mut bad = Framer::default();
         bad.extend(&[0xff; 10]);
-        assert_eq!(bad.next_frame(), Err(()));
+        let len = u32::MAX as usize;
+        let max = MAX_PAYLOAD;
+        assert_eq!(bad.next_frame(), Err(FrameError::TooLarge { len, max }));
     }
 
     #[test]
     fn a_reused_stream_id_starts_a_new_session() {
         let h = |stream_id, kind| Header {
-            total_len: HEADER_LEN,
+            len: 0,
             stream_id,
             kind,
+            flags: 0,
         };
         let mut t = SessionTracker::default();
         assert!(!t.is_new_session(&h(1, TYPE_REQUEST)));

@@ -7,6 +7,8 @@ pub use containerd_shim_protos as containerd;
 pub use protobuf;
 pub use ttrpc;
 
+pub mod frame;
+
 /// The guest agent protocol (`kuasar.agent.v1`).
 pub mod agent {
     include!(concat!(env!("OUT_DIR"), "/agent/mod.rs"));

@@ -673,25 +673,19 @@ mod guard {
     use std::os::fd::IntoRawFd;
     use std::sync::{Arc, OnceLock};
 
+    use kuasar_api::frame::{
+        Header, HEADER_LEN, KNOWN_FLAGS, MAX_PAYLOAD, TYPE_DATA, TYPE_RESPONSE,
+    };
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::UnixStream;
     use ttrpc::r#async::Client;
 
-    /// ttrpc's frame header: length (u32 BE), stream id (u32 BE), type, flags.
-    pub const HEADER_LEN: usize = 10;
-    /// ttrpc's largest payload.
-    pub const MAX_PAYLOAD: usize = 4 << 20;
-    const TYPE_RESPONSE: u8 = 2;
-    const TYPE_DATA: u8 = 3;
-    /// REMOTE_CLOSED | REMOTE_OPEN | NO_DATA.
-    const KNOWN_FLAGS: u8 = 0x1 | 0x2 | 0x4;
-
     /// The payload length a frame header from the guest announces, or why
     /// the header cannot come from a ttrpc server answering us.
     pub fn check_header(h: &[u8; HEADER_LEN]) -> Result<usize, String> {
-        let len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
-        let stream = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
-        let (kind, flags) = (h[8], h[9]);
+        let header = Header::from(*h);
+        let len = header.payload_len();
+        let (stream, kind, flags) = (header.stream_id, header.kind, header.flags);
         if len > MAX_PAYLOAD {
             return Err(format!(
                 "a frame of {len} bytes, more than ttrpc's {MAX_PAYLOAD}"
@@ -784,13 +778,14 @@ mod guard {
     mod tests {
         use super::*;
 
-        fn header(len: u32, stream: u32, kind: u8, flags: u8) -> [u8; HEADER_LEN] {
-            let mut h = [0u8; HEADER_LEN];
-            h[..4].copy_from_slice(&len.to_be_bytes());
-            h[4..8].copy_from_slice(&stream.to_be_bytes());
-            h[8] = kind;
-            h[9] = flags;
-            h
+        fn header(len: u32, stream_id: u32, kind: u8, flags: u8) -> [u8; HEADER_LEN] {
+            Header {
+                len,
+                stream_id,
+                kind,
+                flags,
+            }
+            .encode()
         }
 
         #[test]
@@ -872,9 +867,14 @@ mod tests {
         let (_dir, address) = fake_guest(|mut conn| async move {
             let mut req = [0u8; 64];
             let _ = conn.read(&mut req).await;
-            let mut frame = 3u32.to_be_bytes().to_vec();
-            frame.extend(2u32.to_be_bytes());
-            frame.extend([2, 0, b'a', b'b', b'c']);
+            let header = kuasar_api::frame::Header {
+                len: 3,
+                stream_id: 2,
+                kind: kuasar_api::frame::TYPE_RESPONSE,
+                flags: 0,
+            };
+            let mut frame = header.encode().to_vec();
+            frame.extend(b"abc");
             let _ = conn.write_all(&frame).await;
             tokio::time::sleep(Duration::from_secs(30)).await;
         })

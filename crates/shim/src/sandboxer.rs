@@ -5,7 +5,8 @@
 //! its caller by stream id. (The `ttrpc::Client` of ttrpc 0.8 needs two
 //! threads and wakes up every 10 ms to poll even when idle, which a shim
 //! that idles for the whole life of a pod should not do; this is the same
-//! wire protocol, built on ttrpc's own message types.)
+//! wire protocol, built on ttrpc's own message types and the frame header
+//! of `kuasar_api::frame`.)
 //!
 //! [`Vmm`] keeps one long-lived `Conn`, reconnects transparently when the
 //! sandboxer restarts, and retries a call once (or, for `Wait`, until it is
@@ -21,11 +22,10 @@ use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use kuasar_api::frame::{Header, HEADER_LEN, MAX_PAYLOAD, TYPE_REQUEST, TYPE_RESPONSE};
 use kuasar_api::protobuf::Message;
-use kuasar_api::ttrpc::proto::{
-    KeyValue, MESSAGE_HEADER_LENGTH, MESSAGE_LENGTH_MAX, MESSAGE_TYPE_RESPONSE,
-};
-use kuasar_api::ttrpc::{get_status, Code, MessageHeader, Request, Response, Status};
+use kuasar_api::ttrpc::proto::KeyValue;
+use kuasar_api::ttrpc::{get_status, Code, Request, Response, Status};
 
 use crate::log;
 
@@ -137,11 +137,11 @@ impl Conn {
         let body = req.write_to_bytes().map_err(|e| {
             CallError::Status(status(Code::INTERNAL, format!("encode request: {e}")))
         })?;
-        if body.len() > MESSAGE_LENGTH_MAX {
+        if body.len() > MAX_PAYLOAD {
             return Err(CallError::Status(status(
                 Code::RESOURCE_EXHAUSTED,
                 format!(
-                    "{method} request of {} bytes exceeds the ttrpc limit of {MESSAGE_LENGTH_MAX}",
+                    "{method} request of {} bytes exceeds the ttrpc limit of {MAX_PAYLOAD}",
                     body.len()
                 ),
             )));
@@ -156,7 +156,14 @@ impl Conn {
             }
             st.pending.insert(id, tx);
         }
-        let mut frame: Vec<u8> = MessageHeader::new_request(id, body.len() as u32).into();
+        let header = Header {
+            len: body.len() as u32,
+            stream_id: id,
+            kind: TYPE_REQUEST,
+            flags: 0,
+        };
+        let mut frame = Vec::with_capacity(header.frame_len());
+        frame.extend_from_slice(&header.encode());
         frame.extend_from_slice(&body);
         {
             let mut w = lock(&self.writer);
@@ -237,16 +244,16 @@ fn deliver(state: &Mutex<State>, id: u32, reply: Reply) {
 
 fn read_loop(mut s: UnixStream, state: Arc<Mutex<State>>) {
     let reason = loop {
-        let mut hdr = [0u8; MESSAGE_HEADER_LENGTH];
+        let mut hdr = [0u8; HEADER_LEN];
         if let Err(e) = s.read_exact(&mut hdr) {
             break match e.kind() {
                 io::ErrorKind::UnexpectedEof => "closed by kuasar-vmm".to_string(),
                 _ => format!("read: {e}"),
             };
         }
-        let mh = MessageHeader::from(hdr);
-        let len = mh.length as usize;
-        if len > MESSAGE_LENGTH_MAX {
+        let mh = Header::from(hdr);
+        let len = mh.payload_len();
+        if len > MAX_PAYLOAD {
             let skipped = io::copy(&mut (&mut s).take(len as u64), &mut io::sink());
             if !matches!(skipped, Ok(n) if n == len as u64) {
                 break "read: truncated oversized message".to_string();
@@ -256,9 +263,7 @@ fn read_loop(mut s: UnixStream, state: Arc<Mutex<State>>) {
                 mh.stream_id,
                 Err(CallError::Status(status(
                     Code::RESOURCE_EXHAUSTED,
-                    format!(
-                        "response of {len} bytes exceeds the ttrpc limit of {MESSAGE_LENGTH_MAX}"
-                    ),
+                    format!("response of {len} bytes exceeds the ttrpc limit of {MAX_PAYLOAD}"),
                 ))),
             );
             continue;
@@ -267,7 +272,7 @@ fn read_loop(mut s: UnixStream, state: Arc<Mutex<State>>) {
         if let Err(e) = s.read_exact(&mut body) {
             break format!("read: {e}");
         }
-        if mh.type_ == MESSAGE_TYPE_RESPONSE {
+        if mh.kind == TYPE_RESPONSE {
             deliver(&state, mh.stream_id, Ok(body));
         }
     };
