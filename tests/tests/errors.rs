@@ -7,12 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use kuasar_api::task_service::V2 as TASK_SERVICE;
 use kuasar_e2e::env::Shared;
 use kuasar_e2e::sandboxer::{run_expecting_exit, SandboxerConfig, SANDBOXER_SERVICE};
 use kuasar_e2e::wire::{self, code, Msg, Value};
 use kuasar_e2e::{cmd, paths, procs, shared, EnvOptions};
 
-const TASK_SERVICE: &str = "containerd.task.v2.Task";
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// (tests/hostile.rs covers the other entry points, and NUL bytes, which
 /// cannot be passed on the shim's command line.)

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use kuasar_api::task_service::{V2 as TASK_V2, V3 as TASK_V3};
 use kuasar_e2e::cri::proto::PodSandboxConfig;
 use kuasar_e2e::cri::{spec, Cri};
 use kuasar_e2e::env::Shared;
@@ -28,8 +29,6 @@ const ZERO: &str = "kuasar-vmm-zero";
 const CALL_TIMEOUT_SECS: u64 = 5;
 /// `[qemu] boot_timeout_secs` of this file's kuasar-vmm.
 const BOOT_TIMEOUT_SECS: u64 = 20;
-const TASK_V2: &str = "containerd.task.v2.Task";
-const TASK_V3: &str = "containerd.task.v3.Task";
 const SANDBOX_API: &str = "containerd.runtime.sandbox.v1.Sandbox";
 const CONTROLLER: &str = "containerd.services.sandbox.v1.Controller";
 const GRPC_INVALID_ARGUMENT: i32 = 3;

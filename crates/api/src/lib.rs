@@ -9,6 +9,7 @@ pub use protobuf;
 pub use ttrpc;
 
 pub mod ids;
+pub mod task_service;
 
 /// The guest agent protocol (`kuasar.agent.v1`).
 pub mod agent {
