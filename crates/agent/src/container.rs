@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kuasar_api::ids::{self, IdError};
+use kuasar_api::resources::{self, ResourcesError};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
@@ -195,19 +196,18 @@ pub fn rewrite_process(process_json: &[u8], terminal: bool) -> Result<Vec<u8>> {
         .map_err(|e| Error::Internal(format!("serialize process: {e}")))
 }
 
-/// Largest resources JSON an update may carry.
-pub const MAX_RESOURCES_JSON: usize = 64 << 10;
-
-/// Checks an update's OCI LinuxResources (a bounded JSON object) and returns
-/// it re-serialised, as crun will read it.
+/// Checks an update's OCI LinuxResources (a bounded JSON object, see
+/// [`resources::check`]) and returns it re-serialised, as crun will read it.
 pub fn check_resources(json: &[u8]) -> Result<Vec<u8>> {
-    if json.len() > MAX_RESOURCES_JSON {
-        return Err(Error::InvalidArgument(format!(
-            "resources are {} bytes, more than {MAX_RESOURCES_JSON}",
-            json.len()
-        )));
-    }
-    let resources = parse_object("resources", json)?;
+    let resources = resources::check(json).map_err(|e| {
+        Error::InvalidArgument(match e {
+            ResourcesError::TooLarge { len, max } => {
+                format!("resources are {len} bytes, more than {max}")
+            }
+            ResourcesError::NotJson(e) => format!("resources is not valid JSON: {e}"),
+            ResourcesError::NotObject => "resources is not a JSON object".to_owned(),
+        })
+    })?;
     serde_json::to_vec(&Value::Object(resources))
         .map_err(|e| Error::Internal(format!("serialize resources: {e}")))
 }
@@ -528,8 +528,16 @@ mod tests {
         assert_eq!(v["memory"]["limit"], 33554432);
         assert!(check_resources(b"[]").is_err());
         assert!(check_resources(b"").is_err());
-        let big = format!(r#"{{"x":"{}"}}"#, "a".repeat(MAX_RESOURCES_JSON));
+        let big = format!(r#"{{"x":"{}"}}"#, "a".repeat(resources::MAX_JSON));
         assert!(check_resources(big.as_bytes()).is_err());
+        // The wording the agent has always used.
+        let said = |json: &[u8]| check_resources(json).unwrap_err().to_string();
+        assert_eq!(said(b"[]"), "resources is not a JSON object");
+        assert!(said(b"").starts_with("resources is not valid JSON: "));
+        assert_eq!(
+            said(big.as_bytes()),
+            format!("resources are {} bytes, more than 65536", big.len())
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub use protobuf;
 pub use ttrpc;
 
 pub mod ids;
+pub mod resources;
 pub mod task_service;
 
 /// The guest agent protocol (`kuasar.agent.v1`).
