@@ -4,8 +4,8 @@
 //! Each request is forwarded unchanged (same message, same timeout, the
 //! caller's metadata kept) to the sandboxer's [`task_service::V2`] or
 //! `containerd.runtime.sandbox.v1.Sandbox`,
-//! with three metadata entries added: `kuasar-sandbox-id`,
-//! `kuasar-namespace`, `kuasar-ttrpc-address`. Answers, statuses included,
+//! with three metadata entries added: [`SANDBOX_ID_METADATA`],
+//! [`NAMESPACE_METADATA`], [`TTRPC_ADDRESS_METADATA`]. Answers, statuses included,
 //! come back unchanged, except: `Connect` reports this process as
 //! `shim_pid`, and `Shutdown` / `ShutdownSandbox` end this process once
 //! answered.

@@ -219,11 +219,11 @@ fn relays_state_with_metadata_and_timeout() {
         .state(ctx(Duration::from_secs(5)), &state_req("c1"))
         .expect("State");
     assert_eq!(r.id, "c1");
-    assert_eq!(r.bundle, "sb1", "kuasar-sandbox-id");
-    assert_eq!(r.stdin, "k8s.io", "kuasar-namespace");
+    assert_eq!(r.bundle, "sb1", "{SANDBOX_ID_METADATA}");
+    assert_eq!(r.stdin, "k8s.io", "{NAMESPACE_METADATA}");
     assert_eq!(
         r.stdout, "/run/containerd/containerd.sock.ttrpc",
-        "kuasar-ttrpc-address"
+        "{TTRPC_ADDRESS_METADATA}"
     );
     assert_eq!(r.stderr, "containerd", "caller metadata passed through");
     assert_eq!(r.pid, 1);
