@@ -7,12 +7,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use kuasar_api::task_service::V2 as TASK_SERVICE;
+use kuasar_api::{NAMESPACE_METADATA, SANDBOX_ID_METADATA, TTRPC_ADDRESS_METADATA, VMM_SOCKET_ENV};
 use kuasar_e2e::env::Shared;
 use kuasar_e2e::sandboxer::{run_expecting_exit, SandboxerConfig, SANDBOXER_SERVICE};
 use kuasar_e2e::wire::{self, code, Msg, Value};
 use kuasar_e2e::{cmd, paths, procs, shared, EnvOptions};
 
-const TASK_SERVICE: &str = "containerd.task.v2.Task";
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// (tests/hostile.rs covers the other entry points, and NUL bytes, which
 /// cannot be passed on the shim's command line.)
@@ -96,7 +97,7 @@ fn shim_delete_works_without_sandboxer() {
     .arg(&bundle)
     .arg("delete")
     .current_dir(&bundle)
-    .env("KUASAR_VMM_SOCKET", env.dir().join("dead/vmm.sock"))
+    .env(VMM_SOCKET_ENV, env.dir().join("dead/vmm.sock"))
     .env("KUASAR_SHIM_SOCKET_DIR", env.dir().join("s"))
     .env("KUASAR_TEST_DIR", env.dir());
     let out = cmd::run(&mut c, None, Duration::from_secs(30));
@@ -345,7 +346,7 @@ fn ids_that_escape_are_rejected() {
                 .arg(&bundle)
                 .arg(verb)
                 .current_dir(&bundle)
-                .env("KUASAR_VMM_SOCKET", &socket)
+                .env(VMM_SOCKET_ENV, &socket)
                 .env("KUASAR_SHIM_SOCKET_DIR", env.dir().join("s"))
                 .env("TTRPC_ADDRESS", &ttrpc_address)
                 .env("KUASAR_TEST_DIR", env.dir());
@@ -396,9 +397,9 @@ fn ids_that_escape_are_rejected() {
             .string(1, "c1")
             .string(2, &bundle.to_string_lossy());
         let md = [
-            ("kuasar-sandbox-id", *bad),
-            ("kuasar-namespace", "default"),
-            ("kuasar-ttrpc-address", ttrpc_address.as_str()),
+            (SANDBOX_ID_METADATA, *bad),
+            (NAMESPACE_METADATA, "default"),
+            (TTRPC_ADDRESS_METADATA, ttrpc_address.as_str()),
         ];
         let r = wire::ttrpc_call(&socket, TASK_SERVICE, "Create", &create, &md, CALL_TIMEOUT)
             .unwrap_or_else(|e| panic!("Create in sandbox {bad:?}: {e}"));
@@ -427,9 +428,9 @@ fn ids_that_escape_are_rejected() {
     .expect("RegisterSandbox");
     assert_eq!(r.code, code::OK, "RegisterSandbox {good}: {r:?}");
     let md = [
-        ("kuasar-sandbox-id", good.as_str()),
-        ("kuasar-namespace", "default"),
-        ("kuasar-ttrpc-address", ttrpc_address.as_str()),
+        (SANDBOX_ID_METADATA, good.as_str()),
+        (NAMESPACE_METADATA, "default"),
+        (TTRPC_ADDRESS_METADATA, ttrpc_address.as_str()),
     ];
     for bad in BAD_IDS {
         let create = Msg::new()

@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use kuasar_api::task_service::{V2 as TASK_V2, V3 as TASK_V3};
+use kuasar_api::{NAMESPACE_METADATA, SANDBOX_ID_METADATA, TTRPC_ADDRESS_METADATA};
 use kuasar_e2e::cri::proto::PodSandboxConfig;
 use kuasar_e2e::cri::{spec, Cri};
 use kuasar_e2e::env::Shared;
@@ -28,8 +30,6 @@ const ZERO: &str = "kuasar-vmm-zero";
 const CALL_TIMEOUT_SECS: u64 = 5;
 /// `[vm] boot_timeout_secs` of this file's kuasar-vmm.
 const BOOT_TIMEOUT_SECS: u64 = 20;
-const TASK_V2: &str = "containerd.task.v2.Task";
-const TASK_V3: &str = "containerd.task.v3.Task";
 const SANDBOX_API: &str = "containerd.runtime.sandbox.v1.Sandbox";
 const CONTROLLER: &str = "containerd.services.sandbox.v1.Controller";
 const GRPC_INVALID_ARGUMENT: i32 = 3;
@@ -677,8 +677,8 @@ fn ids_that_escape_on_every_entry_point() {
             "SandboxMetrics",
         ] {
             let md = [
-                ("kuasar-namespace", "default"),
-                ("kuasar-ttrpc-address", ttrpc_address.as_str()),
+                (NAMESPACE_METADATA, "default"),
+                (TTRPC_ADDRESS_METADATA, ttrpc_address.as_str()),
             ];
             let body = Msg::new()
                 .string(1, &bad)
@@ -710,9 +710,9 @@ fn ids_that_escape_on_every_entry_point() {
         ];
         for method in task_methods {
             let md = [
-                ("kuasar-sandbox-id", bad.as_str()),
-                ("kuasar-namespace", "default"),
-                ("kuasar-ttrpc-address", ttrpc_address.as_str()),
+                (SANDBOX_ID_METADATA, bad.as_str()),
+                (NAMESPACE_METADATA, "default"),
+                (TTRPC_ADDRESS_METADATA, ttrpc_address.as_str()),
             ];
             let body = Msg::new().string(1, "c1");
             let r = wire::ttrpc_call(&socket, TASK_V2, method, &body, &md, t)
@@ -723,9 +723,9 @@ fn ids_that_escape_on_every_entry_point() {
                 "task {method} in sandbox {shown}: {r:?}"
             );
             let md = [
-                ("kuasar-sandbox-id", holder.as_str()),
-                ("kuasar-namespace", "default"),
-                ("kuasar-ttrpc-address", ttrpc_address.as_str()),
+                (SANDBOX_ID_METADATA, holder.as_str()),
+                (NAMESPACE_METADATA, "default"),
+                (TTRPC_ADDRESS_METADATA, ttrpc_address.as_str()),
             ];
             let body = Msg::new().string(1, &bad);
             let r = wire::ttrpc_call(&socket, TASK_V2, method, &body, &md, t)

@@ -6,12 +6,12 @@
 //! `ctr tasks metrics` shows the guest's cgroup figures.
 use std::time::Duration;
 
+use kuasar_api::task_service::V2 as TASK_SERVICE;
 use kuasar_e2e::env::CTR_TIMEOUT;
 use kuasar_e2e::wire::{self, code, Msg};
 use kuasar_e2e::{cmd, shared, EnvOptions, BUSYBOX, RUNTIME};
 
 const MIB: u64 = 1 << 20;
-const TASK_SERVICE: &str = "containerd.task.v2.Task";
 /// The sandboxer's defaults (crates/sandboxer/src/config.rs).
 const DEFAULT_MEMORY_MIB: u64 = 256;
 const DEFAULT_OVERHEAD_MIB: u64 = 128;

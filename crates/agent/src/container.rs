@@ -3,35 +3,27 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use kuasar_api::ids::{self, IdError};
+use kuasar_api::resources::{self, ResourcesError};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::pod::PodAdditions;
 use crate::process::Process;
 
-/// Longest accepted container/exec id.
-const MAX_ID_LEN: usize = 256;
-
-/// Checks a container or exec id: non-empty, no '/', not '.' or '..'.
+/// Checks a container or exec id with the agent's rules
+/// ([`ids::Boundary::Agent`]): non-empty, at most
+/// [`ids::AGENT_MAX_LEN`] bytes, no '/' or NUL, not '.' or '..'.
 pub fn validate_id(kind: &str, id: &str) -> Result<()> {
-    let bad = |why: &str| {
-        Err(Error::InvalidArgument(format!(
-            "invalid {kind} id {id:?}: {why}"
-        )))
-    };
-    if id.is_empty() {
-        return bad("empty");
-    }
-    if id.len() > MAX_ID_LEN {
-        return bad("too long");
-    }
-    if id == "." || id == ".." {
-        return bad("reserved name");
-    }
-    if id.contains('/') || id.contains('\0') {
-        return bad("contains '/' or NUL");
-    }
-    Ok(())
+    ids::check(ids::Boundary::Agent, id).map_err(|e| {
+        let why = match e {
+            IdError::Empty => "empty",
+            IdError::TooLong { .. } => "too long",
+            IdError::DotName | IdError::DotDot => "reserved name",
+            IdError::BadChar(_) => "contains '/' or NUL",
+        };
+        Error::InvalidArgument(format!("invalid {kind} id {id:?}: {why}"))
+    })
 }
 
 fn parse_object(what: &str, json: &[u8]) -> Result<serde_json::Map<String, Value>> {
@@ -204,19 +196,18 @@ pub fn rewrite_process(process_json: &[u8], terminal: bool) -> Result<Vec<u8>> {
         .map_err(|e| Error::Internal(format!("serialize process: {e}")))
 }
 
-/// Largest resources JSON an update may carry.
-pub const MAX_RESOURCES_JSON: usize = 64 << 10;
-
-/// Checks an update's OCI LinuxResources (a bounded JSON object) and returns
-/// it re-serialised, as crun will read it.
+/// Checks an update's OCI LinuxResources (a bounded JSON object, see
+/// [`resources::check`]) and returns it re-serialised, as crun will read it.
 pub fn check_resources(json: &[u8]) -> Result<Vec<u8>> {
-    if json.len() > MAX_RESOURCES_JSON {
-        return Err(Error::InvalidArgument(format!(
-            "resources are {} bytes, more than {MAX_RESOURCES_JSON}",
-            json.len()
-        )));
-    }
-    let resources = parse_object("resources", json)?;
+    let resources = resources::check(json).map_err(|e| {
+        Error::InvalidArgument(match e {
+            ResourcesError::TooLarge { len, max } => {
+                format!("resources are {len} bytes, more than {max}")
+            }
+            ResourcesError::NotJson(e) => format!("resources is not valid JSON: {e}"),
+            ResourcesError::NotObject => "resources is not a JSON object".to_owned(),
+        })
+    })?;
     serde_json::to_vec(&Value::Object(resources))
         .map_err(|e| Error::Internal(format!("serialize resources: {e}")))
 }
@@ -479,6 +470,17 @@ mod tests {
         assert!(validate_id("exec", &"x".repeat(300)).is_err());
         let e = validate_id("exec", "../x").unwrap_err();
         assert_eq!(e.code(), kuasar_api::ttrpc::Code::INVALID_ARGUMENT);
+        // The wording the agent has always used.
+        let said = |id: &str| validate_id("exec", id).unwrap_err().to_string();
+        assert_eq!(said(""), r#"invalid exec id "": empty"#);
+        assert!(said(&"x".repeat(257)).ends_with(": too long"));
+        assert_eq!(said(".."), r#"invalid exec id "..": reserved name"#);
+        assert_eq!(
+            said("a\0b"),
+            r#"invalid exec id "a\0b": contains '/' or NUL"#
+        );
+        assert!(validate_id("exec", &"x".repeat(256)).is_ok());
+        assert!(validate_id("exec", "a b=c").is_ok());
     }
 
     #[test]
@@ -526,8 +528,16 @@ mod tests {
         assert_eq!(v["memory"]["limit"], 33554432);
         assert!(check_resources(b"[]").is_err());
         assert!(check_resources(b"").is_err());
-        let big = format!(r#"{{"x":"{}"}}"#, "a".repeat(MAX_RESOURCES_JSON));
+        let big = format!(r#"{{"x":"{}"}}"#, "a".repeat(resources::MAX_JSON));
         assert!(check_resources(big.as_bytes()).is_err());
+        // The wording the agent has always used.
+        let said = |json: &[u8]| check_resources(json).unwrap_err().to_string();
+        assert_eq!(said(b"[]"), "resources is not a JSON object");
+        assert!(said(b"").starts_with("resources is not valid JSON: "));
+        assert_eq!(
+            said(big.as_bytes()),
+            format!("resources are {} bytes, more than 65536", big.len())
+        );
     }
 
     #[test]

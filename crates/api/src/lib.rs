@@ -1,13 +1,17 @@
 //! Protocol definitions only: containerd's shim protocols (re-exported from
 //! `containerd-shim-protos`) and the generated code of kuasar's own agent and
-//! sandboxer protocols. Conversions to domain types live in the crates that
-//! use them.
+//! sandboxer protocols, and the facts every side of those protocols must
+//! agree on (such as the rules for ids), so that each is stated once.
+//! Conversions to domain types live in the crates that use them.
 
 pub use containerd_shim_protos as containerd;
 pub use protobuf;
 pub use ttrpc;
 
 pub mod frame;
+pub mod ids;
+pub mod resources;
+pub mod task_service;
 
 /// The guest agent protocol (`kuasar.agent.v1`).
 pub mod agent {

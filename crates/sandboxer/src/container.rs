@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use kuasar_api::ids::{self, IdError};
 use tokio::sync::watch;
 
 use crate::io::{Pumps, StdioPaths};
@@ -141,29 +142,18 @@ impl Container {
     }
 }
 
-/// Checks an id that becomes a path component or a guest object name.
+/// Checks an id that becomes a path component or a guest object name, with
+/// kuasar-vmm's rules ([`ids::Boundary::Sandboxer`]).
 pub fn validate_id(what: &str, id: &str) -> Result<(), crate::error::Error> {
-    let bad = |why: &str| {
-        Err(crate::error::Error::InvalidArgument(format!(
-            "{what} id {id:?} {why}"
-        )))
-    };
-    if id.is_empty() {
-        return bad("is empty");
-    }
-    if id.len() > 76 {
-        return bad("is longer than 76 bytes");
-    }
-    if id == "." || id == ".." || id.contains("..") {
-        return bad("contains `..`");
-    }
-    if !id
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'+' | b'@' | b':'))
-    {
-        return bad("may only contain letters, digits and - _ . + @ :");
-    }
-    Ok(())
+    ids::check(ids::Boundary::Sandboxer, id).map_err(|e| {
+        let why = match e {
+            IdError::Empty => "is empty".to_owned(),
+            IdError::TooLong { max, .. } => format!("is longer than {max} bytes"),
+            IdError::DotName | IdError::DotDot => "contains `..`".to_owned(),
+            IdError::BadChar(_) => "may only contain letters, digits and - _ . + @ :".to_owned(),
+        };
+        crate::error::Error::InvalidArgument(format!("{what} id {id:?} {why}"))
+    })
 }
 
 #[cfg(test)]
@@ -177,6 +167,22 @@ mod tests {
             let err = validate_id("container", bad).unwrap_err().to_string();
             assert!(err.starts_with("invalid argument: container id"), "{err}");
         }
+        // The wording kuasar-vmm has always used.
+        let said = |id: &str| validate_id("sandbox", id).unwrap_err().to_string();
+        assert_eq!(said(""), r#"invalid argument: sandbox id "" is empty"#);
+        assert!(said(&"x".repeat(77)).ends_with(" is longer than 76 bytes"));
+        assert_eq!(
+            said("."),
+            r#"invalid argument: sandbox id "." contains `..`"#
+        );
+        assert_eq!(
+            said("a..b"),
+            r#"invalid argument: sandbox id "a..b" contains `..`"#
+        );
+        assert_eq!(
+            said("a/b"),
+            r#"invalid argument: sandbox id "a/b" may only contain letters, digits and - _ . + @ :"#
+        );
     }
 
     #[tokio::test]

@@ -15,6 +15,7 @@ use std::time::SystemTime;
 use kuasar_api::grpc::sandbox::controller_server::Controller;
 use kuasar_api::grpc::sandbox::*;
 use kuasar_api::grpc::types::{Metric, Platform};
+use kuasar_api::task_service;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
@@ -30,8 +31,6 @@ const NAMESPACE_HEADER: &str = "containerd-namespace";
 const DEFAULT_NAMESPACE: &str = "k8s.io";
 /// The task API version served on a sandbox's task socket.
 pub const TASK_API_VERSION: u32 = 3;
-const TASK_V2: &str = "containerd.task.v2.Task";
-const TASK_V3: &str = "containerd.task.v3.Task";
 /// Name of a sandbox's task socket inside its directory.
 const TASK_SOCKET: &str = "task.sock";
 /// sockaddr_un holds 108 bytes including the terminating NUL.
@@ -107,8 +106,10 @@ impl ControllerService {
         let mut services = kuasar_api::containerd::shim_async::create_task(service.clone());
         // The same methods under the v3 name, which containerd uses for a
         // sandbox address of version 3.
-        if let Some(v3) = kuasar_api::containerd::shim_async::create_task(service).remove(TASK_V2) {
-            services.insert(TASK_V3.to_owned(), v3);
+        if let Some(v3) =
+            kuasar_api::containerd::shim_async::create_task(service).remove(task_service::V2)
+        {
+            services.insert(task_service::V3.to_owned(), v3);
         }
         // Process stdio for CRI's io_type = "streaming": containerd opens
         // the streams on this address.

@@ -20,10 +20,8 @@ use std::task::{Context, Poll};
 use async_trait::async_trait;
 use kuasar_api::grpc::sandbox::controller_server::Controller;
 use kuasar_api::grpc::sandbox::*;
+use kuasar_api::SANDBOX_ID_METADATA;
 use ttrpc::r#async::{MethodHandler, Service, TtrpcContext};
-
-/// The ttrpc metadata key the shim names the sandbox of a task request with.
-const SANDBOX_METADATA: &str = "kuasar-sandbox-id";
 
 /// Polls a future, turning a panic in it into `Err(panic message)`.
 struct CatchUnwind<F>(F);
@@ -77,7 +75,7 @@ fn log_panic(method: &str, sandbox: &str, id: &str, panic: &str) {
 
 /// Wraps every method of ttrpc services so that a panic answers INTERNAL.
 /// `sandbox` names the sandbox a per-sandbox server serves (zero-shim task
-/// sockets); otherwise the request's `kuasar-sandbox-id` metadata does.
+/// sockets); otherwise the request's [`SANDBOX_ID_METADATA`] metadata does.
 pub fn ttrpc_services(
     services: HashMap<String, Service>,
     sandbox: Option<&str>,
@@ -124,7 +122,7 @@ impl MethodHandler for GuardedMethod {
     ) -> ttrpc::Result<ttrpc::Response> {
         let sandbox = self.sandbox.clone().unwrap_or_else(|| {
             ctx.metadata
-                .get(SANDBOX_METADATA)
+                .get(SANDBOX_ID_METADATA)
                 .and_then(|v| v.first())
                 .cloned()
                 .unwrap_or_default()

@@ -1,4 +1,4 @@
-//! containerd's task service (`containerd.task.v2.Task`), served to the
+//! containerd's task service ([`kuasar_api::task_service::V2`]), served to the
 //! shims: converts protocol messages to domain calls on the sandbox named in
 //! the request's metadata, and the results back. No logic of its own.
 //! In the zero-shim mode the same service is bound to one sandbox and
@@ -13,6 +13,7 @@ use kuasar_api::containerd::cgroups::metrics::{
 };
 use kuasar_api::containerd::protobuf::well_known_types::any::Any;
 use kuasar_api::containerd::shim_async::Task;
+use kuasar_api::resources::{self, ResourcesError};
 use kuasar_api::{NAMESPACE_METADATA, SANDBOX_ID_METADATA, TTRPC_ADDRESS_METADATA};
 use ttrpc::r#async::TtrpcContext;
 
@@ -407,27 +408,22 @@ impl Task for TaskService {
     }
 }
 
-/// Largest resources JSON an update may carry.
-const MAX_RESOURCES_JSON: usize = 64 << 10;
-
-/// An update's resources: containerd sends the OCI LinuxResources as JSON.
+/// An update's resources: containerd sends the OCI LinuxResources as JSON
+/// (checked by [`resources::check`]); an update without any is refused here.
 fn check_resources(id: &str, json: &[u8]) -> Result<(), Error> {
     if json.is_empty() {
         return Err(Error::InvalidArgument(format!(
             "update of container {id} carries no resources"
         )));
     }
-    if json.len() > MAX_RESOURCES_JSON {
-        return Err(Error::InvalidArgument(format!(
-            "resources of container {id} are {} bytes, more than {MAX_RESOURCES_JSON}",
-            json.len()
-        )));
-    }
-    match serde_json::from_slice::<serde_json::Value>(json) {
-        Ok(serde_json::Value::Object(_)) => Ok(()),
-        _ => Err(Error::InvalidArgument(format!(
-            "resources of container {id} are not a JSON object (OCI LinuxResources)"
+    match resources::check(json) {
+        Ok(_) => Ok(()),
+        Err(ResourcesError::TooLarge { len, max }) => Err(Error::InvalidArgument(format!(
+            "resources of container {id} are {len} bytes, more than {max}"
         ))),
+        Err(ResourcesError::NotJson(_) | ResourcesError::NotObject) => Err(Error::InvalidArgument(
+            format!("resources of container {id} are not a JSON object (OCI LinuxResources)"),
+        )),
     }
 }
 
@@ -483,11 +479,30 @@ mod tests {
         assert!(check_resources("c", b"").is_err());
         assert!(check_resources("c", b"[1]").is_err());
         assert!(check_resources("c", b"{").is_err());
-        let big = format!(r#"{{"x":"{}"}}"#, "a".repeat(MAX_RESOURCES_JSON));
+        let big = format!(r#"{{"x":"{}"}}"#, "a".repeat(resources::MAX_JSON));
         let err = check_resources("c", big.as_bytes())
             .unwrap_err()
             .to_string();
         assert!(err.contains("bytes"), "{err}");
+        // The wording kuasar-vmm has always used.
+        assert_eq!(
+            err,
+            format!(
+                "invalid argument: resources of container c are {} bytes, more than 65536",
+                big.len()
+            )
+        );
+        let said = |json: &[u8]| check_resources("c", json).unwrap_err().to_string();
+        assert_eq!(
+            said(b""),
+            "invalid argument: update of container c carries no resources"
+        );
+        for bad in [&b"[1]"[..], b"{"] {
+            assert_eq!(
+                said(bad),
+                "invalid argument: resources of container c are not a JSON object (OCI LinuxResources)"
+            );
+        }
     }
 
     #[test]

@@ -10,6 +10,8 @@
 use std::iter::Peekable;
 use std::path::PathBuf;
 
+use kuasar_api::ids::{self, IdError};
+
 use crate::error::{Error, Result};
 
 /// What to do.
@@ -46,8 +48,6 @@ pub struct Args {
 pub const USAGE: &str = "usage: containerd-shim-kuasar-vmm-v2 -namespace NS -address ADDR \
 -publish-binary PATH -id ID [-debug] [-bundle DIR] start|delete\n       \
 containerd-shim-kuasar-vmm-v2 -v | -info";
-
-const MAX_ID_LEN: usize = 128;
 
 fn usage(msg: impl std::fmt::Display) -> Error {
     Error::Usage(format!("{msg}\n{USAGE}"))
@@ -209,34 +209,24 @@ fn check_required(a: &Args) -> Result<()> {
     Ok(())
 }
 
+/// Checks an id or namespace with the shim's rules
+/// ([`ids::Boundary::Shim`]).
 fn check_name(what: &'static str, value: &str) -> Result<()> {
-    let invalid = |reason| {
-        Err(Error::Invalid {
-            what,
-            value: value.to_string(),
-            reason,
-        })
-    };
-    if value.is_empty() {
-        return invalid("must not be empty");
-    }
-    if value.len() > MAX_ID_LEN {
-        return invalid("longer than 128 bytes");
-    }
-    if value == "." || value == ".." {
-        return invalid("must not be \".\" or \"..\"");
-    }
-    if value.contains('/') {
-        return invalid("must not contain '/'");
-    }
-    if value.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return invalid("must not contain whitespace or control characters");
-    }
-    Ok(())
+    ids::check(ids::Boundary::Shim, value).map_err(|e| Error::Invalid {
+        what,
+        value: value.to_string(),
+        reason: match e {
+            IdError::Empty => "must not be empty".into(),
+            IdError::TooLong { max, .. } => format!("longer than {max} bytes"),
+            IdError::DotName | IdError::DotDot => "must not be \".\" or \"..\"".into(),
+            IdError::BadChar('/') => "must not contain '/'".into(),
+            IdError::BadChar(_) => "must not contain whitespace or control characters".into(),
+        },
+    })
 }
 
-/// A sandbox/task id: non-empty, at most 128 bytes, no '/', not "." or
-/// "..", no whitespace or control characters (it names files and sockets).
+/// A sandbox/task id: non-empty, at most [`ids::SHIM_MAX_LEN`] bytes, no
+/// '/', not "." or "..", no whitespace or control characters.
 pub fn validate_id(id: &str) -> Result<()> {
     check_name("id", id)
 }
@@ -428,6 +418,17 @@ mod tests {
         }
         let e = p(&["-namespace", "n", "-id", "..", "start"]).unwrap_err();
         assert!(e.to_string().starts_with("invalid id \"..\""), "{e}");
+        // The wording the shim has always used.
+        let said = |id: &str| validate_id(id).unwrap_err().to_string();
+        assert_eq!(said(""), r#"invalid id "": must not be empty"#);
+        assert!(said(&"x".repeat(129)).ends_with(": longer than 128 bytes"));
+        assert_eq!(said(".."), r#"invalid id "..": must not be "." or "..""#);
+        assert_eq!(said("a b/c"), r#"invalid id "a b/c": must not contain '/'"#);
+        assert_eq!(
+            said("a b"),
+            r#"invalid id "a b": must not contain whitespace or control characters"#
+        );
+        assert!(validate_namespace(&"n".repeat(129)).is_err());
         assert_eq!(e.exit_code(), 1);
     }
 }

@@ -14,7 +14,7 @@ pub enum Error {
     Invalid {
         what: &'static str,
         value: String,
-        reason: &'static str,
+        reason: String,
     },
 
     #[error("kuasar-vmm is not reachable at {}: {reason}", path.display())]

@@ -2,10 +2,10 @@
 //! by request to kuasar-vmm.
 //!
 //! Each request is forwarded unchanged (same message, same timeout, the
-//! caller's metadata kept) to the sandboxer's `containerd.task.v2.Task` or
+//! caller's metadata kept) to the sandboxer's [`task_service::V2`] or
 //! `containerd.runtime.sandbox.v1.Sandbox`,
-//! with three metadata entries added: `kuasar-sandbox-id`,
-//! `kuasar-namespace`, `kuasar-ttrpc-address`. Answers, statuses included,
+//! with three metadata entries added: [`SANDBOX_ID_METADATA`],
+//! [`NAMESPACE_METADATA`], [`TTRPC_ADDRESS_METADATA`]. Answers, statuses included,
 //! come back unchanged, except: `Connect` reports this process as
 //! `shim_pid`, and `Shutdown` / `ShutdownSandbox` end this process once
 //! answered.
@@ -21,15 +21,11 @@ use kuasar_api::sandbox::sandbox::*;
 use kuasar_api::sandbox::sandbox_ttrpc::{create_sandbox, Sandbox};
 use kuasar_api::ttrpc::proto::KeyValue;
 use kuasar_api::ttrpc::{self, Code, MethodHandler, TtrpcContext};
-use kuasar_api::{NAMESPACE_METADATA, SANDBOX_ID_METADATA, TTRPC_ADDRESS_METADATA};
+use kuasar_api::{task_service, NAMESPACE_METADATA, SANDBOX_ID_METADATA, TTRPC_ADDRESS_METADATA};
 
 use crate::log;
-use crate::sandboxer::{status, Retry, Vmm, TASK_SERVICE};
+use crate::sandboxer::{status, Retry, Vmm};
 
-/// The task service names this relay serves (containerd 1.7 speaks v2;
-/// a v3 client sends the same messages under the v3 name).
-pub const TASK_V2: &str = "containerd.task.v2.Task";
-pub const TASK_V3: &str = "containerd.task.v3.Task";
 /// containerd's shim sandbox service (the `shim` sandboxer mode).
 pub const SANDBOX_V1: &str = "containerd.runtime.sandbox.v1.Sandbox";
 
@@ -92,7 +88,7 @@ impl TaskRelay {
         req: &Req,
         retry: Retry,
     ) -> ttrpc::Result<Resp> {
-        self.forward_to(TASK_SERVICE, ctx, method, req, retry)
+        self.forward_to(task_service::V2, ctx, method, req, retry)
     }
 
     fn forward_to<Req: Message, Resp: Message>(
@@ -313,12 +309,13 @@ impl Sandbox for TaskRelay {
 }
 
 /// The method map served by the shim: every Task method under both the
-/// v2 and the v3 service name, and the sandbox service.
+/// v2 and the v3 service name (containerd 1.7 speaks v2; a v3 client sends
+/// the same messages under the v3 name), and the sandbox service.
 pub fn services(relay: Arc<TaskRelay>) -> HashMap<String, Box<dyn MethodHandler + Send + Sync>> {
     let mut methods = create_task(relay.clone());
     methods.extend(create_sandbox(relay.clone()));
-    let v2_prefix = format!("/{TASK_V2}/");
-    let v3_prefix = format!("/{TASK_V3}/");
+    let v2_prefix = format!("/{}/", task_service::V2);
+    let v3_prefix = format!("/{}/", task_service::V3);
     for (name, handler) in create_task(relay) {
         if let Some(method) = name.strip_prefix(&v2_prefix) {
             methods.insert(format!("{v3_prefix}{method}"), handler);
@@ -355,7 +352,7 @@ mod tests {
             "Connect",
             "Shutdown",
         ];
-        for svc in [TASK_V2, TASK_V3] {
+        for svc in [task_service::V2, task_service::V3] {
             for meth in methods {
                 assert!(m.contains_key(&format!("/{svc}/{meth}")), "/{svc}/{meth}");
             }
@@ -375,6 +372,5 @@ mod tests {
             assert!(m.contains_key(&format!("/{SANDBOX_V1}/{meth}")), "{meth}");
         }
         assert_eq!(m.len(), 2 * methods.len() + sandbox_methods.len());
-        assert_eq!(TASK_SERVICE, TASK_V2);
     }
 }

@@ -32,8 +32,6 @@ use crate::log;
 pub use kuasar_api::vmm_socket;
 /// The sandboxer's own service (Ping, RegisterSandbox, DeleteSandbox).
 pub const SANDBOXER_SERVICE: &str = "kuasar.sandboxer.v1.Sandboxer";
-/// containerd's task service, which the sandboxer serves on the same socket.
-pub const TASK_SERVICE: &str = "containerd.task.v2.Task";
 
 /// How long [`Vmm`] keeps trying to reconnect before failing a call.
 pub const RECONNECT_WINDOW: Duration = Duration::from_secs(10);

@@ -14,9 +14,9 @@ use kuasar_api::containerd::shim::shim::*;
 use kuasar_api::containerd::shim::shim_ttrpc::{create_task, Task, TaskClient};
 use kuasar_api::protobuf::Message;
 use kuasar_api::ttrpc::{self, context, Code, TtrpcContext};
-use kuasar_api::{NAMESPACE_METADATA, SANDBOX_ID_METADATA, TTRPC_ADDRESS_METADATA};
+use kuasar_api::{task_service, NAMESPACE_METADATA, SANDBOX_ID_METADATA, TTRPC_ADDRESS_METADATA};
 
-use crate::relay::{TaskRelay, TASK_V3};
+use crate::relay::TaskRelay;
 use crate::sandboxer::{status, Vmm};
 use crate::serve;
 
@@ -219,11 +219,11 @@ fn relays_state_with_metadata_and_timeout() {
         .state(ctx(Duration::from_secs(5)), &state_req("c1"))
         .expect("State");
     assert_eq!(r.id, "c1");
-    assert_eq!(r.bundle, "sb1", "kuasar-sandbox-id");
-    assert_eq!(r.stdin, "k8s.io", "kuasar-namespace");
+    assert_eq!(r.bundle, "sb1", "{SANDBOX_ID_METADATA}");
+    assert_eq!(r.stdin, "k8s.io", "{NAMESPACE_METADATA}");
     assert_eq!(
         r.stdout, "/run/containerd/containerd.sock.ttrpc",
-        "kuasar-ttrpc-address"
+        "{TTRPC_ADDRESS_METADATA}"
     );
     assert_eq!(r.stderr, "containerd", "caller metadata passed through");
     assert_eq!(r.pid, 1);
@@ -237,7 +237,7 @@ fn relays_state_with_metadata_and_timeout() {
     // The same service under the v3 name (raw request).
     let raw = ttrpc::Client::connect(&shim.addr).expect("connect");
     let mut req = ttrpc::Request::new();
-    req.service = TASK_V3.into();
+    req.service = task_service::V3.into();
     req.method = "State".into();
     req.payload = state_req("c3").write_to_bytes().expect("encode");
     let resp = raw.request(req).expect("v3 State");

@@ -45,7 +45,7 @@ fn run(dir: &Path, bundle: &Path, vmm: &Path, args: &[&str]) -> (Output, Duratio
     let mut c = Command::new(BIN);
     c.args(args)
         .current_dir(bundle)
-        .env("KUASAR_VMM_SOCKET", vmm)
+        .env(kuasar_api::VMM_SOCKET_ENV, vmm)
         .env("KUASAR_SHIM_SOCKET_DIR", dir.join("s"))
         .env("TTRPC_ADDRESS", TTRPC_ADDRESS)
         .env_remove("KUASAR_SHIM_LOG")
