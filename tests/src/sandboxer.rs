@@ -1,4 +1,5 @@
 //! A kuasar-vmm started by the tests with a configuration of their choice.
+use kuasar_api::services::SANDBOXER;
 use std::fs::{self, OpenOptions};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -9,9 +10,6 @@ use crate::cmd::{self, Output};
 use crate::paths;
 use crate::procs;
 use crate::wire;
-
-/// The sandboxer's own ttrpc service (crates/api/protos/sandboxer.proto).
-pub const SANDBOXER_SERVICE: &str = "kuasar.sandboxer.v1.Sandboxer";
 
 /// How long kuasar-vmm may take to create its socket.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -209,7 +207,7 @@ impl Sandboxer {
     pub fn answers(&self) -> bool {
         let ping = wire::ttrpc_call(
             &self.config.socket,
-            SANDBOXER_SERVICE,
+            SANDBOXER,
             "Ping",
             &wire::Msg::new(),
             &[],

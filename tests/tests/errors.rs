@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use kuasar_api::task_service::V2 as TASK_SERVICE;
+use kuasar_api::services::SANDBOXER;
+use kuasar_api::services::TASK_V2 as TASK_SERVICE;
 use kuasar_api::{NAMESPACE_METADATA, SANDBOX_ID_METADATA, TTRPC_ADDRESS_METADATA, VMM_SOCKET_ENV};
 use kuasar_e2e::env::Shared;
-use kuasar_e2e::sandboxer::{run_expecting_exit, SandboxerConfig, SANDBOXER_SERVICE};
+use kuasar_e2e::sandboxer::{run_expecting_exit, SandboxerConfig};
 use kuasar_e2e::wire::{self, code, Msg, Value};
 use kuasar_e2e::{cmd, paths, procs, shared, EnvOptions};
 
@@ -298,15 +299,8 @@ fn hanging_guest_times_out() {
 }
 
 fn ping(socket: &Path) -> u64 {
-    let reply = wire::ttrpc_call(
-        socket,
-        SANDBOXER_SERVICE,
-        "Ping",
-        &Msg::new(),
-        &[],
-        CALL_TIMEOUT,
-    )
-    .unwrap_or_else(|e| panic!("Ping: {e}"));
+    let reply = wire::ttrpc_call(socket, SANDBOXER, "Ping", &Msg::new(), &[], CALL_TIMEOUT)
+        .unwrap_or_else(|e| panic!("Ping: {e}"));
     assert_eq!(reply.code, code::OK, "Ping: {reply:?}");
     let fields = wire::decode(&reply.payload).expect("PingResponse");
     match wire::field(&fields, 2) {
@@ -364,7 +358,7 @@ fn ids_that_escape_are_rejected() {
             .string(4, &ttrpc_address);
         let r = wire::ttrpc_call(
             &socket,
-            SANDBOXER_SERVICE,
+            SANDBOXER,
             "RegisterSandbox",
             &register,
             &[],
@@ -380,7 +374,7 @@ fn ids_that_escape_are_rejected() {
         let delete = Msg::new().string(1, bad);
         let r = wire::ttrpc_call(
             &socket,
-            SANDBOXER_SERVICE,
+            SANDBOXER,
             "DeleteSandbox",
             &delete,
             &[],
@@ -419,7 +413,7 @@ fn ids_that_escape_are_rejected() {
         .string(4, &ttrpc_address);
     let r = wire::ttrpc_call(
         &socket,
-        SANDBOXER_SERVICE,
+        SANDBOXER,
         "RegisterSandbox",
         &register,
         &[],
@@ -454,7 +448,7 @@ fn ids_that_escape_are_rejected() {
     let delete = Msg::new().string(1, &good);
     let r = wire::ttrpc_call(
         &socket,
-        SANDBOXER_SERVICE,
+        SANDBOXER,
         "DeleteSandbox",
         &delete,
         &[],

@@ -15,12 +15,11 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use kuasar_api::task_service::{V2 as TASK_V2, V3 as TASK_V3};
+use kuasar_api::services::{CONTROLLER, SANDBOX, SANDBOXER, TASK_V2, TASK_V3};
 use kuasar_api::{NAMESPACE_METADATA, SANDBOX_ID_METADATA, TTRPC_ADDRESS_METADATA};
 use kuasar_e2e::cri::proto::PodSandboxConfig;
 use kuasar_e2e::cri::{spec, Cri};
 use kuasar_e2e::env::Shared;
-use kuasar_e2e::sandboxer::SANDBOXER_SERVICE;
 use kuasar_e2e::wire::{self, code, Msg};
 use kuasar_e2e::{paths, procs, shared, EnvOptions, BUSYBOX};
 
@@ -30,8 +29,6 @@ const ZERO: &str = "kuasar-vmm-zero";
 const CALL_TIMEOUT_SECS: u64 = 5;
 /// `[vm] boot_timeout_secs` of this file's kuasar-vmm.
 const BOOT_TIMEOUT_SECS: u64 = 20;
-const SANDBOX_API: &str = "containerd.runtime.sandbox.v1.Sandbox";
-const CONTROLLER: &str = "containerd.services.sandbox.v1.Controller";
 const GRPC_INVALID_ARGUMENT: i32 = 3;
 
 /// The pod that must keep working whatever the other tests do.
@@ -167,7 +164,7 @@ fn assert_unharmed(env: &Shared, w: &Witness, after: &str) {
     );
     let ping = wire::ttrpc_call(
         &env.vmm_socket(),
-        SANDBOXER_SERVICE,
+        SANDBOXER,
         "Ping",
         &Msg::new(),
         &[],
@@ -408,14 +405,8 @@ fn attack_ttrpc_socket(env: &Shared, w: &Witness, socket: &Path, service: &str, 
 fn malformed_ttrpc_on_the_sandboxer_socket() {
     let (env, w) = world();
     attack_ttrpc_socket(&env, w, &env.vmm_socket(), TASK_V2, "State");
-    attack_ttrpc_socket(
-        &env,
-        w,
-        &env.vmm_socket(),
-        SANDBOXER_SERVICE,
-        "RegisterSandbox",
-    );
-    attack_ttrpc_socket(&env, w, &env.vmm_socket(), SANDBOX_API, "SandboxStatus");
+    attack_ttrpc_socket(&env, w, &env.vmm_socket(), SANDBOXER, "RegisterSandbox");
+    attack_ttrpc_socket(&env, w, &env.vmm_socket(), SANDBOX, "SandboxStatus");
 }
 
 #[test]
@@ -631,15 +622,8 @@ fn ids_that_escape_on_every_entry_point() {
         .string(2, "default")
         .string(3, &bundle.to_string_lossy())
         .string(4, &ttrpc_address);
-    let r = wire::ttrpc_call(
-        &socket,
-        SANDBOXER_SERVICE,
-        "RegisterSandbox",
-        &register,
-        &[],
-        t,
-    )
-    .expect("RegisterSandbox");
+    let r = wire::ttrpc_call(&socket, SANDBOXER, "RegisterSandbox", &register, &[], t)
+        .expect("RegisterSandbox");
     assert_eq!(r.code, code::OK, "{r:?}");
 
     let mut checked = 0;
@@ -659,7 +643,7 @@ fn ids_that_escape_on_every_entry_point() {
                 .string(2, "default")
                 .string(3, &bundle.to_string_lossy())
                 .string(4, &ttrpc_address);
-            let r = wire::ttrpc_call(&socket, SANDBOXER_SERVICE, method, &body, &[], t)
+            let r = wire::ttrpc_call(&socket, SANDBOXER, method, &body, &[], t)
                 .unwrap_or_else(|e| panic!("{method} {shown}: {e}"));
             assert_eq!(r.code, code::INVALID_ARGUMENT, "{method} {shown}: {r:?}");
             checked += 1;
@@ -683,7 +667,7 @@ fn ids_that_escape_on_every_entry_point() {
             let body = Msg::new()
                 .string(1, &bad)
                 .string(2, &bundle.to_string_lossy());
-            let r = wire::ttrpc_call(&socket, SANDBOX_API, method, &body, &md, t)
+            let r = wire::ttrpc_call(&socket, SANDBOX, method, &body, &md, t)
                 .unwrap_or_else(|e| panic!("{method} {shown}: {e}"));
             assert_eq!(
                 r.code,
@@ -803,7 +787,7 @@ fn ids_that_escape_on_every_entry_point() {
     println!("{checked} calls with bad ids, each InvalidArgument");
     let r = wire::ttrpc_call(
         &socket,
-        SANDBOXER_SERVICE,
+        SANDBOXER,
         "DeleteSandbox",
         &Msg::new().string(1, &holder),
         &[],

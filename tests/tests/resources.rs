@@ -6,7 +6,7 @@
 //! `ctr tasks metrics` shows the guest's cgroup figures.
 use std::time::Duration;
 
-use kuasar_api::task_service::V2 as TASK_SERVICE;
+use kuasar_api::services::TASK_V2 as TASK_SERVICE;
 use kuasar_e2e::env::CTR_TIMEOUT;
 use kuasar_e2e::wire::{self, code, Msg};
 use kuasar_e2e::{cmd, shared, EnvOptions, BUSYBOX, RUNTIME};

@@ -8,33 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Context, Error, Result};
 
-/// How the host reaches the agent (`kuasar.channel=` on the kernel command line).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Channel {
-    /// The `kuasar.agent` virtio-serial port (default).
-    Serial,
-    /// virtio-vsock: the ttrpc server listens on this vsock port.
-    Vsock(u32),
-}
-
-/// The channel named by a kernel command line (`kuasar.channel=vsock:<port>`
-/// or `kuasar.channel=serial`; serial when absent or unknown).
-pub fn parse_channel(cmdline: &str) -> Channel {
-    let value = cmdline
-        .split_whitespace()
-        .filter_map(|p| p.strip_prefix("kuasar.channel="))
-        .next_back();
-    match value {
-        Some(v) => match v.strip_prefix("vsock:").map(str::parse::<u32>) {
-            Some(Ok(port)) => Channel::Vsock(port),
-            _ => Channel::Serial,
-        },
-        None => Channel::Serial,
-    }
-}
-
-/// Name of the agent's virtio-serial port.
-pub const PORT_NAME: &str = "kuasar.agent";
+pub use kuasar_api::guest::{Channel, AGENT_PORT_NAME as PORT_NAME};
 
 /// Finds `/dev/vportNpM` whose `/sys/class/virtio-ports/*/name` is `name`,
 /// waiting up to `timeout` for the port (and its device node) to appear.
@@ -84,17 +58,6 @@ pub fn start_proxy(port: &Path, server: &Path, fault: Option<crate::proxy::Fault
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn channel_from_cmdline() {
-        assert_eq!(parse_channel("console=ttyS0 quiet"), Channel::Serial);
-        assert_eq!(
-            parse_channel("console=ttyS0 kuasar.channel=vsock:1024 quiet\n"),
-            Channel::Vsock(1024)
-        );
-        assert_eq!(parse_channel("kuasar.channel=serial"), Channel::Serial);
-        assert_eq!(parse_channel("kuasar.channel=vsock:x"), Channel::Serial);
-    }
 
     #[test]
     fn finds_port_by_name() {

@@ -69,7 +69,7 @@ fn main() {
     // starts serving; container creation waits for `guest_ready`.
     let (ready_tx, guest_ready) = tokio::sync::watch::channel(!pid1);
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let channel = channel::parse_channel(&cmdline);
+    let channel = channel::Channel::from_cmdline(&cmdline);
     let fault = proxy::Fault::from_cmdline(&cmdline);
     if pid1 {
         let vsock = matches!(channel, channel::Channel::Vsock(_));

@@ -582,7 +582,7 @@ mod tests {
     }
 
     fn request(stream: u32, method: &str) -> Vec<u8> {
-        let service = "kuasar.agent.v1.Agent";
+        let service = kuasar_api::services::AGENT;
         let mut p = vec![0x0a, service.len() as u8];
         p.extend(service.as_bytes());
         p.extend([0x12, method.len() as u8]);

@@ -9,9 +9,10 @@ pub use protobuf;
 pub use ttrpc;
 
 pub mod frame;
+pub mod guest;
 pub mod ids;
 pub mod resources;
-pub mod task_service;
+pub mod services;
 
 /// The guest agent protocol (`kuasar.agent.v1`).
 pub mod agent {

@@ -7,12 +7,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-pub(crate) mod admin;
 pub(crate) mod agent;
 pub mod config;
 pub(crate) mod container;
 pub mod containerd_config;
-pub(crate) mod controller;
 pub mod error;
 pub(crate) mod events;
 pub(crate) mod host;
@@ -20,20 +18,18 @@ pub(crate) mod io;
 pub(crate) mod metrics;
 pub(crate) mod mount;
 pub(crate) mod net;
-pub(crate) mod panic_guard;
 pub(crate) mod pod;
 pub(crate) mod portforward;
+pub(crate) mod protocol;
 pub(crate) mod recovery;
 pub(crate) mod registry;
 pub(crate) mod sandbox;
-pub(crate) mod sandbox_api;
-pub(crate) mod service;
 pub(crate) mod spec;
 pub mod state;
-pub(crate) mod task;
 pub(crate) mod vmm;
 
 use config::Config;
+use protocol::{admin, controller, panic_guard, sandbox_api, service, task};
 use registry::Registry;
 
 /// Runs the daemon until SIGTERM or SIGINT.

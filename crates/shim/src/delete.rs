@@ -10,11 +10,11 @@ use kuasar_api::containerd::shim::shim::{DeleteResponse, ShutdownRequest};
 use kuasar_api::protobuf::well_known_types::timestamp::Timestamp;
 use kuasar_api::protobuf::Message;
 use kuasar_api::sandboxer::{DeleteSandboxRequest, Empty as SbEmpty};
-use kuasar_api::task_service;
+use kuasar_api::services;
 
 use crate::args::Args;
 use crate::error::{Error, Result};
-use crate::sandboxer::{vmm_socket, Conn, SANDBOXER_SERVICE};
+use crate::sandboxer::{vmm_socket, Conn};
 use crate::{bundle, log, logger, socket};
 
 const DELETE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -81,7 +81,7 @@ fn delete_sandbox(id: &str) -> std::result::Result<(), String> {
                     let mut req = DeleteSandboxRequest::new();
                     req.sandbox_id = id;
                     conn.unary::<_, SbEmpty>(
-                        SANDBOXER_SERVICE,
+                        services::SANDBOXER,
                         "DeleteSandbox",
                         &req,
                         DELETE_TIMEOUT,
@@ -102,7 +102,7 @@ fn shutdown_shim(path: &std::path::Path, id: &str) -> std::result::Result<(), St
     let conn = Conn::connect(path).map_err(|e| e.to_string())?;
     let mut req = ShutdownRequest::new();
     req.id = id.to_string();
-    conn.unary::<_, Empty>(task_service::V2, "Shutdown", &req, SHUTDOWN_TIMEOUT)
+    conn.unary::<_, Empty>(services::TASK_V2, "Shutdown", &req, SHUTDOWN_TIMEOUT)
         .map(drop)
         .map_err(|e| e.to_string())
 }

@@ -2,7 +2,7 @@
 //! by request to kuasar-vmm.
 //!
 //! Each request is forwarded unchanged (same message, same timeout, the
-//! caller's metadata kept) to the sandboxer's [`task_service::V2`] or
+//! caller's metadata kept) to the sandboxer's [`services::TASK_V2`] or
 //! `containerd.runtime.sandbox.v1.Sandbox`,
 //! with three metadata entries added: [`SANDBOX_ID_METADATA`],
 //! [`NAMESPACE_METADATA`], [`TTRPC_ADDRESS_METADATA`]. Answers, statuses included,
@@ -21,13 +21,10 @@ use kuasar_api::sandbox::sandbox::*;
 use kuasar_api::sandbox::sandbox_ttrpc::{create_sandbox, Sandbox};
 use kuasar_api::ttrpc::proto::KeyValue;
 use kuasar_api::ttrpc::{self, Code, MethodHandler, TtrpcContext};
-use kuasar_api::{task_service, NAMESPACE_METADATA, SANDBOX_ID_METADATA, TTRPC_ADDRESS_METADATA};
+use kuasar_api::{services, NAMESPACE_METADATA, SANDBOX_ID_METADATA, TTRPC_ADDRESS_METADATA};
 
 use crate::log;
 use crate::sandboxer::{status, Retry, Vmm};
-
-/// containerd's shim sandbox service (the `shim` sandboxer mode).
-pub const SANDBOX_V1: &str = "containerd.runtime.sandbox.v1.Sandbox";
 
 /// Called once the sandboxer accepted `Shutdown`: ends the process soon.
 pub type OnShutdown = Box<dyn Fn() + Send + Sync>;
@@ -88,7 +85,7 @@ impl TaskRelay {
         req: &Req,
         retry: Retry,
     ) -> ttrpc::Result<Resp> {
-        self.forward_to(task_service::V2, ctx, method, req, retry)
+        self.forward_to(services::TASK_V2, ctx, method, req, retry)
     }
 
     fn forward_to<Req: Message, Resp: Message>(
@@ -234,7 +231,7 @@ impl TaskRelay {
         req: Req,
     ) -> ttrpc::Result<Resp> {
         log!("debug", "{method}");
-        self.forward_to(SANDBOX_V1, ctx, method, &req, Retry::Once)
+        self.forward_to(services::SANDBOX, ctx, method, &req, Retry::Once)
     }
 }
 
@@ -277,7 +274,13 @@ impl Sandbox for TaskRelay {
     ) -> ttrpc::Result<WaitSandboxResponse> {
         // Blocks for the sandbox's whole life, across sandboxer restarts.
         log!("debug", "WaitSandbox {}", req.sandbox_id);
-        self.forward_to(SANDBOX_V1, ctx, "WaitSandbox", &req, Retry::UntilAnswered)
+        self.forward_to(
+            services::SANDBOX,
+            ctx,
+            "WaitSandbox",
+            &req,
+            Retry::UntilAnswered,
+        )
     }
     fn sandbox_status(
         &self,
@@ -314,8 +317,8 @@ impl Sandbox for TaskRelay {
 pub fn services(relay: Arc<TaskRelay>) -> HashMap<String, Box<dyn MethodHandler + Send + Sync>> {
     let mut methods = create_task(relay.clone());
     methods.extend(create_sandbox(relay.clone()));
-    let v2_prefix = format!("/{}/", task_service::V2);
-    let v3_prefix = format!("/{}/", task_service::V3);
+    let v2_prefix = format!("/{}/", services::TASK_V2);
+    let v3_prefix = format!("/{}/", services::TASK_V3);
     for (name, handler) in create_task(relay) {
         if let Some(method) = name.strip_prefix(&v2_prefix) {
             methods.insert(format!("{v3_prefix}{method}"), handler);
@@ -352,7 +355,7 @@ mod tests {
             "Connect",
             "Shutdown",
         ];
-        for svc in [task_service::V2, task_service::V3] {
+        for svc in [services::TASK_V2, services::TASK_V3] {
             for meth in methods {
                 assert!(m.contains_key(&format!("/{svc}/{meth}")), "/{svc}/{meth}");
             }
@@ -369,7 +372,10 @@ mod tests {
             "SandboxMetrics",
         ];
         for meth in sandbox_methods {
-            assert!(m.contains_key(&format!("/{SANDBOX_V1}/{meth}")), "{meth}");
+            assert!(
+                m.contains_key(&format!("/{}/{meth}", services::SANDBOX)),
+                "{meth}"
+            );
         }
         assert_eq!(m.len(), 2 * methods.len() + sandbox_methods.len());
     }

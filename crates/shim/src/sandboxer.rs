@@ -30,8 +30,6 @@ use kuasar_api::ttrpc::{get_status, Code, Request, Response, Status};
 use crate::log;
 
 pub use kuasar_api::vmm_socket;
-/// The sandboxer's own service (Ping, RegisterSandbox, DeleteSandbox).
-pub const SANDBOXER_SERVICE: &str = "kuasar.sandboxer.v1.Sandboxer";
 
 /// How long [`Vmm`] keeps trying to reconnect before failing a call.
 pub const RECONNECT_WINDOW: Duration = Duration::from_secs(10);

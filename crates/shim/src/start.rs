@@ -14,9 +14,10 @@ use kuasar_api::sandboxer::{Empty, PingResponse, RegisterSandboxRequest};
 
 use crate::args::{ttrpc_address, validate_id, Args};
 use crate::error::{Error, Result};
-use crate::sandboxer::{vmm_socket, Conn, SANDBOXER_SERVICE};
+use crate::sandboxer::{vmm_socket, Conn};
 use crate::serve::LISTEN_FD_ENV;
 use crate::{bundle, log, logger, socket};
+use kuasar_api::services::SANDBOXER;
 
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -81,7 +82,7 @@ fn ping_vmm() -> Result<(PathBuf, Conn)> {
     };
     let conn = Conn::connect(&vmm).map_err(|e| unreachable(e.to_string()))?;
     let pong: PingResponse = conn
-        .unary(SANDBOXER_SERVICE, "Ping", &Empty::new(), PING_TIMEOUT)
+        .unary(SANDBOXER, "Ping", &Empty::new(), PING_TIMEOUT)
         .map_err(|e| unreachable(format!("Ping: {e}")))?;
     log!(
         "info",
@@ -108,7 +109,7 @@ fn register_sandbox(
     req.bundle = bundle.to_string_lossy().into_owned();
     req.ttrpc_address = ttrpc_address(&args.address);
     let _: Empty = conn
-        .unary(SANDBOXER_SERVICE, "RegisterSandbox", &req, REGISTER_TIMEOUT)
+        .unary(SANDBOXER, "RegisterSandbox", &req, REGISTER_TIMEOUT)
         .map_err(|e| Error::Register {
             path: vmm.to_path_buf(),
             id: sandbox_id.to_string(),

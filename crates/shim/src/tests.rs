@@ -14,7 +14,7 @@ use kuasar_api::containerd::shim::shim::*;
 use kuasar_api::containerd::shim::shim_ttrpc::{create_task, Task, TaskClient};
 use kuasar_api::protobuf::Message;
 use kuasar_api::ttrpc::{self, context, Code, TtrpcContext};
-use kuasar_api::{task_service, NAMESPACE_METADATA, SANDBOX_ID_METADATA, TTRPC_ADDRESS_METADATA};
+use kuasar_api::{services, NAMESPACE_METADATA, SANDBOX_ID_METADATA, TTRPC_ADDRESS_METADATA};
 
 use crate::relay::TaskRelay;
 use crate::sandboxer::{status, Vmm};
@@ -237,7 +237,7 @@ fn relays_state_with_metadata_and_timeout() {
     // The same service under the v3 name (raw request).
     let raw = ttrpc::Client::connect(&shim.addr).expect("connect");
     let mut req = ttrpc::Request::new();
-    req.service = task_service::V3.into();
+    req.service = services::TASK_V3.into();
     req.method = "State".into();
     req.payload = state_req("c3").write_to_bytes().expect("encode");
     let resp = raw.request(req).expect("v3 State");

@@ -1,8 +1,8 @@
 //! Builds QEMU's command line for one sandbox (see docs/design.md).
 use std::path::{Path, PathBuf};
 
-/// Name of the virtio-serial port the agent listens on.
-pub const AGENT_PORT_NAME: &str = "kuasar.agent";
+use kuasar_api::guest::{Channel, AGENT_PORT_NAME, AGENT_VSOCK_PORT};
+
 /// virtio-9p mount tag of the shared directory.
 pub const SHARED_TAG: &str = "kuasar";
 
@@ -13,8 +13,6 @@ pub enum Accel {
     Tcg,
 }
 
-/// Port the agent listens on when the channel is vsock.
-pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// `-sandbox`: QEMU's seccomp filter with every optional denial on.
 const SECCOMP_SANDBOX: &str =
     "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
@@ -99,7 +97,7 @@ impl VmSpec {
             }
         }
         if let AgentChannel::Vsock { .. } = self.channel {
-            p.push(format!("kuasar.channel=vsock:{AGENT_VSOCK_PORT}"));
+            p.push(Channel::Vsock(AGENT_VSOCK_PORT).cmdline_param());
         }
         if !self.kernel_params.trim().is_empty() {
             p.push(self.kernel_params.trim().to_owned());

@@ -1,4 +1,4 @@
-//! containerd's task service ([`kuasar_api::task_service::V2`]), served to the
+//! containerd's task service ([`kuasar_api::services::TASK_V2`]), served to the
 //! shims: converts protocol messages to domain calls on the sandbox named in
 //! the request's metadata, and the results back. No logic of its own.
 //! In the zero-shim mode the same service is bound to one sandbox and

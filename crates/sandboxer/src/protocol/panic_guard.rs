@@ -176,7 +176,7 @@ async fn guarded_grpc<T>(
     match catch(fut).await {
         Ok(res) => res,
         Err(panic) => {
-            let path = format!("/containerd.services.sandbox.v1.Controller/{method}");
+            let path = format!("/{}/{method}", kuasar_api::services::CONTROLLER);
             log_panic(&path, &sandbox, &sandbox, &panic);
             Err(tonic::Status::internal(internal_message(
                 &path, &sandbox, &panic,

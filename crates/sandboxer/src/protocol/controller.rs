@@ -15,15 +15,15 @@ use std::time::SystemTime;
 use kuasar_api::grpc::sandbox::controller_server::Controller;
 use kuasar_api::grpc::sandbox::*;
 use kuasar_api::grpc::types::{Metric, Platform};
-use kuasar_api::task_service;
+use kuasar_api::services;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
 use crate::io::streaming::StreamingService;
+use crate::protocol::sandbox_api::{self, STATE_NOT_READY, STATE_READY};
+use crate::protocol::task::TaskService;
 use crate::registry::Registry;
 use crate::sandbox::{Sandbox, SandboxInfo};
-use crate::sandbox_api::{self, STATE_NOT_READY, STATE_READY};
-use crate::task::TaskService;
 
 /// gRPC metadata key of the containerd namespace of a request.
 const NAMESPACE_HEADER: &str = "containerd-namespace";
@@ -107,9 +107,9 @@ impl ControllerService {
         // The same methods under the v3 name, which containerd uses for a
         // sandbox address of version 3.
         if let Some(v3) =
-            kuasar_api::containerd::shim_async::create_task(service).remove(task_service::V2)
+            kuasar_api::containerd::shim_async::create_task(service).remove(services::TASK_V2)
         {
-            services.insert(task_service::V3.to_owned(), v3);
+            services.insert(services::TASK_V3.to_owned(), v3);
         }
         // Process stdio for CRI's io_type = "streaming": containerd opens
         // the streams on this address.
@@ -122,7 +122,10 @@ impl ControllerService {
             .set_domain_unix()
             .add_listener(listener.into_raw_fd())
             .map_err(|e| Error::Internal(format!("task socket of sandbox {id}: {e}")))?
-            .register_service(crate::panic_guard::ttrpc_services(services, Some(&id)));
+            .register_service(crate::protocol::panic_guard::ttrpc_services(
+                services,
+                Some(&id),
+            ));
         server
             .start()
             .await
@@ -358,7 +361,8 @@ impl Controller for ControllerService {
 /// (gRPC) on each accepted connection.
 pub async fn serve(listener: tokio::net::UnixListener, controller: Arc<ControllerService>) {
     use kuasar_api::grpc::sandbox::controller_server::ControllerServer;
-    let service = ControllerServer::new(crate::panic_guard::GuardedController(controller));
+    let service =
+        ControllerServer::new(crate::protocol::panic_guard::GuardedController(controller));
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,

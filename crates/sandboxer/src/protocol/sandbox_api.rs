@@ -14,9 +14,9 @@ use ttrpc::r#async::TtrpcContext;
 
 use crate::error::Error;
 use crate::events::timestamp;
+use crate::protocol::task::metadata_of;
 use crate::registry::Registry;
 use crate::sandbox::{Sandbox, SandboxInfo};
-use crate::task::metadata_of;
 
 /// containerd's names for a sandbox's state.
 pub const STATE_READY: &str = "SANDBOX_READY";
