@@ -41,11 +41,29 @@ fn parse_object(what: &str, json: &[u8]) -> Result<serde_json::Map<String, Value
 /// The OCI spec version crun 1.8 accepts.
 const CRUN_OCI_VERSION: &str = "1.0.2";
 
+/// A container's OCI spec as the host sent it: a JSON object. Parsed once
+/// per create; [`rewrite_parsed`] then makes it fit the guest.
+pub fn parse_spec(spec_json: &[u8]) -> Result<serde_json::Map<String, Value>> {
+    parse_object("spec", spec_json)
+}
+
+/// [`parse_spec`], then [`rewrite_parsed`] (for the tests).
+#[cfg(test)]
+fn rewrite_spec(
+    spec_json: &[u8],
+    rootfs: &str,
+    terminal: bool,
+    pod: &PodAdditions,
+) -> Result<Vec<u8>> {
+    rewrite_parsed(parse_spec(spec_json)?, rootfs, terminal, pod)
+}
+
 /// Rewrites a container's OCI spec: `root.path` = `rootfs` (keeping
 /// `root.readonly`), `process.terminal` = `terminal`, a 1.x `ociVersion`
-/// that crun 1.8 accepts, and what the pod adds (`pod`).
-pub fn rewrite_spec(
-    spec_json: &[u8],
+/// that crun 1.8 accepts, and what the pod adds (`pod`); returns the
+/// `config.json` to write.
+pub fn rewrite_parsed(
+    mut spec: serde_json::Map<String, Value>,
     rootfs: &str,
     terminal: bool,
     pod: &PodAdditions,
@@ -55,7 +73,6 @@ pub fn rewrite_spec(
             "rootfs path {rootfs:?} must be absolute, without '..'"
         )));
     }
-    let mut spec = parse_object("spec", spec_json)?;
     let readonly = spec
         .get("root")
         .and_then(|r| r.get("readonly"))

@@ -12,8 +12,8 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::container::{
-    check_resources, parse_cgroup_path, rewrite_process, rewrite_spec, validate_id, Container,
-    Runner,
+    check_resources, parse_cgroup_path, parse_spec, rewrite_parsed, rewrite_process, validate_id,
+    Container, Runner,
 };
 use crate::debug::DebugCommand;
 use crate::error::{Context, Error, Result};
@@ -126,11 +126,8 @@ impl Inner {
         if req.sandbox_container {
             return self.create_sandbox_container(&req).await;
         }
-        let mut spec_value: serde_json::Value = serde_json::from_slice(&req.spec_json)
-            .map_err(|e| Error::InvalidArgument(format!("spec: {e}")))?;
-        let sysctls = crate::sysctl::take_pod_sysctls(&mut spec_value)?;
-        let spec_json = serde_json::to_vec(&spec_value)
-            .map_err(|e| Error::InvalidArgument(format!("spec: {e}")))?;
+        let mut spec = parse_spec(&req.spec_json)?;
+        let sysctls = crate::sysctl::take_pod_sysctls(&mut spec)?;
         let pid_namespace = if !req.pid_namespace_of.is_empty() {
             Some(self.pid_namespace_of(&req.pid_namespace_of)?)
         } else if req.pod_pid_namespace {
@@ -142,7 +139,7 @@ impl Inner {
             pid_namespace,
             files: crate::pod::files(Path::new(POD_DIR)),
         };
-        let spec = rewrite_spec(&spec_json, &req.rootfs_path, req.terminal, &pod)?;
+        let spec = rewrite_parsed(spec, &req.rootfs_path, req.terminal, &pod)?;
         crate::sysctl::apply(&sysctls)?;
         // The shared directory is mounted once the guest is set up.
         let mut ready = self.guest_ready.clone();

@@ -2,7 +2,7 @@
 //! namespace (the pod's), where crun refuses `net.*` sysctls ("requires a
 //! new network namespace"): they are the pod's settings, so the agent sets
 //! them on the VM itself and takes them out of the spec.
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 
@@ -10,9 +10,10 @@ const MAX_VALUE: usize = 4096;
 
 /// Removes the `net.*` sysctls from a spec (every container runs in the
 /// VM's network namespace: see `container::rewrite_spec`); returns them.
-pub fn take_pod_sysctls(spec: &mut Value) -> Result<Vec<(String, String)>> {
+pub fn take_pod_sysctls(spec: &mut Map<String, Value>) -> Result<Vec<(String, String)>> {
     let Some(sysctl) = spec
-        .pointer_mut("/linux/sysctl")
+        .get_mut("linux")
+        .and_then(|l| l.get_mut("sysctl"))
         .and_then(Value::as_object_mut)
     else {
         return Ok(Vec::new());
@@ -72,7 +73,7 @@ mod tests {
             "namespaces": [{"type": "ipc"}],
             "sysctl": {"net.ipv4.ip_unprivileged_port_start": "0", "kernel.shm_rmid_forced": "1"},
         }});
-        let taken = take_pod_sysctls(&mut spec).unwrap();
+        let taken = take_pod_sysctls(spec.as_object_mut().unwrap()).unwrap();
         assert_eq!(
             taken,
             [(
@@ -89,6 +90,6 @@ mod tests {
     #[test]
     fn a_traversing_key_is_refused() {
         let mut spec = json!({"linux": {"sysctl": {"net.ipv4..x": "1"}}});
-        assert!(take_pod_sysctls(&mut spec).is_err());
+        assert!(take_pod_sysctls(spec.as_object_mut().unwrap()).is_err());
     }
 }
