@@ -7,14 +7,14 @@ use std::time::{Duration, Instant};
 use kuasar_api::agent::{Interface, Route};
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
 use netlink_packet_route::address::{AddressAttribute, AddressHeaderFlags, AddressMessage};
-use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::link::{LinkAttribute, LinkMessage};
 use netlink_packet_route::route::{
     RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
 use crate::error::{Context, Error, Result};
-use kuasar_netlink::Netlink;
+use kuasar_netlink::{link_mac, link_name, Netlink};
 
 /// How long a NIC may take to show up after its driver is loaded.
 const NIC_TIMEOUT: Duration = Duration::from_secs(5);
@@ -26,29 +26,7 @@ fn netlink() -> Result<Netlink> {
 }
 
 fn links(nl: &mut Netlink) -> Result<Vec<LinkMessage>> {
-    Ok(nl
-        .dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))
-        .context("list links")?
-        .into_iter()
-        .filter_map(|m| match m {
-            RouteNetlinkMessage::NewLink(l) => Some(l),
-            _ => None,
-        })
-        .collect())
-}
-
-fn name_of(l: &LinkMessage) -> Option<&str> {
-    l.attributes.iter().find_map(|a| match a {
-        LinkAttribute::IfName(n) => Some(n.as_str()),
-        _ => None,
-    })
-}
-
-fn mac_of(l: &LinkMessage) -> Option<&[u8]> {
-    l.attributes.iter().find_map(|a| match a {
-        LinkAttribute::Address(m) => Some(m.as_slice()),
-        _ => None,
-    })
+    nl.links().context("list links")
 }
 
 fn set_link(
@@ -58,15 +36,7 @@ fn set_link(
     attrs: Vec<LinkAttribute>,
     what: &str,
 ) -> Result<()> {
-    let mut m = LinkMessage::default();
-    m.header.index = index;
-    if up {
-        m.header.flags = LinkFlags::Up;
-        m.header.change_mask = LinkFlags::Up;
-    }
-    m.attributes = attrs;
-    nl.request(RouteNetlinkMessage::SetLink(m), 0)
-        .context(what.to_owned())
+    nl.set_link(index, up, attrs).context(what.to_owned())
 }
 
 /// Brings the loopback interface up (the kernel gives it 127.0.0.1 and ::1).
@@ -74,7 +44,7 @@ pub fn loopback_up() -> Result<()> {
     let mut nl = netlink()?;
     let lo = links(&mut nl)?
         .into_iter()
-        .find(|l| name_of(l) == Some("lo"))
+        .find(|l| link_name(l) == Some("lo"))
         .ok_or_else(|| Error::Internal("no loopback interface".into()))?;
     set_link(&mut nl, lo.header.index, true, Vec::new(), "set lo up")
 }
@@ -245,7 +215,7 @@ fn find_nics(nl: &mut Netlink, interfaces: &[Interface]) -> Result<Vec<u32>> {
         let index = loop {
             let found = links(nl)?
                 .into_iter()
-                .find(|l| mac_of(l) == Some(&mac[..]))
+                .find(|l| link_mac(l) == Some(&mac[..]))
                 .map(|l| l.header.index);
             match found {
                 Some(index) => break index,
@@ -272,7 +242,7 @@ fn rename_nics(nl: &mut Netlink, interfaces: &[Interface], indexes: &[u32]) -> R
         current
             .iter()
             .find(|l| l.header.index == index)
-            .and_then(name_of)
+            .and_then(link_name)
             .map(str::to_owned)
     };
     let renames: Vec<(u32, &str)> = interfaces

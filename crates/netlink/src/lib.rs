@@ -8,6 +8,7 @@ use std::time::Duration;
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
 };
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
@@ -114,5 +115,78 @@ impl Netlink {
             Ok(())
         })?;
         Ok(out)
+    }
+
+    /// Every link of the namespace the socket was opened in.
+    pub fn links(&mut self) -> io::Result<Vec<LinkMessage>> {
+        Ok(self
+            .dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))?
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(l),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Sets `attrs` on the link at `index`, and brings it up if `up`.
+    pub fn set_link(&mut self, index: u32, up: bool, attrs: Vec<LinkAttribute>) -> io::Result<()> {
+        let mut m = LinkMessage::default();
+        m.header.index = index;
+        if up {
+            m.header.flags = LinkFlags::Up;
+            m.header.change_mask = LinkFlags::Up;
+        }
+        m.attributes = attrs;
+        self.request(RouteNetlinkMessage::SetLink(m), 0)
+    }
+}
+
+/// A link's interface name.
+pub fn link_name(l: &LinkMessage) -> Option<&str> {
+    l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.as_str()),
+        _ => None,
+    })
+}
+
+/// A link's hardware address.
+pub fn link_mac(l: &LinkMessage) -> Option<&[u8]> {
+    l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Address(m) => Some(m.as_slice()),
+        _ => None,
+    })
+}
+
+/// The index of the link called `name` among `links`.
+pub fn link_index(links: &[LinkMessage], name: &str) -> Option<u32> {
+    links
+        .iter()
+        .find(|l| link_name(l) == Some(name))
+        .map(|l| l.header.index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(index: u32, name: &str, mac: [u8; 6]) -> LinkMessage {
+        let mut l = LinkMessage::default();
+        l.header.index = index;
+        l.attributes = vec![
+            LinkAttribute::IfName(name.into()),
+            LinkAttribute::Address(mac.to_vec()),
+        ];
+        l
+    }
+
+    #[test]
+    fn finds_links_by_name_and_reads_their_mac() {
+        let links = [link(1, "lo", [0; 6]), link(7, "eth0", [2, 0, 0, 0, 0, 7])];
+        assert_eq!(link_index(&links, "eth0"), Some(7));
+        assert_eq!(link_index(&links, "eth1"), None);
+        assert_eq!(link_name(&links[0]), Some("lo"));
+        assert_eq!(link_mac(&links[1]), Some(&[2, 0, 0, 0, 0, 7][..]));
+        assert_eq!(link_mac(&LinkMessage::default()), None);
     }
 }

@@ -20,11 +20,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use netlink_packet_route::address::AddressMessage;
-use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::link::{LinkAttribute, LinkMessage};
 use netlink_packet_route::route::RouteMessage;
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
-use kuasar_netlink::Netlink;
+use kuasar_netlink::{link_index, Netlink};
 
 /// Suffix of the tap devices we create (`tap0_kuasar`, ...).
 pub const TAP_SUFFIX: &str = "_kuasar";
@@ -180,25 +180,7 @@ fn open(netns: &Path) -> Result<Netlink, NetError> {
 }
 
 fn dump_links(nl: &mut Netlink, netns: &Path) -> Result<Vec<LinkMessage>, NetError> {
-    let links = nl
-        .dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))
-        .map_err(step(netns, "list links"))?;
-    Ok(links
-        .into_iter()
-        .filter_map(|m| match m {
-            RouteNetlinkMessage::NewLink(l) => Some(l),
-            _ => None,
-        })
-        .collect())
-}
-
-fn link_index(links: &[LinkMessage], name: &str) -> Option<u32> {
-    links.iter().find_map(|l| {
-        l.attributes
-            .iter()
-            .any(|a| matches!(a, LinkAttribute::IfName(n) if n == name))
-            .then_some(l.header.index)
-    })
+    nl.links().map_err(step(netns, "list links"))
 }
 
 /// Runs inside the namespace.
@@ -285,12 +267,7 @@ fn connect(
         op: format!("find the new tap {tap_name}"),
         source: io::Error::from(io::ErrorKind::NotFound),
     })?;
-    let mut up = LinkMessage::default();
-    up.header.index = tap_index;
-    up.header.flags = LinkFlags::Up;
-    up.header.change_mask = LinkFlags::Up;
-    up.attributes.push(LinkAttribute::Mtu(link.config.mtu));
-    nl.request(RouteNetlinkMessage::SetLink(up), 0)
+    nl.set_link(tap_index, true, vec![LinkAttribute::Mtu(link.config.mtu)])
         .map_err(step(
             netns,
             format!("set {tap_name} up with MTU {}", link.config.mtu),
