@@ -259,10 +259,7 @@ fn sandboxer_restarts_under_running_pods() {
 }
 
 /// The same crash under the `shim` sandbox mode (containerd's sandbox API
-/// through the shim). The zero-shim mode is not here: there containerd
-/// holds the task API connection to kuasar-vmm itself and, like for a dead
-/// shim, records every task of the pod exited (255) when it breaks
-/// (docs/operations.md).
+/// through the shim).
 #[test]
 fn sandboxer_crash_under_shim_mode_pods() {
     let env = Env::start(EnvOptions { sandboxer: true }).expect("start the environment");
@@ -275,5 +272,41 @@ fn sandboxer_crash_under_shim_mode_pods() {
         libc::SIGKILL,
         "kuasar-vmm-shim: after kill -9",
     );
+    remove_all(&env, pods);
+}
+
+/// The zero-shim mode, where containerd holds the task API connection to
+/// kuasar-vmm itself: the VMMs hold those connections across the crash
+/// (and a clean restart), and the `Wait` containerd had in flight for each
+/// container is answered by the next kuasar-vmm, so containerd records no
+/// exit.
+#[test]
+fn sandboxer_crash_under_zero_shim_pods() {
+    let env = Env::start(EnvOptions { sandboxer: true }).expect("start the environment");
+    let cri = Cri::connect(&env.address()).expect("connect to CRI");
+    let pods = start_pods(&env, &cri, "kuasar-vmm-zero", PODS);
+    restart_and_check(
+        &env,
+        &cri,
+        &pods,
+        libc::SIGKILL,
+        "kuasar-vmm-zero: after kill -9",
+    );
+    restart_and_check(
+        &env,
+        &cri,
+        &pods,
+        libc::SIGTERM,
+        "kuasar-vmm-zero: after SIGTERM",
+    );
+    // The Wait answered after the restarts still reports a real exit.
+    let pod = &pods[0];
+    cri.stop_container(&pod.container, 0)
+        .expect("StopContainer after the restarts");
+    let cs = cri
+        .container_status(&pod.container)
+        .expect("ContainerStatus");
+    assert_eq!(cs.state, ContainerState::ContainerExited as i32, "{cs:?}");
+    assert_ne!(cs.finished_at, 0, "{cs:?}");
     remove_all(&env, pods);
 }

@@ -21,7 +21,8 @@ fn containerd_restart_finds_running_pods() {
     let cid = cri
         .create_container(&pod, &c, &cfg)
         .expect("CreateContainer");
-    cri.start_container(&cid).expect("StartContainer");
+    cri.start_container(&cid)
+        .unwrap_or_else(|e| panic!("StartContainer: {e:?}\n{}", env.diagnostics()));
     assert_eq!(env.shim_count(), 0, "a shim runs in the zero-shim mode");
 
     env.restart_containerd().expect("restart containerd");

@@ -91,6 +91,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // Recovery comes before the sockets are bound: nothing is served, and
     // readiness is not reported, until every sandbox is back or cleaned.
     let (registry, ready) = recover(host).await;
+    // The zero-shim task sockets too: containerd's connections held across
+    // the restart are taken back before anything answers.
+    let controller = Arc::new(controller::ControllerService::new(registry.clone()));
+    controller.resume_task_sockets().await;
     let mut server = ttrpc_server(bind(&socket)?, &registry)?;
     server.start().await.context("start the ttrpc server")?;
     let grpc_listener = bind(&grpc_socket)?;
@@ -99,8 +103,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .context("set the gRPC socket non-blocking")?;
     let grpc_listener =
         tokio::net::UnixListener::from_std(grpc_listener).context("serve the gRPC socket")?;
-    let controller = Arc::new(controller::ControllerService::new(registry.clone()));
-    controller.resume_task_sockets().await;
     let grpc = tokio::spawn(controller::serve(grpc_listener, controller.clone()));
     let metrics_server = metrics_listener.and_then(|l| serve_metrics(l, &registry));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -22,6 +22,7 @@ use crate::error::Error;
 use crate::io::streaming::StreamingService;
 use crate::protocol::sandbox_api::{self, STATE_NOT_READY, STATE_READY};
 use crate::protocol::task::TaskService;
+use crate::protocol::task_conn::TaskConns;
 use crate::registry::Registry;
 use crate::sandbox::{Sandbox, SandboxInfo};
 
@@ -33,13 +34,18 @@ const DEFAULT_NAMESPACE: &str = "k8s.io";
 pub const TASK_API_VERSION: u32 = 3;
 /// Name of a sandbox's task socket inside its directory.
 const TASK_SOCKET: &str = "task.sock";
+/// Name of the private socket of a sandbox's task API server.
+const INNER_SOCKET: &str = "task.inner.sock";
 /// sockaddr_un holds 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
 
-/// A sandbox's own task API server.
+/// A sandbox's own task API: containerd's socket, its connections relayed
+/// to a ttrpc server on a private socket.
 struct TaskSocket {
     path: PathBuf,
+    inner: PathBuf,
     server: ttrpc::r#async::Server,
+    conns: TaskConns,
 }
 
 pub struct ControllerService {
@@ -62,15 +68,30 @@ fn timestamp(t: SystemTime) -> prost_types::Timestamp {
 /// when that path is too long for a socket, a short name derived from the
 /// id in `<state_dir>/t/`.
 pub fn task_socket_path(state_dir: &Path, sandbox_dir: &Path, id: &str) -> PathBuf {
-    let path = sandbox_dir.join(TASK_SOCKET);
+    socket_path(state_dir, sandbox_dir, id, TASK_SOCKET)
+}
+
+/// Where kuasar-vmm's own ttrpc server of a sandbox's task API listens (the
+/// relay of [`TaskConns`] connects there), placed like the task socket.
+fn inner_socket_path(state_dir: &Path, sandbox_dir: &Path, id: &str) -> PathBuf {
+    socket_path(state_dir, sandbox_dir, id, INNER_SOCKET)
+}
+
+fn socket_path(state_dir: &Path, sandbox_dir: &Path, id: &str, name: &str) -> PathBuf {
+    let path = sandbox_dir.join(name);
     if path.as_os_str().len() <= MAX_SOCKET_PATH {
         return path;
     }
-    // FNV-1a: stable across runs (the address is persisted by containerd).
-    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+    let short = name.replacen("task", &format!("{:016x}", id_hash(id)), 1);
+    state_dir.join("t").join(short)
+}
+
+/// FNV-1a of a sandbox id: stable across runs (containerd persists the
+/// task address).
+fn id_hash(id: &str) -> u64 {
+    id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
-    state_dir.join("t").join(format!("{hash:016x}.sock"))
+    })
 }
 
 impl ControllerService {
@@ -100,7 +121,8 @@ impl ControllerService {
         }
         let state_dir = &self.registry.host.config.state_dir;
         let path = task_socket_path(state_dir, &sandbox.dir, &id);
-        let listener = crate::bind(&path)
+        let inner = inner_socket_path(state_dir, &sandbox.dir, &id);
+        let listener = crate::bind(&inner)
             .map_err(|e| Error::Internal(format!("task socket of sandbox {id}: {e:#}")))?;
         let service = Arc::new(TaskService::for_sandbox(self.registry.clone(), &id));
         let mut services = kuasar_api::containerd::shim_async::create_task(service.clone());
@@ -130,6 +152,9 @@ impl ControllerService {
             .start()
             .await
             .map_err(|e| Error::Internal(format!("serve the task socket of sandbox {id}: {e}")))?;
+        let conns = TaskConns::start(sandbox.clone(), &path, &inner)
+            .await
+            .map_err(|e| Error::Internal(format!("task socket of sandbox {id}: {e}")))?;
         let address = format!("ttrpc+unix://{}", path.display());
         tracing::info!(sandbox = %id, %address, "task API served");
         let mut tasks = self.tasks();
@@ -141,7 +166,9 @@ impl ControllerService {
             id,
             TaskSocket {
                 path: path.clone(),
+                inner,
                 server,
+                conns,
             },
         );
         drop(tasks);
@@ -163,25 +190,34 @@ impl ControllerService {
         }
     }
 
-    /// Stops serving a sandbox's task socket and removes it.
+    /// Stops serving a sandbox's task socket (the sandbox goes away): its
+    /// connections close, the socket is removed.
     async fn stop_tasks(&self, id: &str) {
-        let Some(mut t) = self.tasks().remove(id) else {
+        let Some(t) = self.tasks().remove(id) else {
             return;
         };
-        if tokio::time::timeout(std::time::Duration::from_secs(1), t.server.shutdown())
+        t.conns.stop().await;
+        Self::stop_server(id, t.server, &t.inner).await;
+        let _ = std::fs::remove_file(&t.path);
+    }
+
+    async fn stop_server(id: &str, mut server: ttrpc::r#async::Server, inner: &Path) {
+        if tokio::time::timeout(std::time::Duration::from_secs(1), server.shutdown())
             .await
             .is_err()
         {
             tracing::debug!(sandbox = %id, "task connections still open at shutdown");
         }
-        let _ = std::fs::remove_file(&t.path);
+        let _ = std::fs::remove_file(inner);
     }
 
-    /// Stops every task socket (the sandboxer exits).
+    /// Stops serving every task socket because kuasar-vmm exits: the VMMs
+    /// keep holding containerd's connections, for the next kuasar-vmm.
     pub async fn close_task_sockets(&self) {
-        let ids: Vec<String> = self.tasks().keys().cloned().collect();
-        for id in ids {
-            self.stop_tasks(&id).await;
+        let tasks: Vec<(String, TaskSocket)> = self.tasks().drain().collect();
+        for (id, t) in tasks {
+            t.conns.detach();
+            Self::stop_server(&id, t.server, &t.inner).await;
         }
     }
 }
@@ -506,5 +542,19 @@ mod tests {
         assert_eq!(p, task_socket_path(state, &state.join(&id), &id));
         let other = "c".repeat(76);
         assert_ne!(p, task_socket_path(state, &state.join(&other), &other));
+        // The private socket of the same sandbox: short too, and another.
+        let inner = inner_socket_path(state, &state.join(&id), &id);
+        assert!(
+            inner.as_os_str().len() <= MAX_SOCKET_PATH,
+            "{}",
+            inner.display()
+        );
+        assert_ne!(inner, p);
+        let state = Path::new("/run/kuasar/vmm");
+        let id = "a".repeat(64);
+        assert_eq!(
+            inner_socket_path(state, &state.join(&id), &id),
+            state.join(&id).join(INNER_SOCKET)
+        );
     }
 }

@@ -8,6 +8,8 @@
 //! - [`controller`]: containerd's Sandbox Controller over gRPC (zero-shim);
 //! - [`service`]: kuasar's own sandboxer service for the shims;
 //! - [`admin`]: the operator's service for kuasarctl;
+//! - [`task_conn`]: the zero-shim task socket, its connections held by
+//!   the VMM and relayed, so that they outlive a kuasar-vmm restart;
 //! - [`panic_guard`]: wraps every one of them so that a panic costs its
 //!   request only.
 
@@ -17,3 +19,4 @@ pub(crate) mod panic_guard;
 pub(crate) mod sandbox_api;
 pub(crate) mod service;
 pub(crate) mod task;
+pub(crate) mod task_conn;

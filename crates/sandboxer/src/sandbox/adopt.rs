@@ -252,6 +252,39 @@ impl Sandbox {
         }
     }
 
+    /// Hands the VMM a copy of `fd` to keep under `name` until released
+    /// or the VM ends (see [`crate::vmm::Vmm::hold_fds`]).
+    pub async fn hold_fd(
+        &self,
+        name: String,
+        fd: std::os::fd::OwnedFd,
+    ) -> std::result::Result<(), String> {
+        let live = self.live().ok_or("the sandbox has no running VM")?;
+        let held = live.vmm.lock().await.hold_fds(vec![(name, fd)]).await;
+        held
+    }
+
+    /// Closes the VMM's copies held under `names` (best effort: a VM that
+    /// is gone holds nothing).
+    pub async fn release_fds(&self, names: Vec<String>) {
+        if let Some(live) = self.live() {
+            if let Err(e) = live.vmm.lock().await.release_fds(names).await {
+                tracing::debug!(sandbox = %self.info.id, "release held descriptors: {e}");
+            }
+        }
+    }
+
+    /// Copies back the sockets the VMM holds, by inode (after a restart).
+    pub fn take_back_sockets(
+        &self,
+        inodes: &[u64],
+    ) -> std::io::Result<std::collections::HashMap<u64, std::os::fd::OwnedFd>> {
+        let live = self
+            .live()
+            .ok_or_else(|| std::io::Error::other("the sandbox has no running VM"))?;
+        crate::vmm::held::take_back(live.pid, inodes)
+    }
+
     /// Closes the VMM's copies of a container's stdio fifos.
     pub(super) async fn release_stdio(&self, cid: &str) {
         if let Some(live) = self.live() {

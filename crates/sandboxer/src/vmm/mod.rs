@@ -10,6 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::watch;
 
+pub mod held;
 pub mod probe;
 pub mod qemu;
 
