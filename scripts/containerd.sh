@@ -18,7 +18,9 @@
 # config  prints the containerd configuration for DIR.
 #
 # Env: KUASAR_BIN_DIR, KUASAR_TEST_IMAGES (archive dir, default /var/lib/kuasar/images),
-#      KUASAR_CONTAINERD_TIMEOUT (seconds to wait for containerd, default 20).
+#      KUASAR_CONTAINERD_TIMEOUT (seconds to wait for containerd, default 20),
+#      KUASAR_CONTAINERD (the containerd binary, default `containerd` on PATH: Debian's; set it
+#      to run the tests against another release, see docs/development.md).
 set -euo pipefail
 
 # shellcheck source=scripts/lib-test-env.sh
@@ -29,6 +31,7 @@ DIR=${2:-${KUASAR_TEST_DIR:-/run/kuasar-test}}
 DIR=${DIR%/}
 IMAGES=${KUASAR_TEST_IMAGES:-/var/lib/kuasar/images}
 TIMEOUT=${KUASAR_CONTAINERD_TIMEOUT:-20}
+CONTAINERD=${KUASAR_CONTAINERD:-containerd}
 SOCK=$DIR/containerd.sock
 PIDFILE=$DIR/containerd.pid
 LOG=$DIR/containerd.log
@@ -175,7 +178,7 @@ import_images() {
 
 start() {
   check_dir "$DIR" || exit 1
-  command -v containerd >/dev/null || die "containerd not found (run: make deps)"
+  command -v "$CONTAINERD" >/dev/null || die "$CONTAINERD not found (run: make deps, or fix KUASAR_CONTAINERD)"
   command -v ctr >/dev/null || die "ctr not found (run: make deps)"
   local pid
   if pid=$(running_pid) && answers; then
@@ -199,7 +202,7 @@ start() {
     cd "$DIR"
     export KUASAR_TEST_DIR=$DIR KUASAR_VMM_SOCKET=$DIR/vmm.sock KUASAR_SHIM_SOCKET_DIR=$DIR/s \
       PATH="$KUASAR_BIN_DIR:$PATH"
-    exec setsid containerd --config "$DIR/config.toml" >>"$LOG" 2>&1 </dev/null
+    exec setsid "$CONTAINERD" --config "$DIR/config.toml" >>"$LOG" 2>&1 </dev/null
   ) &
   local launched=$! i
   for ((i = 0; i < TIMEOUT * 10; i++)); do

@@ -8,6 +8,7 @@
 #        scripts/test.sh clean    stop every private test/demo/bench environment left behind
 #
 # Env: KUASAR_E2E_THREADS (default 1: the e2e tests count VMs, they run one at a time);
+#      KUASAR_CONTAINERD (the containerd binary the e2e suite runs; default Debian's on PATH);
 set -euo pipefail
 
 # shellcheck source=scripts/lib-test-env.sh
@@ -135,6 +136,13 @@ for target in tests/tests/*.rs; do
   run "e2e $target" cargo test -p kuasar-e2e --test "$target" \
     -- --test-threads="${KUASAR_E2E_THREADS:-1}" || failed+=("$target")
 done
+# Which containerd the e2e suite ran against; CI runs Debian's only, and says so.
+containerd_bin=${KUASAR_CONTAINERD:-containerd}
+echo "test.sh: e2e ran against containerd $("$containerd_bin" --version 2>/dev/null | awk '{print $3}') ($containerd_bin)" >&2
+if [ -z "${KUASAR_CONTAINERD:-}" ]; then
+  echo "test.sh: SKIPPED: other containerd releases (2.3.x, 2.4.x) were not run;" \
+    "KUASAR_CONTAINERD=/path/to/containerd runs the suite against one (docs/testing.md)" >&2
+fi
 # kuasar-vmm.service under a booted systemd (prints SKIPPED with the reason where it cannot boot).
 run systemd deploy/test-unit.sh || failed+=(systemd)
 if [ "${#failed[@]}" -gt 0 ]; then

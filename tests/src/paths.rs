@@ -7,6 +7,10 @@ pub const RUNTIME: &str = "io.containerd.kuasar-vmm.v2";
 /// The test image (scripts/build-test-images.sh).
 pub const BUSYBOX: &str = "docker.io/library/busybox:latest";
 
+/// The containerd binary the tests run, when not Debian's on PATH (another
+/// release; scripts/containerd.sh reads it too).
+pub const CONTAINERD_ENV: &str = "KUASAR_CONTAINERD";
+
 const HINT: &str = "run `make build guest images` (as root) first";
 
 /// The repository root.
@@ -99,10 +103,19 @@ pub fn check_prerequisites() -> Result<(), String> {
     if !missing.is_empty() {
         problems.push(format!("missing {}: {HINT}", missing.join(", ")));
     }
-    let tools: Vec<&str> = ["containerd", "ctr", "qemu-system-x86_64", "runc"]
+    let mut tools: Vec<&str> = ["ctr", "qemu-system-x86_64", "runc"]
         .into_iter()
         .filter(|t| !in_path(t))
         .collect();
+    match std::env::var_os(CONTAINERD_ENV) {
+        Some(bin) if !Path::new(&bin).is_file() => problems.push(format!(
+            "{CONTAINERD_ENV}={} is not a file",
+            Path::new(&bin).display()
+        )),
+        Some(_) => {}
+        None if !in_path("containerd") => tools.push("containerd"),
+        None => {}
+    }
     if !tools.is_empty() {
         problems.push(format!(
             "{} not found on PATH: run `make deps` (as root)",
