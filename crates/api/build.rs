@@ -40,6 +40,16 @@ fn generate_grpc() {
         .build_transport(false)
         .compile_fds(fds)
         .expect("generate the sandbox controller server");
+    // containerd's Version service: a client, for kuasar-vmm to learn which
+    // containerd release it serves.
+    let proto = "protos/containerd/services/version/v1/version.proto";
+    println!("cargo:rerun-if-changed={proto}");
+    let fds = protox::compile([proto], ["protos"]).expect("parse the version proto");
+    tonic_prost_build::configure()
+        .build_server(false)
+        .build_transport(false)
+        .compile_fds(fds)
+        .expect("generate the version client");
 }
 
 /// Services whose methods are all streaming (no blocking bindings).

@@ -1,10 +1,14 @@
 //! The zero-shim mode (`kuasar-vmm-zero`: kuasar-vmm is containerd's sandbox
 //! controller) across a containerd restart: the pod and its container are
 //! found again through the controller's Status and the sandbox's task
-//! socket, and still work. (The CRI suite covers the rest: cri.rs.)
+//! socket, and still work. (The CRI suite covers the rest: cri.rs.) And
+//! kuasar-vmm's check of the containerd release it serves, which warns of
+//! the one that crashes in the `shim` mode.
+use std::time::Duration;
+
 use kuasar_e2e::cri::proto::{ContainerState, PodSandboxState};
 use kuasar_e2e::cri::{spec, Cri};
-use kuasar_e2e::{Env, EnvOptions, BUSYBOX};
+use kuasar_e2e::{cmd, paths, Env, EnvOptions, BUSYBOX};
 
 const HANDLER: &str = "kuasar-vmm-zero";
 
@@ -43,4 +47,53 @@ fn containerd_restart_finds_running_pods() {
     cri.stop_and_remove_pod(&pod)
         .expect("remove the pod after restart");
     assert_eq!(env.qemu_count(), 0, "the pod's VM outlived its removal");
+}
+
+/// The (major, minor) of the containerd the tests run.
+fn containerd_release() -> (u32, u32, String) {
+    let bin = std::env::var_os(paths::CONTAINERD_ENV).unwrap_or_else(|| "containerd".into());
+    let out = std::process::Command::new(&bin)
+        .arg("--version")
+        .output()
+        .expect("containerd --version");
+    // "containerd github.com/containerd/containerd/v2 v2.1.9 <revision>"
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let version = text
+        .split_whitespace()
+        .nth(2)
+        .unwrap_or_default()
+        .to_owned();
+    let mut parts = version.trim_start_matches('v').split(['.', '-', '+']);
+    let mut next = || parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (next(), next(), version)
+}
+
+#[test]
+fn sandboxer_names_the_containerd_release() {
+    let env = Env::start(EnvOptions { sandboxer: true }).expect("start the environment");
+    let (major, minor, version) = containerd_release();
+    let seen = cmd::wait_until(Duration::from_secs(30), || {
+        env.sandboxer_log().contains("containerd version")
+            || env.sandboxer_log().contains("hostNetwork")
+    });
+    let log = env.sandboxer_log();
+    assert!(seen, "kuasar-vmm did not name containerd's release:\n{log}");
+    let warned = log
+        .lines()
+        .any(|l| l.contains("WARN") && l.contains("hostNetwork") && l.contains("shim"));
+    if major == 2 && minor < 3 {
+        assert!(
+            warned,
+            "containerd {version}: no warning about the shim mode:\n{log}"
+        );
+    } else {
+        assert!(
+            !warned,
+            "containerd {version}: warned although it is safe:\n{log}"
+        );
+    }
+    eprintln!(
+        "containerd {version}: warning {}",
+        if warned { "logged" } else { "not logged" }
+    );
 }

@@ -81,6 +81,15 @@ pub mod grpc {
             include!(concat!(env!("OUT_DIR"), "/containerd.types.rs"));
         }
         pub mod services {
+            pub mod version {
+                /// `containerd.services.version.v1` (the client).
+                pub mod v1 {
+                    include!(concat!(
+                        env!("OUT_DIR"),
+                        "/containerd.services.version.v1.rs"
+                    ));
+                }
+            }
             pub mod sandbox {
                 /// `containerd.services.sandbox.v1`.
                 pub mod v1 {
@@ -93,6 +102,7 @@ pub mod grpc {
         }
     }
     pub use containerd::services::sandbox::v1 as sandbox;
+    pub use containerd::services::version::v1 as version;
     pub use containerd::types;
 }
 

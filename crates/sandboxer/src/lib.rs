@@ -11,6 +11,7 @@ pub(crate) mod agent;
 pub mod config;
 pub(crate) mod container;
 pub mod containerd_config;
+pub(crate) mod containerd_version;
 pub mod error;
 pub(crate) mod events;
 pub(crate) mod host;
@@ -113,6 +114,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         "kuasar-vmm ready"
     );
     sd_notify(&ready);
+    let version_check = tokio::spawn(containerd_version::check(
+        registry.host.config.containerd_ttrpc_address.clone(),
+    ));
 
     tokio::select! {
         _ = term.recv() => {}
@@ -133,6 +137,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::debug!("connections still open at exit");
     }
     grpc.abort();
+    version_check.abort();
     if let Some(server) = metrics_server {
         server.abort();
     }
