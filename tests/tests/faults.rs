@@ -199,13 +199,15 @@ impl Fx {
                 .map(|m| format!("mount {m}")),
         );
         // In the zero-shim mode `task.sock` is the sandbox's task API (what
-        // the shim is in the other modes): containerd still deletes the dead
-        // pod's tasks through it; it goes with the sandbox (Shutdown), which
+        // the shim is in the other modes; `task.inner.sock` is its server
+        // behind the relay): containerd still deletes the dead pod's tasks
+        // through it; it goes with the sandbox (Shutdown), which
         // `assert_back_to` checks.
+        let task_api = |s: &str| s.ends_with("/task.sock") || s.ends_with("/task.inner.sock");
         held.extend(
             sockets_below(&dir)
                 .into_iter()
-                .filter(|s| !(self.handler == "kuasar-vmm-zero" && s.ends_with("/task.sock")))
+                .filter(|s| !(self.handler == "kuasar-vmm-zero" && task_api(s)))
                 .map(|s| format!("socket {s}")),
         );
         if netns.exists() && links_in(netns).iter().any(|l| l == TAP) {

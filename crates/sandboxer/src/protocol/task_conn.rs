@@ -42,10 +42,8 @@ const LISTENER_FILE: &str = "listener";
 /// The VMM's name for the held listener.
 const LISTENER_NAME: &str = "t.listener";
 /// Frames up to this size are peeked whole before they are consumed (a
-/// `Wait` is a few hundred bytes); larger ones are copied as they come.
+/// `Wait` is a few hundred bytes).
 const PEEK_MAX: usize = 256 * 1024;
-/// How long to wait for the rest of a frame that arrived in part.
-const PARTIAL_WAIT: Duration = Duration::from_millis(2);
 
 /// The VMM's name for a held connection.
 fn conn_name(inode: u64) -> String {
@@ -272,7 +270,9 @@ impl Shared {
                 })
                 .await?;
                 let Some(frame) = frame else {
-                    return Ok::<(), io::Error>(());
+                    // containerd closed its side: so do we towards the
+                    // server, which still answers what it was sent.
+                    return inner_w.shutdown().await;
                 };
                 inner_w.write_all(&frame).await?;
             }
@@ -296,9 +296,13 @@ impl Shared {
                 }
             }
         };
+        tokio::pin!(down);
         tokio::select! {
-            r = up => r,
-            r = down => r,
+            r = up => {
+                r?;
+                (&mut down).await
+            }
+            r = &mut down => r,
         }
     }
 }
@@ -369,45 +373,44 @@ fn into_stream(fd: OwnedFd) -> io::Result<UnixStream> {
     UnixStream::from_std(s)
 }
 
-/// The next whole frame containerd sent, None at its end. A frame up to
-/// `PEEK_MAX` is first peeked whole and given to `before_consume`, and only
-/// then taken from the socket: a kuasar-vmm killed in between leaves it
-/// there for the next one.
+/// The next whole frame containerd sent, None at its end. A frame that is
+/// already whole in the socket (containerd writes each in one go) is
+/// peeked, given to `before_consume`, and only then taken from the socket:
+/// a kuasar-vmm killed in between leaves it there for the next one. One
+/// that arrives in parts, or is larger than `PEEK_MAX`, is read as it comes
+/// and given to `before_consume` once whole.
 async fn next_frame(
     s: &UnixStream,
     before_consume: impl FnOnce(&[u8]) -> io::Result<()>,
 ) -> io::Result<Option<Vec<u8>>> {
-    let mut buf = vec![0u8; HEADER_LEN];
-    loop {
-        let n = peek(s, &mut buf).await?;
-        if n == 0 {
-            return Ok(None);
-        }
-        let Some(h) = Header::decode(&buf[..n]) else {
-            tokio::time::sleep(PARTIAL_WAIT).await;
-            continue;
-        };
-        let len = h.checked_len(MAX_PAYLOAD).map_err(io::Error::other)?;
-        let total = HEADER_LEN + len;
-        if total > PEEK_MAX {
-            let mut frame = vec![0u8; total];
-            read_exact(s, &mut frame).await?;
-            before_consume(&frame)?;
-            return Ok(Some(frame));
-        }
-        if buf.len() < total {
-            buf.resize(total, 0);
-            continue;
-        }
-        if n < total {
-            tokio::time::sleep(PARTIAL_WAIT).await;
-            continue;
-        }
-        before_consume(&buf[..total])?;
-        read_exact(s, &mut buf[..total]).await?;
-        buf.truncate(total);
-        return Ok(Some(buf));
+    let mut head = [0u8; HEADER_LEN];
+    let n = peek(s, &mut head).await?;
+    if n == 0 {
+        return Ok(None);
     }
+    if n == HEADER_LEN {
+        let len = Header::from(head)
+            .checked_len(MAX_PAYLOAD)
+            .map_err(io::Error::other)?;
+        let total = HEADER_LEN + len;
+        if total <= PEEK_MAX {
+            let mut frame = vec![0u8; total];
+            if peek(s, &mut frame).await? == total {
+                before_consume(&frame)?;
+                read_exact(s, &mut frame).await?;
+                return Ok(Some(frame));
+            }
+        }
+    }
+    read_exact(s, &mut head).await?;
+    let len = Header::from(head)
+        .checked_len(MAX_PAYLOAD)
+        .map_err(io::Error::other)?;
+    let mut frame = head.to_vec();
+    frame.resize(HEADER_LEN + len, 0);
+    read_exact(s, &mut frame[HEADER_LEN..]).await?;
+    before_consume(&frame)?;
+    Ok(Some(frame))
 }
 
 async fn peek(s: &UnixStream, buf: &mut [u8]) -> io::Result<usize> {
@@ -540,5 +543,15 @@ mod tests {
         assert_eq!(again, wait);
         drop(a);
         assert!(next_frame(&b, |_| Ok(())).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_frame_cut_short_is_an_error_not_a_wait() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let wait = request(5, services::TASK_V3, "Wait");
+        write_all(&a, &wait[..wait.len() - 3]).await.unwrap();
+        drop(a);
+        let r = tokio::time::timeout(Duration::from_secs(5), next_frame(&b, |_| Ok(()))).await;
+        assert!(r.expect("no hang").is_err());
     }
 }
