@@ -75,6 +75,11 @@ fn main() {
         ("sandboxer", vec!["protos/sandboxer.proto".to_owned()]),
         ("sandbox", containerd),
         ("cri_pod", vec!["protos/cri_pod.proto".to_owned()]),
+        // containerd 2.3's shim bootstrap protocol (messages only).
+        (
+            "bootstrap",
+            vec!["protos/containerd/runtime/bootstrap/v1/bootstrap.proto".to_owned()],
+        ),
         // containerd's streaming API (CRI io_type = "streaming"); the two
         // files share a name, so each is its own module.
         (

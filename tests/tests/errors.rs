@@ -473,3 +473,68 @@ fn ids_that_escape_are_rejected() {
     let _ = fs::remove_dir_all(&bundle);
     let _ = fs::remove_dir_all(&sentinel);
 }
+
+/// containerd 2.3's bootstrap protocol, as containerd 2.3 drives the shim:
+/// `start` with `BootstrapParams` on stdin (here without any flag) answers
+/// a protobuf `BootstrapResult` naming the address it serves, and the
+/// sandbox is registered under the namespace the parameters give; with
+/// 2.1's empty stdin the answer stays the bare address (the CRI suite).
+#[test]
+fn shim_start_speaks_the_bootstrap_protocol() {
+    let env = env();
+    let _sb = start_sandboxer(&env, env.sandboxer_config());
+    let bundle = env.dir().join("bundle-bootstrap");
+    fs::create_dir_all(&bundle).expect("create bundle");
+    let grpc = env.address().display().to_string();
+    let params = Msg::new()
+        .string(1, "boot1")
+        .string(2, "default")
+        .string(5, &format!("{grpc}.ttrpc"))
+        .string(6, &grpc)
+        .string(7, "/usr/bin/containerd");
+    let shim = |args: &[&str], stdin: Option<&[u8]>| {
+        let mut c = Command::new(paths::bin_dir().join("containerd-shim-kuasar-vmm-v2"));
+        c.args(args)
+            .current_dir(&bundle)
+            .env(VMM_SOCKET_ENV, env.vmm_socket())
+            .env("KUASAR_SHIM_SOCKET_DIR", env.dir().join("s"))
+            .env("KUASAR_TEST_DIR", env.dir());
+        cmd::run(&mut c, stdin, Duration::from_secs(30))
+    };
+    let out = shim(&["start"], Some(&params.0));
+    assert!(out.success(), "bootstrap start: {out}");
+    let fields = wire::decode(&out.raw_stdout).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let text = |n| match wire::field(&fields, n) {
+        Some(Value::Bytes(b)) => String::from_utf8_lossy(b).into_owned(),
+        other => panic!("BootstrapResult field {n}: {other:?}"),
+    };
+    assert!(
+        matches!(wire::field(&fields, 1), Some(Value::Varint(2))),
+        "version: {fields:?}"
+    );
+    assert_eq!(text(3), "ttrpc");
+    let address = text(2);
+    let socket = address.strip_prefix("unix://").expect("a unix address");
+    assert!(Path::new(socket).exists(), "{address} is not served");
+    // The same shim again: the same address, in the same form.
+    let again = shim(&["start"], Some(&params.0));
+    assert_eq!(again.raw_stdout, out.raw_stdout, "{again}");
+    // containerd's cleanup (legacy flags only, as 2.3 still calls it).
+    let del = shim(
+        &[
+            "-namespace",
+            "default",
+            "-address",
+            &grpc,
+            "-id",
+            "boot1",
+            "delete",
+        ],
+        None,
+    );
+    assert!(!del.timed_out, "{del}");
+    assert!(
+        cmd::wait_until(Duration::from_secs(10), || !Path::new(socket).exists()),
+        "the shim still serves {address} after delete"
+    );
+}

@@ -44,6 +44,13 @@ pub mod cri {
     pub use cri_pod::*;
 }
 
+/// containerd's shim bootstrap protocol (`containerd.runtime.bootstrap.v1`,
+/// containerd 2.3 and later): what the shim's `start` reads and answers.
+pub mod bootstrap {
+    include!(concat!(env!("OUT_DIR"), "/bootstrap/mod.rs"));
+    pub use self::bootstrap::*;
+}
+
 /// containerd's streaming API (`containerd.services.streaming.v1`, as of
 /// containerd 2.1): served by kuasar-vmm on a sandbox's task socket for CRI's
 /// `io_type = "streaming"`.

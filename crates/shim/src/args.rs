@@ -43,6 +43,11 @@ pub struct Args {
     pub socket: Option<PathBuf>,
     pub debug: bool,
     pub verb: Verb,
+    /// containerd's ttrpc address, when the bootstrap protocol gave it.
+    pub ttrpc: Option<String>,
+    /// `start` was given containerd 2.3's bootstrap parameters (and
+    /// answers in kind).
+    pub bootstrapped: bool,
 }
 
 pub const USAGE: &str = "usage: containerd-shim-kuasar-vmm-v2 -namespace NS -address ADDR \
@@ -81,6 +86,8 @@ where
         socket: None,
         debug: false,
         verb: Verb::Help,
+        ttrpc: None,
+        bootstrapped: false,
     };
     let flag_verb = parse_flags(&mut it, &mut a)?;
     let rest: Vec<String> = it.collect();
@@ -89,7 +96,11 @@ where
         return Ok(a);
     }
     a.verb = parse_action(&rest)?;
-    check_required(&a)?;
+    // `start` may get its namespace and id from containerd's bootstrap
+    // parameters instead (it checks them once it has read those).
+    if a.verb != Verb::Start {
+        a.check_required()?;
+    }
     Ok(a)
 }
 
@@ -197,16 +208,26 @@ fn parse_action(rest: &[String]) -> Result<Verb> {
 
 /// Phase 3: `-namespace` and `-id` are given (a usage error if not) and
 /// are valid names (the id is checked first).
-fn check_required(a: &Args) -> Result<()> {
-    if a.namespace.is_empty() {
-        return Err(usage("-namespace is required"));
+impl Args {
+    pub fn check_required(&self) -> Result<()> {
+        if self.namespace.is_empty() {
+            return Err(usage("-namespace is required"));
+        }
+        if self.id.is_empty() {
+            return Err(usage("-id is required"));
+        }
+        validate_id(&self.id)?;
+        validate_namespace(&self.namespace)?;
+        Ok(())
     }
-    if a.id.is_empty() {
-        return Err(usage("-id is required"));
+
+    /// containerd's ttrpc address (where task events go): the bootstrap
+    /// parameters', else [`ttrpc_address`] of the gRPC address.
+    pub fn ttrpc_address(&self) -> String {
+        self.ttrpc
+            .clone()
+            .unwrap_or_else(|| ttrpc_address(&self.address))
     }
-    validate_id(&a.id)?;
-    validate_namespace(&a.namespace)?;
-    Ok(())
 }
 
 /// Checks an id or namespace with the shim's rules
@@ -343,10 +364,14 @@ mod tests {
 
     #[test]
     fn requires_namespace_and_id() {
-        let e = p(&["-id", "x", "start"]).unwrap_err();
+        let e = p(&["-id", "x", "delete"]).unwrap_err();
         assert!(e.to_string().contains("-namespace is required"));
-        let e = p(&["-namespace", "n", "start"]).unwrap_err();
+        let e = p(&["-namespace", "n", "delete"]).unwrap_err();
         assert!(e.to_string().contains("-id is required"));
+        // `start` checks once it has read containerd's bootstrap parameters.
+        let a = p(&["-id", "x", "start"]).expect("start");
+        let e = a.check_required().unwrap_err();
+        assert!(e.to_string().contains("-namespace is required"));
     }
 
     #[test]
@@ -416,7 +441,12 @@ mod tests {
         ] {
             assert!(validate_id(bad).is_err(), "{bad:?} accepted");
         }
-        let e = p(&["-namespace", "n", "-id", "..", "start"]).unwrap_err();
+        let e = p(&["-namespace", "n", "-id", "..", "delete"]).unwrap_err();
+        let start = p(&["-namespace", "n", "-id", "..", "start"]).expect("start");
+        assert_eq!(
+            start.check_required().unwrap_err().to_string(),
+            e.to_string()
+        );
         assert!(e.to_string().starts_with("invalid id \"..\""), "{e}");
         // The wording the shim has always used.
         let said = |id: &str| validate_id(id).unwrap_err().to_string();

@@ -7,6 +7,7 @@
 //! cleans up after a dead shim, even with the sandboxer down.
 
 mod args;
+mod bootstrap;
 mod bundle;
 mod delete;
 mod error;
@@ -75,8 +76,22 @@ fn run() -> Result<()> {
                 .map_err(|e| Error::Other(format!("encode RuntimeInfo: {e}")))?;
             stdout(&bytes)
         }
-        // Only the address: containerd parses stdout.
-        Verb::Start => stdout(start::run(&args)?.as_bytes()),
+        // Only the address (or, to containerd 2.3, the bootstrap result):
+        // containerd parses stdout.
+        Verb::Start => {
+            let mut args = args;
+            let input = bootstrap::read_stdin()?;
+            if let Some(p) = bootstrap::params(&input, &args) {
+                bootstrap::apply(&p, &mut args);
+            }
+            args.check_required()?;
+            let address = start::run(&args)?;
+            if args.bootstrapped {
+                stdout(&bootstrap::result(&address)?)
+            } else {
+                stdout(address.as_bytes())
+            }
+        }
         Verb::Delete => stdout(&delete::run(&args)?),
         Verb::Serve => serve::run(&args),
     }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use kuasar_api::sandboxer::{Empty, PingResponse, RegisterSandboxRequest};
 
-use crate::args::{ttrpc_address, validate_id, Args};
+use crate::args::{validate_id, Args};
 use crate::error::{Error, Result};
 use crate::sandboxer::{vmm_socket, Conn};
 use crate::serve::LISTEN_FD_ENV;
@@ -107,7 +107,7 @@ fn register_sandbox(
     req.sandbox_id = sandbox_id.to_string();
     req.namespace = args.namespace.clone();
     req.bundle = bundle.to_string_lossy().into_owned();
-    req.ttrpc_address = ttrpc_address(&args.address);
+    req.ttrpc_address = args.ttrpc_address();
     let _: Empty = conn
         .unary(SANDBOXER, "RegisterSandbox", &req, REGISTER_TIMEOUT)
         .map_err(|e| Error::Register {
@@ -179,6 +179,10 @@ fn spawn_server(
         .arg(socket);
     if args.debug {
         cmd.arg("-debug");
+    }
+    if let Some(ttrpc) = &args.ttrpc {
+        // Where `serve` finds containerd's ttrpc address (args::ttrpc_address).
+        cmd.env("TTRPC_ADDRESS", ttrpc);
     }
     cmd.arg("serve")
         .env(LISTEN_FD_ENV, fd.to_string())
