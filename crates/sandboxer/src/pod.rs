@@ -13,6 +13,7 @@ use serde_json::Value;
 use crate::config::{SizingConfig, VmConfig};
 use crate::error::{Error, Result};
 
+pub mod runtime_spec;
 pub mod settings;
 
 pub use settings::{HostNamespace, PodDns};
@@ -50,6 +51,12 @@ pub struct PodConfig {
     /// `shim` sandboxer modes; in `podsandbox` containerd binds the files).
     #[serde(default)]
     pub dns: Option<PodDns>,
+    /// The pod's annotations and cgroup parent, as CRI gives them (the
+    /// `shim` sandboxer modes), for the pod's runtime spec (`runtime_spec`).
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cgroup_parent: String,
 }
 
 /// Whether a sandbox container runs the pause program and nothing else
@@ -152,6 +159,7 @@ pub fn from_sandbox_spec(spec: &Value) -> Result<Option<PodConfig>> {
             cpu_quota,
             memory_limit_bytes: parse_u64(SANDBOX_MEMORY)?,
         },
+        ..Default::default()
     }))
 }
 
@@ -207,7 +215,13 @@ pub fn from_create_sandbox(netns_path: &str, options: Option<(&str, &[u8])>) -> 
         }
     }
     pod.hostname = config.hostname.clone();
+    pod.annotations = config
+        .annotations
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     if let Some(l) = linux {
+        pod.cgroup_parent = l.cgroup_parent.clone();
         let sysctls: BTreeMap<String, String> = l
             .sysctls
             .iter()

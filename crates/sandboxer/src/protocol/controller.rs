@@ -270,6 +270,10 @@ impl Controller for ControllerService {
             labels: HashMap::new(),
             address,
             version: TASK_API_VERSION,
+            spec: sandbox.pod().map(|pod| {
+                let (type_url, value) = crate::pod::runtime_spec::encoded(&pod);
+                prost_types::Any { type_url, value }
+            }),
         }))
     }
 

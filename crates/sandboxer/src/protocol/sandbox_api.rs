@@ -81,9 +81,18 @@ impl SandboxApi for SandboxService {
     ) -> TtrpcResult<StartSandboxResponse> {
         let sandbox = self.get(&req.sandbox_id)?;
         let (pid, created) = sandbox.start_pod().await?;
+        let spec = sandbox.pod().map(|pod| {
+            let (type_url, value) = crate::pod::runtime_spec::encoded(&pod);
+            kuasar_api::protobuf::well_known_types::any::Any {
+                type_url,
+                value,
+                ..Default::default()
+            }
+        });
         Ok(StartSandboxResponse {
             pid,
             created_at: timestamp_of(created),
+            spec: spec.into(),
             ..Default::default()
         })
     }
