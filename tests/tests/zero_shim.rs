@@ -6,8 +6,13 @@
 //! the one that crashes in the `shim` mode.
 use std::time::Duration;
 
+use kuasar_api::containerd::cgroups::metrics::Metrics;
+use kuasar_api::protobuf::Message;
+use kuasar_api::sandbox::SandboxMetricsResponse;
+use kuasar_api::services::SANDBOX;
 use kuasar_e2e::cri::proto::{ContainerState, PodSandboxState};
 use kuasar_e2e::cri::{spec, Cri};
+use kuasar_e2e::wire::{self, code, Msg};
 use kuasar_e2e::{cmd, paths, Env, EnvOptions, BUSYBOX};
 
 const HANDLER: &str = "kuasar-vmm-zero";
@@ -28,6 +33,7 @@ fn containerd_restart_finds_running_pods() {
     cri.start_container(&cid)
         .unwrap_or_else(|e| panic!("StartContainer: {e:?}\n{}", env.diagnostics()));
     assert_eq!(env.shim_count(), 0, "a shim runs in the zero-shim mode");
+    check_metrics(&env, &pod);
 
     env.restart_containerd().expect("restart containerd");
     let cri = Cri::connect(&env.address()).expect("reconnect to CRI");
@@ -95,5 +101,37 @@ fn sandboxer_names_the_containerd_release() {
     eprintln!(
         "containerd {version}: warning {}",
         if warned { "logged" } else { "not logged" }
+    );
+}
+
+/// The pod's metrics as containerd 2.4's CRI reads them (cgroup v1
+/// Metrics in the sandbox API's SandboxMetrics, the same as the
+/// controller's Metrics): the VMM's CPU and memory, the guest's processes.
+fn check_metrics(env: &Env, pod: &str) {
+    let reply = wire::ttrpc_call(
+        &env.vmm_socket(),
+        SANDBOX,
+        "SandboxMetrics",
+        &Msg::new().string(1, pod),
+        &[],
+        Duration::from_secs(30),
+    )
+    .expect("SandboxMetrics");
+    assert_eq!(reply.code, code::OK, "{reply:?}");
+    let r = SandboxMetricsResponse::parse_from_bytes(&reply.payload).expect("a response");
+    let data = &r.metrics.data;
+    assert!(
+        data.type_url.ends_with("io.containerd.cgroups.v1.Metrics"),
+        "{}",
+        data.type_url
+    );
+    let m = Metrics::parse_from_bytes(&data.value).expect("cgroup v1 metrics");
+    assert!(m.cpu.usage.total > 0, "{m:?}");
+    assert!(m.memory.usage.usage > 0, "{m:?}");
+    // `sleep 3600` at least (the pod's init is not a container).
+    assert!(m.pids.current >= 1, "{m:?}");
+    eprintln!(
+        "pod metrics: cpu {} ns, memory {} bytes, {} guest processes",
+        m.cpu.usage.total, m.memory.usage.usage, m.pids.current
     );
 }

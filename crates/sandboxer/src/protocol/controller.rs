@@ -377,7 +377,8 @@ impl Controller for ControllerService {
     ) -> GrpcResult<ControllerMetricsResponse> {
         let id = request.into_inner().sandbox_id;
         let sandbox = self.registry.get(&id)?;
-        let (type_url, value) = sandbox_api::vmm_metrics(sandbox.pod_status().pid)?;
+        let (type_url, value) =
+            sandbox_api::vmm_metrics(sandbox.pod_status().pid, sandbox.guest_pids().await)?;
         Ok(Response::new(ControllerMetricsResponse {
             metrics: Some(Metric {
                 timestamp: Some(timestamp(SystemTime::now())),

@@ -195,7 +195,7 @@ impl SandboxApi for SandboxService {
         req: SandboxMetricsRequest,
     ) -> TtrpcResult<SandboxMetricsResponse> {
         let sandbox = self.get(&req.sandbox_id)?;
-        let (type_url, value) = vmm_metrics(sandbox.pod_status().pid)?;
+        let (type_url, value) = vmm_metrics(sandbox.pod_status().pid, sandbox.guest_pids().await)?;
         Ok(SandboxMetricsResponse {
             metrics: protobuf::MessageField::some(Metric {
                 timestamp: timestamp_of(SystemTime::now()),
@@ -248,20 +248,22 @@ pub(crate) fn platform_architecture() -> String {
         .replace("aarch64", "arm64")
 }
 
-/// The VMM process's footprint as containerd's cgroup v1 metrics (memory
-/// usage = its RSS, CPU usage = its user + system time), packed as an Any:
-/// its type URL and encoded bytes.
-pub(crate) fn vmm_metrics(pid: u32) -> Result<(String, Vec<u8>), Error> {
-    vmm_metrics_any(pid)
+/// The pod's footprint as containerd's cgroup v1 metrics (what containerd
+/// 2.4's CRI reads for pod stats): memory usage = the VMM's RSS, CPU usage
+/// = its user + system time, pids = `pids` (the guest's), packed as an
+/// Any: its type URL and encoded bytes.
+pub(crate) fn vmm_metrics(pid: u32, pids: u64) -> Result<(String, Vec<u8>), Error> {
+    vmm_metrics_any(pid, pids)
         .map(|a| (a.type_url, a.value))
         .map_err(|e| Error::Internal(format!("encode metrics: {e}")))
 }
 
 fn vmm_metrics_any(
     pid: u32,
+    pids: u64,
 ) -> protobuf::Result<kuasar_api::containerd::protobuf::well_known_types::any::Any> {
     use kuasar_api::containerd::cgroups::metrics::{
-        CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics,
+        CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics, PidsStat,
     };
     // A VMM that is gone (or not started) has used nothing.
     let usage = match pid {
@@ -288,6 +290,11 @@ fn vmm_metrics_any(
                 ..Default::default()
             })
             .into(),
+            ..Default::default()
+        })
+        .into(),
+        pids: Some(PidsStat {
+            current: pids,
             ..Default::default()
         })
         .into(),

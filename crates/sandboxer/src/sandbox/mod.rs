@@ -673,6 +673,28 @@ impl Sandbox {
         Ok(self.agent()?.list_pids(id).await?)
     }
 
+    /// The processes of the pod's running containers in the guest (their
+    /// cgroups' pids.current, summed; a container whose stats fail counts
+    /// none).
+    pub async fn guest_pids(&self) -> u64 {
+        let Ok(agent) = self.agent() else {
+            return 0;
+        };
+        let running: Vec<String> = self
+            .containers()
+            .values()
+            .filter(|c| matches!(c.init.state(), ProcState::Running))
+            .map(|c| c.id.clone())
+            .collect();
+        let mut pids = 0;
+        for id in running {
+            if let Ok(s) = agent.stats(&id).await {
+                pids += s.pids_current;
+            }
+        }
+        pids
+    }
+
     pub async fn stats(&self, id: &str) -> Result<StatsResponse> {
         self.container(id)?;
         Ok(self.agent()?.stats(id).await?)
