@@ -144,8 +144,13 @@ fn spawn_serving_shim(
     drop(listener);
     log!(
         "info",
-        "start {}: shim pid {pid} serving at {address}",
-        args.id
+        "start {}: shim pid {pid} serving at {address} ({} start protocol)",
+        args.id,
+        if args.bootstrapped {
+            "containerd 2.3 bootstrap"
+        } else {
+            "legacy"
+        }
     );
     Ok(())
 }
