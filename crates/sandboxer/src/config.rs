@@ -125,6 +125,10 @@ pub struct VmConfig {
     pub call_timeout_secs: u64,
     /// Appended to the guest kernel's command line.
     pub kernel_params: String,
+    /// What the VMM itself may use besides the guest's memory, MiB: added
+    /// to the VM's memory for the limit of its cgroup below the pod's
+    /// cgroup parent (docs/operations.md, "Accounting").
+    pub vmm_overhead_mib: u64,
 }
 
 impl Default for VmConfig {
@@ -135,6 +139,7 @@ impl Default for VmConfig {
             boot_timeout_secs: 30,
             call_timeout_secs: 30,
             kernel_params: String::new(),
+            vmm_overhead_mib: 128,
         }
     }
 }

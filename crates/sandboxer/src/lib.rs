@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 
 pub(crate) mod agent;
+pub(crate) mod cgroup;
 pub mod config;
 pub(crate) mod container;
 pub mod containerd_config;

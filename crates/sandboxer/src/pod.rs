@@ -159,12 +159,30 @@ pub fn from_sandbox_spec(spec: &Value) -> Result<Option<PodConfig>> {
             cpu_quota,
             memory_limit_bytes: parse_u64(SANDBOX_MEMORY)?,
         },
+        cgroup_parent: spec
+            .pointer("/linux/cgroupsPath")
+            .and_then(Value::as_str)
+            .map(cgroup_parent_of)
+            .unwrap_or_default(),
         ..Default::default()
     }))
 }
 
 /// The largest CreateSandbox `options` accepted.
 const MAX_OPTIONS: usize = 1 << 20;
+
+/// The pod's cgroup parent from its sandbox container's cgroups path:
+/// containerd names `<parent>/<sandbox id>` (cgroupfs) or
+/// `<slice>:<prefix>:<name>` (systemd).
+fn cgroup_parent_of(path: &str) -> String {
+    if let Some((slice, _)) = path.split_once(':') {
+        return slice.to_owned();
+    }
+    match path.trim_end_matches('/').rsplit_once('/') {
+        Some((parent, _)) => parent.to_owned(),
+        None => String::new(),
+    }
+}
 
 /// Reads the pod's configuration from a CreateSandbox request (the `shim`
 /// sandboxer mode): the netns path CNI prepared and, in `options`, CRI's
@@ -349,6 +367,20 @@ pub fn vm_size(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn cgroup_parent_from_the_sandbox_cgroups_path() {
+        use super::cgroup_parent_of;
+        assert_eq!(
+            cgroup_parent_of("/kubepods/burstable/pod1/abc"),
+            "/kubepods/burstable/pod1"
+        );
+        assert_eq!(
+            cgroup_parent_of("kubepods-burstable-pod1.slice:cri-containerd:abc"),
+            "kubepods-burstable-pod1.slice"
+        );
+        assert_eq!(cgroup_parent_of("abc"), "");
+    }
+
     use super::*;
     use serde_json::json;
 

@@ -183,6 +183,7 @@ impl Sandbox {
         let exited = vm.exited();
         let mut held = Held {
             adopted_net: record.net.clone(),
+            cgroup: sandbox.vmm_cgroup(record.pod.as_ref()).ok().flatten(),
             ..Held::default()
         };
         if let Some(net) = &record.net {

@@ -64,6 +64,8 @@ pub(super) struct Held {
     /// QEMU holds the taps, the record names them).
     pub adopted_net: Option<NetRecord>,
     pub port_forward: Option<PortForward>,
+    /// The VMM's cgroup below the pod's cgroup parent.
+    pub cgroup: Option<crate::cgroup::VmmCgroup>,
 }
 
 /// How a sandbox ended.

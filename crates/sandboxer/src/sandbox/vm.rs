@@ -72,7 +72,10 @@ impl Sandbox {
         }
         let mut plan = self.vm_plan(size);
         let mut held = Held::default();
-        let prepared = self.attach_net(pod.as_ref(), &mut plan, &mut held).await;
+        let prepared = match self.create_cgroup(pod.as_ref(), &mut plan, &mut held) {
+            Ok(()) => self.attach_net(pod.as_ref(), &mut plan, &mut held).await,
+            Err(e) => Err(e),
+        };
         let shape = VmShape::of(&plan);
         let mut vm = self.host.hypervisor.prepare(plan);
         let booted = match prepared {
@@ -128,7 +131,61 @@ impl Sandbox {
             memory_mib,
             dir: self.dir.clone(),
             nics: Vec::new(),
+            cgroup_procs: Vec::new(),
         }
+    }
+
+    /// The VMM's cgroup for `pod` (its path; nothing is created), when the
+    /// pod names a cgroup parent.
+    pub(super) fn vmm_cgroup(
+        &self,
+        pod: Option<&crate::pod::PodConfig>,
+    ) -> Result<Option<crate::cgroup::VmmCgroup>> {
+        let Some(parent) = pod
+            .map(|p| p.cgroup_parent.as_str())
+            .filter(|p| !p.is_empty())
+        else {
+            return Ok(None);
+        };
+        let rel = crate::cgroup::vmm_cgroup(parent, &self.info.id)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let layout = crate::cgroup::Layout::probe(Path::new(crate::cgroup::ROOT));
+        Ok(Some(crate::cgroup::VmmCgroup::at(&layout, &rel)))
+    }
+
+    /// Creates the VMM's cgroup below the pod's cgroup parent, limited to
+    /// the VM's size plus the VMM's overhead, for QEMU to start in.
+    fn create_cgroup(
+        &self,
+        pod: Option<&crate::pod::PodConfig>,
+        plan: &mut VmPlan,
+        held: &mut Held,
+    ) -> Result<()> {
+        let Some(parent) = pod
+            .map(|p| p.cgroup_parent.as_str())
+            .filter(|p| !p.is_empty())
+        else {
+            return Ok(());
+        };
+        let rel = crate::cgroup::vmm_cgroup(parent, &self.info.id)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let layout = crate::cgroup::Layout::probe(Path::new(crate::cgroup::ROOT));
+        let limits = crate::cgroup::Limits::for_vm(
+            plan.memory_mib,
+            plan.vcpus,
+            self.host.config.vm.vmm_overhead_mib,
+        );
+        let cg = crate::cgroup::VmmCgroup::create(&layout, &rel, limits).map_err(|e| {
+            let _ = crate::cgroup::VmmCgroup::at(&layout, &rel).remove();
+            Error::FailedPrecondition(format!(
+                "cgroup of the VMM of sandbox {} below the pod's cgroup parent {parent:?}: {e}",
+                self.info.id
+            ))
+        })?;
+        tracing::info!(sandbox = %self.info.id, cgroup = %rel.display(), memory_bytes = limits.memory_bytes, cpu_quota_us = limits.cpu_quota_us, "VMM cgroup created");
+        plan.cgroup_procs = cg.procs_files();
+        held.cgroup = Some(cg);
+        Ok(())
     }
 
     /// Moves the pod's interfaces (pods with a netns) to taps that the VM
@@ -247,6 +304,20 @@ impl Sandbox {
     /// network (this run's attachment, or an adopted one's links).
     /// Failures are logged (the namespace goes with the pod).
     pub(super) async fn release(&self, held: Held) {
+        if let Some(cg) = &held.cgroup {
+            // The VMM has exited, but its cgroup may take a moment to empty.
+            let mut removed = cg.remove();
+            for _ in 0..20 {
+                if removed.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                removed = cg.remove();
+            }
+            if let Err(e) = removed {
+                tracing::warn!(sandbox = %self.info.id, "remove the VMM's cgroup: {e}");
+            }
+        }
         if let Some(pf) = held.port_forward {
             match pf.stop().await {
                 Ok(()) => tracing::debug!(sandbox = %self.info.id, "port forwarding stopped"),

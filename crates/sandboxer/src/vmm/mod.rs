@@ -74,6 +74,9 @@ pub struct VmPlan {
     pub dir: PathBuf,
     /// The pod's NICs, in order (none without a pod network).
     pub nics: Vec<PlanNic>,
+    /// The `cgroup.procs` files of the cgroup the VMM runs in (it joins
+    /// them before it starts); none to stay in kuasar-vmm's.
+    pub cgroup_procs: Vec<PathBuf>,
 }
 
 impl VmPlan {

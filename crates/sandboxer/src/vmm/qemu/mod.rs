@@ -33,6 +33,8 @@ pub struct QemuVm {
     exited_tx: Option<watch::Sender<Option<VmExit>>>,
     /// The NICs' tap fds, held until QEMU has inherited them.
     tap_fds: Vec<OwnedFd>,
+    /// The cgroup QEMU joins before it execs (its `cgroup.procs` files).
+    cgroup_procs: Vec<PathBuf>,
 }
 
 impl QemuVm {
@@ -46,7 +48,14 @@ impl QemuVm {
             exited: rx,
             exited_tx: Some(tx),
             tap_fds: Vec::new(),
+            cgroup_procs: Vec::new(),
         }
+    }
+
+    /// Makes QEMU join the cgroup of these `cgroup.procs` files before it
+    /// starts, so that all its memory is charged there.
+    pub fn join_cgroup(&mut self, procs: Vec<PathBuf>) {
+        self.cgroup_procs = procs;
     }
 
     /// Gives the guest a virtio-net NIC with MAC `mac` on the tap device
@@ -89,6 +98,7 @@ impl QemuVm {
                     .map_err(std::io::Error::from)
             });
         }
+        join_cgroup_at_exec(&mut cmd, &self.cgroup_procs);
         if !self.tap_fds.is_empty() {
             let fds: Vec<RawFd> = self.tap_fds.iter().map(AsRawFd::as_raw_fd).collect();
             // SAFETY: fcntl(F_SETFD) is async-signal-safe; the closure only
@@ -302,6 +312,38 @@ impl Vmm for QemuVm {
                 .map_err(|e| crate::error::chain(&e))?;
         }
         Ok(())
+    }
+}
+
+/// Makes the child of `cmd` join the cgroup of these `cgroup.procs` files
+/// before it execs, so that all its memory is charged there.
+fn join_cgroup_at_exec(cmd: &mut std::process::Command, procs: &[PathBuf]) {
+    if procs.is_empty() {
+        return;
+    }
+    let files: Vec<std::ffi::CString> = procs
+        .iter()
+        .filter_map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).ok())
+        .collect();
+    // SAFETY: open(2), write(2) and close(2) are async-signal-safe; the
+    // closure reads the captured C strings (no allocation). Writing "0" to
+    // cgroup.procs moves the writing process (the child, before exec) into
+    // that cgroup.
+    unsafe {
+        cmd.pre_exec(move || {
+            for f in &files {
+                let fd = libc::open(f.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let wrote = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if wrote != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
     }
 }
 
