@@ -103,6 +103,27 @@ fn vmm_runs_in_the_pods_cgroup() {
             qemu.pid,
             limit >> 20
         );
+        // CRI's pod stats (`crictl statsp`) read the pod's cgroup: the VM
+        // is in it now.
+        match cri.pod_stats(&pod) {
+            Ok(st) => {
+                let linux = st.linux.unwrap_or_default();
+                let memory = linux
+                    .memory
+                    .and_then(|m| m.working_set_bytes)
+                    .map_or(0, |v| v.value);
+                let cpu = linux
+                    .cpu
+                    .and_then(|c| c.usage_core_nano_seconds)
+                    .map_or(0, |v| v.value);
+                eprintln!(
+                    "{handler}: PodSandboxStats: memory working set {memory} B, cpu {cpu} ns"
+                );
+                assert!(memory > 1 << 20, "{handler}: pod memory {memory}");
+                assert!(cpu > 0, "{handler}: pod cpu {cpu}");
+            }
+            Err(e) => panic!("{handler}: PodSandboxStats: {e:?}"),
+        }
         cri.stop_and_remove_pod(&pod)
             .unwrap_or_else(|e| panic!("{handler}: remove the pod: {e:?}"));
         assert!(

@@ -323,6 +323,17 @@ impl Cri {
             .ok_or_else(|| Status::internal("ContainerStats without stats"))
     }
 
+    /// PodSandboxStats (what `crictl statsp` shows).
+    pub fn pod_stats(&self, id: &str) -> Result<PodSandboxStats, Status> {
+        let mut c = self.rs();
+        let req = PodSandboxStatsRequest {
+            pod_sandbox_id: id.to_string(),
+        };
+        self.call(self.timeout, c.pod_sandbox_stats(req))?
+            .stats
+            .ok_or_else(|| Status::internal("PodSandboxStats without stats"))
+    }
+
     pub fn list_container_stats(
         &self,
         filter: Option<ContainerStatsFilter>,
