@@ -211,6 +211,46 @@ impl VmmCgroup {
     }
 }
 
+/// The VMM cgroup of sandbox `id` that process `pid` runs in, read from
+/// `/proc/<pid>/cgroup` (for a VMM whose record is lost).
+pub fn vmm_cgroup_of(pid: u32, id: &str) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    vmm_cgroup_in(&text, id)
+}
+
+fn vmm_cgroup_in(proc_cgroup: &str, id: &str) -> Option<PathBuf> {
+    let leaf = format!("/kuasar-{id}");
+    proc_cgroup.lines().find_map(|l| {
+        let path = l.splitn(3, ':').nth(2)?;
+        path.ends_with(&leaf)
+            .then(|| PathBuf::from(path.trim_start_matches('/')))
+    })
+}
+
+/// Removes the VMM cgroups `rels` once their processes are gone, trying
+/// for up to 30 s on a thread of its own (recovery cleans up after VMMs it
+/// just killed).
+pub fn remove_when_empty(rels: Vec<PathBuf>) {
+    if rels.is_empty() {
+        return;
+    }
+    let layout = Layout::probe(Path::new(ROOT));
+    let cgroups: Vec<VmmCgroup> = rels.iter().map(|r| VmmCgroup::at(&layout, r)).collect();
+    std::thread::spawn(move || {
+        for _ in 0..300 {
+            if cgroups.iter().all(|c| c.remove().is_ok()) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        for c in &cgroups {
+            if let Err(e) = c.remove() {
+                tracing::warn!("remove a VMM cgroup left by an earlier run: {e}");
+            }
+        }
+    });
+}
+
 fn named(path: &Path, e: io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
@@ -255,6 +295,21 @@ mod tests {
             vmm_cgroup("a--b.slice", "x"),
             Err(ParentError::BadSlice(_))
         ));
+    }
+
+    #[test]
+    fn the_vmm_cgroup_of_a_process() {
+        let v1 = "12:memory:/kubepods/pod1/kuasar-abc\n11:cpu:/kubepods/pod1/kuasar-abc\n1:name=systemd:/\n";
+        assert_eq!(
+            vmm_cgroup_in(v1, "abc"),
+            Some(PathBuf::from("kubepods/pod1/kuasar-abc"))
+        );
+        assert_eq!(
+            vmm_cgroup_in("0::/k8s.io/kuasar-x\n", "x"),
+            Some(PathBuf::from("k8s.io/kuasar-x"))
+        );
+        assert_eq!(vmm_cgroup_in("0::/k8s.io/kuasar-xy\n", "x"), None);
+        assert_eq!(vmm_cgroup_in("0::/\n", "x"), None);
     }
 
     #[test]

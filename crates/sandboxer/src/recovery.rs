@@ -128,15 +128,30 @@ pub fn clean_leftover(hypervisor: &dyn Hypervisor, dir: &Path) {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    // The VMM's cgroup goes too: named by the record's pod, or read from
+    // the VMM process itself.
+    let mut cgroups = Vec::new();
     if let Ok(record) = SandboxRecord::load(dir) {
+        let parent = record.pod.as_ref().map(|p| p.cgroup_parent.as_str());
+        if let Some(rel) = parent
+            .filter(|p| !p.is_empty())
+            .and_then(|p| crate::cgroup::vmm_cgroup(p, &id).ok())
+        {
+            cgroups.push(rel);
+        }
         if let Some(pid) = record.vmm_pid {
+            cgroups.extend(crate::cgroup::vmm_cgroup_of(pid, &id));
             kill_vmm(hypervisor, pid, &id);
         }
     }
     // A VMM that started but never got its state recorded.
     if let Some(pid) = hypervisor.recorded_pid(dir) {
+        cgroups.extend(crate::cgroup::vmm_cgroup_of(pid, &id));
         kill_vmm(hypervisor, pid, &id);
     }
+    cgroups.sort();
+    cgroups.dedup();
+    crate::cgroup::remove_when_empty(cgroups);
     match crate::mount::remove_dir(dir) {
         Ok(()) => tracing::warn!(sandbox = %id, "removed a sandbox left by an earlier run"),
         Err(e) => tracing::error!(sandbox = %id, "remove {}: {e}", dir.display()),

@@ -8,6 +8,10 @@ use super::*;
 use crate::vmm::qemu::log_tail;
 use crate::vmm::{PlanNic, StartVmError, VmPlan};
 
+/// How often (every 100 ms) removing a VMM's cgroup is tried before it is
+/// given up (logged).
+const CGROUP_REMOVE_TRIES: u32 = 300;
+
 /// How much of the guest console a boot error quotes (the directory holding
 /// the whole log is removed with the failed sandbox).
 const CONSOLE_TAIL: usize = 600;
@@ -304,19 +308,24 @@ impl Sandbox {
     /// network (this run's attachment, or an adopted one's links).
     /// Failures are logged (the namespace goes with the pod).
     pub(super) async fn release(&self, held: Held) {
-        if let Some(cg) = &held.cgroup {
-            // The VMM has exited, but its cgroup may take a moment to empty.
-            let mut removed = cg.remove();
-            for _ in 0..20 {
-                if removed.is_ok() {
-                    break;
+        if let Some(cg) = held.cgroup.clone() {
+            // The VMM has exited, but its cgroup empties only once the
+            // process is wholly gone (freeing a large guest takes a while
+            // on a busy host): retried in the background.
+            let id = self.info.id.clone();
+            tokio::spawn(async move {
+                let mut removed = cg.remove();
+                for _ in 0..CGROUP_REMOVE_TRIES {
+                    if removed.is_ok() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    removed = cg.remove();
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                removed = cg.remove();
-            }
-            if let Err(e) = removed {
-                tracing::warn!(sandbox = %self.info.id, "remove the VMM's cgroup: {e}");
-            }
+                if let Err(e) = removed {
+                    tracing::warn!(sandbox = %id, "remove the VMM's cgroup: {e}");
+                }
+            });
         }
         if let Some(pf) = held.port_forward {
             match pf.stop().await {
