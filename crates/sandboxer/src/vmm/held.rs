@@ -1,4 +1,5 @@
-//! Taking back the sockets a VMM process holds for kuasar-vmm
+//! Descriptors of other processes: a pidfd to follow one (`pidfd_open`),
+//! and taking back the sockets a VMM process holds for kuasar-vmm
 //! ([`super::Vmm::hold_fds`]): after a restart, kuasar-vmm copies them out
 //! of the VMM's descriptor table with `pidfd_getfd(2)`, found by the inode
 //! it recorded (a socket cannot be opened again by path once accepted).
@@ -20,6 +21,18 @@ fn parse_socket_link(link: &str) -> Option<u64> {
         .ok()
 }
 
+/// A pidfd of process `pid` (`pidfd_open(2)`).
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor
+    // (or -1); no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor pidfd_open just returned, owned here alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
 /// Copies into this process the descriptors of process `pid` that are the
 /// sockets `inodes`; an inode the process no longer holds is absent from
 /// the answer.
@@ -28,14 +41,7 @@ pub fn take_back(pid: u32, inodes: &[u64]) -> io::Result<HashMap<u64, OwnedFd>> 
     if inodes.is_empty() {
         return Ok(out);
     }
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor
-    // (or -1); no memory is passed.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if pidfd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a descriptor pidfd_open just returned, owned here alone.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+    let pidfd = pidfd_open(pid)?;
     for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
         let entry = entry?;
         let Some(target) = entry

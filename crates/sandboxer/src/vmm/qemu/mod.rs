@@ -1,6 +1,6 @@
 //! QEMU `microvm`: PVH kernel boot, virtio-serial agent channel, virtio-9p
 //! shared directory, QMP control.
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -155,14 +155,7 @@ impl QemuVm {
     /// is followed with a pidfd: it is not our child.
     pub fn adopt(binary: PathBuf, spec: VmSpec, pid: u32) -> std::io::Result<Self> {
         let mut vm = QemuVm::new(binary, spec);
-        // SAFETY: pidfd_open takes a pid and flags and returns a new fd
-        // (or -1); no memory is shared with the kernel.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: the fd was just returned by the kernel and is ours alone.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        let pidfd = crate::vmm::held::pidfd_open(pid)?;
         // SAFETY: the OwnedFd is open and owned by the AsyncFd for its whole
         // life, so its raw fd stays valid and the same.
         let pidfd = unsafe {
