@@ -68,9 +68,13 @@ pub enum ParentError {
 }
 
 /// The cgroup (relative to the hierarchy's root) a sandbox's VMM runs in,
-/// below the pod's `cgroup_parent`: `<parent>/kuasar-<id>`. A systemd slice
-/// name expands as systemd nests slices (`a-b.slice` is in `a.slice`).
-pub fn vmm_cgroup(parent: &str, id: &str) -> Result<PathBuf, ParentError> {
+/// below the pod's `cgroup_parent`: `<parent>/kuasar-<id>`; None when the
+/// pod names no parent. A systemd slice name expands as systemd nests
+/// slices (`a-b.slice` is in `a.slice`).
+pub fn vmm_cgroup(parent: &str, id: &str) -> Result<Option<PathBuf>, ParentError> {
+    if parent.is_empty() {
+        return Ok(None);
+    }
     let base = if parent.ends_with(".slice") && !parent.contains('/') {
         expand_slice(parent)?
     } else {
@@ -82,7 +86,7 @@ pub fn vmm_cgroup(parent: &str, id: &str) -> Result<PathBuf, ParentError> {
             .filter(|c| matches!(c, Component::Normal(_)))
             .collect()
     };
-    Ok(base.join(format!("kuasar-{id}")))
+    Ok(Some(base.join(format!("kuasar-{id}"))))
 }
 
 /// `kubepods-burstable-pod1.slice` ->
@@ -227,15 +231,14 @@ fn vmm_cgroup_in(proc_cgroup: &str, id: &str) -> Option<PathBuf> {
     })
 }
 
-/// Removes the VMM cgroups `rels` once their processes are gone, trying
-/// for up to 30 s on a thread of its own (recovery cleans up after VMMs it
-/// just killed).
-pub fn remove_when_empty(rels: Vec<PathBuf>) {
+/// Removes the VMM cgroups `rels` of `layout` once their processes are
+/// gone, trying for up to 30 s on a thread of its own (recovery cleans up
+/// after VMMs it just killed).
+pub fn remove_when_empty(layout: &Layout, rels: Vec<PathBuf>) {
     if rels.is_empty() {
         return;
     }
-    let layout = Layout::probe(Path::new(ROOT));
-    let cgroups: Vec<VmmCgroup> = rels.iter().map(|r| VmmCgroup::at(&layout, r)).collect();
+    let cgroups: Vec<VmmCgroup> = rels.iter().map(|r| VmmCgroup::at(layout, r)).collect();
     std::thread::spawn(move || {
         for _ in 0..300 {
             if cgroups.iter().all(|c| c.remove().is_ok()) {
@@ -273,19 +276,20 @@ mod tests {
 
     #[test]
     fn cgroupfs_and_systemd_parents() {
+        assert_eq!(vmm_cgroup("", "abc"), Ok(None));
         assert_eq!(
             vmm_cgroup("/kubepods/burstable/pod12", "abc").unwrap(),
-            PathBuf::from("kubepods/burstable/pod12/kuasar-abc")
+            Some(PathBuf::from("kubepods/burstable/pod12/kuasar-abc"))
         );
         assert_eq!(
             vmm_cgroup("kubepods-burstable-pod12.slice", "abc").unwrap(),
-            PathBuf::from(
+            Some(PathBuf::from(
                 "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod12.slice/kuasar-abc"
-            )
+            ))
         );
         assert_eq!(
             vmm_cgroup("-.slice", "abc").unwrap(),
-            PathBuf::from("kuasar-abc")
+            Some(PathBuf::from("kuasar-abc"))
         );
         assert_eq!(
             vmm_cgroup("/a/../../etc", "x"),
@@ -337,7 +341,7 @@ mod tests {
                 controllers: vec!["memory".into(), "cpu".into()]
             }
         );
-        let rel = vmm_cgroup("/kubepods/pod1", "sb").unwrap();
+        let rel = vmm_cgroup("/kubepods/pod1", "sb").unwrap().unwrap();
         // The kernel creates the control files with the directory; here
         // the test does, for the memory one.
         let mem = root.join("memory").join(&rel);

@@ -18,6 +18,8 @@ pub struct Host {
     pub capacity: HostCapacity,
     /// What the metrics endpoint exports (None: it is off).
     pub metrics: Option<Arc<Metrics>>,
+    /// How the host's cgroups are laid out (the VMMs' cgroups go there).
+    pub cgroups: crate::cgroup::Layout,
 }
 
 impl Host {
@@ -39,6 +41,7 @@ impl Host {
             publisher: Publisher::default(),
             capacity,
             metrics,
+            cgroups: crate::cgroup::Layout::probe(std::path::Path::new(crate::cgroup::ROOT)),
         }
     }
 

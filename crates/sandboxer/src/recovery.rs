@@ -52,13 +52,13 @@ pub async fn recover_all(host: &Arc<Host>) -> Recovered {
             Ok(r) if r.id == name && crate::container::validate_id("sandbox", &r.id).is_ok() => r,
             Ok(r) => {
                 tracing::error!(sandbox = %name, recorded = %r.id, "sandbox state names another sandbox; cleaning the directory");
-                clean_leftover(host.hypervisor.as_ref(), &dir);
+                clean_leftover(host, &dir);
                 found.unreadable += 1;
                 continue;
             }
             Err(e) => {
                 tracing::error!(sandbox = %name, "unreadable sandbox state, cleaning the directory: {}", crate::error::chain(&e));
-                clean_leftover(host.hypervisor.as_ref(), &dir);
+                clean_leftover(host, &dir);
                 found.unreadable += 1;
                 continue;
             }
@@ -80,7 +80,7 @@ pub async fn recover_all(host: &Arc<Host>) -> Recovered {
         } else if !record.containers.is_empty() || record.vmm_pid.is_some() {
             tracing::warn!(sandbox = %record.id, "the sandbox's VM is gone");
         }
-        clean_leftover(host.hypervisor.as_ref(), &dir);
+        clean_leftover(host, &dir);
         report_lost(host, &record).await;
         if let Some(net) = &record.net {
             // The relay died with the earlier run; its rule goes too.
@@ -123,7 +123,8 @@ async fn report_lost(host: &Host, record: &SandboxRecord) {
 /// Stops the VMM a sandbox directory names (when it still runs and really is
 /// that sandbox's VMM) and removes the directory, mounts included. The
 /// network a pod's VM took over goes with the pod's netns.
-pub fn clean_leftover(hypervisor: &dyn Hypervisor, dir: &Path) {
+pub fn clean_leftover(host: &Host, dir: &Path) {
+    let hypervisor = host.hypervisor.as_ref();
     let id = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -132,13 +133,8 @@ pub fn clean_leftover(hypervisor: &dyn Hypervisor, dir: &Path) {
     // the VMM process itself.
     let mut cgroups = Vec::new();
     if let Ok(record) = SandboxRecord::load(dir) {
-        let parent = record.pod.as_ref().map(|p| p.cgroup_parent.as_str());
-        if let Some(rel) = parent
-            .filter(|p| !p.is_empty())
-            .and_then(|p| crate::cgroup::vmm_cgroup(p, &id).ok())
-        {
-            cgroups.push(rel);
-        }
+        let parent = record.pod.as_ref().map_or("", |p| p.cgroup_parent.as_str());
+        cgroups.extend(crate::cgroup::vmm_cgroup(parent, &id).ok().flatten());
         if let Some(pid) = record.vmm_pid {
             cgroups.extend(crate::cgroup::vmm_cgroup_of(pid, &id));
             kill_vmm(hypervisor, pid, &id);
@@ -151,7 +147,7 @@ pub fn clean_leftover(hypervisor: &dyn Hypervisor, dir: &Path) {
     }
     cgroups.sort();
     cgroups.dedup();
-    crate::cgroup::remove_when_empty(cgroups);
+    crate::cgroup::remove_when_empty(&host.cgroups, cgroups);
     match crate::mount::remove_dir(dir) {
         Ok(()) => tracing::warn!(sandbox = %id, "removed a sandbox left by an earlier run"),
         Err(e) => tracing::error!(sandbox = %id, "remove {}: {e}", dir.display()),

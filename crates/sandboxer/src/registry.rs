@@ -71,7 +71,7 @@ impl Registry {
             None => {
                 let dir = self.host.config.state_dir.join(id);
                 if dir.exists() {
-                    crate::recovery::clean_leftover(self.host.hypervisor.as_ref(), &dir);
+                    crate::recovery::clean_leftover(&self.host, &dir);
                 }
             }
         }

@@ -183,7 +183,11 @@ impl Sandbox {
         let exited = vm.exited();
         let mut held = Held {
             adopted_net: record.net.clone(),
-            cgroup: sandbox.vmm_cgroup(record.pod.as_ref()).ok().flatten(),
+            cgroup: sandbox
+                .vmm_cgroup(record.pod.as_ref())
+                .ok()
+                .flatten()
+                .map(|rel| crate::cgroup::VmmCgroup::at(&host.cgroups, &rel)),
             ..Held::default()
         };
         if let Some(net) = &record.net {

@@ -141,49 +141,35 @@ impl Sandbox {
 
     /// The VMM's cgroup for `pod` (its path; nothing is created), when the
     /// pod names a cgroup parent.
-    pub(super) fn vmm_cgroup(
-        &self,
-        pod: Option<&crate::pod::PodConfig>,
-    ) -> Result<Option<crate::cgroup::VmmCgroup>> {
-        let Some(parent) = pod
-            .map(|p| p.cgroup_parent.as_str())
-            .filter(|p| !p.is_empty())
-        else {
-            return Ok(None);
-        };
-        let rel = crate::cgroup::vmm_cgroup(parent, &self.info.id)
-            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        let layout = crate::cgroup::Layout::probe(Path::new(crate::cgroup::ROOT));
-        Ok(Some(crate::cgroup::VmmCgroup::at(&layout, &rel)))
+    pub(super) fn vmm_cgroup(&self, pod: Option<&PodConfig>) -> Result<Option<PathBuf>> {
+        let parent = pod.map_or("", |p| p.cgroup_parent.as_str());
+        crate::cgroup::vmm_cgroup(parent, &self.info.id)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))
     }
 
     /// Creates the VMM's cgroup below the pod's cgroup parent, limited to
     /// the VM's size plus the VMM's overhead, for QEMU to start in.
     fn create_cgroup(
         &self,
-        pod: Option<&crate::pod::PodConfig>,
+        pod: Option<&PodConfig>,
         plan: &mut VmPlan,
         held: &mut Held,
     ) -> Result<()> {
-        let Some(parent) = pod
-            .map(|p| p.cgroup_parent.as_str())
-            .filter(|p| !p.is_empty())
-        else {
+        let Some(rel) = self.vmm_cgroup(pod)? else {
             return Ok(());
         };
-        let rel = crate::cgroup::vmm_cgroup(parent, &self.info.id)
-            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        let layout = crate::cgroup::Layout::probe(Path::new(crate::cgroup::ROOT));
+        let layout = &self.host.cgroups;
         let limits = crate::cgroup::Limits::for_vm(
             plan.memory_mib,
             plan.vcpus,
             self.host.config.vm.vmm_overhead_mib,
         );
-        let cg = crate::cgroup::VmmCgroup::create(&layout, &rel, limits).map_err(|e| {
-            let _ = crate::cgroup::VmmCgroup::at(&layout, &rel).remove();
+        let cg = crate::cgroup::VmmCgroup::create(layout, &rel, limits).map_err(|e| {
+            let _ = crate::cgroup::VmmCgroup::at(layout, &rel).remove();
             Error::FailedPrecondition(format!(
-                "cgroup of the VMM of sandbox {} below the pod's cgroup parent {parent:?}: {e}",
-                self.info.id
+                "cgroup of the VMM of sandbox {} below the pod's cgroup parent {:?}: {e}",
+                self.info.id,
+                pod.map_or("", |p| p.cgroup_parent.as_str())
             ))
         })?;
         tracing::info!(sandbox = %self.info.id, cgroup = %rel.display(), memory_bytes = limits.memory_bytes, cpu_quota_us = limits.cpu_quota_us, "VMM cgroup created");
