@@ -377,8 +377,7 @@ impl Controller for ControllerService {
     ) -> GrpcResult<ControllerMetricsResponse> {
         let id = request.into_inner().sandbox_id;
         let sandbox = self.registry.get(&id)?;
-        let (type_url, value) =
-            sandbox_api::vmm_metrics(sandbox.pod_status().pid, sandbox.guest_pids().await)?;
+        let (type_url, value) = sandbox_api::pod_metrics(&sandbox).await?;
         Ok(Response::new(ControllerMetricsResponse {
             metrics: Some(Metric {
                 timestamp: Some(timestamp(SystemTime::now())),

@@ -195,7 +195,7 @@ impl SandboxApi for SandboxService {
         req: SandboxMetricsRequest,
     ) -> TtrpcResult<SandboxMetricsResponse> {
         let sandbox = self.get(&req.sandbox_id)?;
-        let (type_url, value) = vmm_metrics(sandbox.pod_status().pid, sandbox.guest_pids().await)?;
+        let (type_url, value) = pod_metrics(&sandbox).await?;
         Ok(SandboxMetricsResponse {
             metrics: protobuf::MessageField::some(Metric {
                 timestamp: timestamp_of(SystemTime::now()),
@@ -250,10 +250,11 @@ pub(crate) fn platform_architecture() -> String {
 
 /// The pod's footprint as containerd's cgroup v1 metrics (what containerd
 /// 2.4's CRI reads for pod stats): memory usage = the VMM's RSS, CPU usage
-/// = its user + system time, pids = `pids` (the guest's), packed as an
+/// = its user + system time, pids = the guest's processes, packed as an
 /// Any: its type URL and encoded bytes.
-pub(crate) fn vmm_metrics(pid: u32, pids: u64) -> Result<(String, Vec<u8>), Error> {
-    vmm_metrics_any(pid, pids)
+pub(crate) async fn pod_metrics(sandbox: &Sandbox) -> Result<(String, Vec<u8>), Error> {
+    let pids = sandbox.guest_pids().await;
+    vmm_metrics_any(sandbox.pod_status().pid, pids)
         .map(|a| (a.type_url, a.value))
         .map_err(|e| Error::Internal(format!("encode metrics: {e}")))
 }
