@@ -16,7 +16,8 @@
 #      KUASAR_KERNEL_PARAMS, KUASAR_ACCELERATOR (auto|kvm|tcg), KUASAR_VCPUS,
 #      KUASAR_MEMORY_MIB, KUASAR_KERNEL (the guest kernel: a file of the image dir, e.g.
 #      vmlinux-debian, or an absolute path), KUASAR_METRICS_ADDRESS (the metrics endpoint,
-#      IP:port, e.g. 127.0.0.1:9464): written into the config when set;
+#      IP:port, e.g. 127.0.0.1:9464), KUASAR_POOL_SIZE (how many pre-booted VMs pods
+#      start from, `[pool] size`): written into the config when set;
 #      KUASAR_VMM_START_TIMEOUT (seconds to wait for the socket, default 20).
 set -euo pipefail
 
@@ -65,6 +66,11 @@ config() {
     echo
     echo "[metrics]"
     echo "address = $(toml_str "$KUASAR_METRICS_ADDRESS")"
+  fi
+  if [ -n "${KUASAR_POOL_SIZE:-}" ]; then
+    echo
+    echo "[pool]"
+    echo "size = $KUASAR_POOL_SIZE"
   fi
   return 0
 }

@@ -173,6 +173,9 @@ fn validate(interfaces: &[Interface], routes: &[Route]) -> Result<()> {
             )));
         }
         parse_mac(&i.mac)?;
+        if !i.nic_mac.is_empty() {
+            parse_mac(&i.nic_mac)?;
+        }
         for a in &i.addresses {
             parse_cidr(a)?;
         }
@@ -205,13 +208,17 @@ pub fn setup(interfaces: &[Interface], routes: &[Route]) -> Result<()> {
 }
 
 /// The link index of each interface's NIC, in the order of `interfaces`:
-/// the link with the interface's MAC, waiting up to `NIC_TIMEOUT` (in all)
-/// for NICs the kernel has not shown yet.
+/// the link with the interface's MAC (its `nic_mac` when set), waiting up
+/// to `NIC_TIMEOUT` (in all) for NICs the kernel has not shown yet.
 fn find_nics(nl: &mut Netlink, interfaces: &[Interface]) -> Result<Vec<u32>> {
     let deadline = Instant::now() + NIC_TIMEOUT;
     let mut indexes = Vec::new();
     for i in interfaces {
-        let mac = parse_mac(&i.mac)?;
+        let mac = parse_mac(if i.nic_mac.is_empty() {
+            &i.mac
+        } else {
+            &i.nic_mac
+        })?;
         let index = loop {
             let found = links(nl)?
                 .into_iter()
@@ -276,6 +283,15 @@ fn rename_nics(nl: &mut Netlink, interfaces: &[Interface], indexes: &[u32]) -> R
 /// its addresses (one already there is fine), then brings it up.
 fn configure_nics(nl: &mut Netlink, interfaces: &[Interface], indexes: &[u32]) -> Result<()> {
     for (i, &index) in interfaces.iter().zip(indexes) {
+        if !i.nic_mac.is_empty() && i.nic_mac != i.mac {
+            set_link(
+                nl,
+                index,
+                false,
+                vec![LinkAttribute::Address(parse_mac(&i.mac)?.to_vec())],
+                &format!("give {} the MAC {}", i.name, i.mac),
+            )?;
+        }
         if i.mtu > 0 {
             set_link(
                 nl,
@@ -396,6 +412,20 @@ mod tests {
             ..Default::default()
         };
         assert!(route_message(&mixed, 2).is_err());
+    }
+
+    #[test]
+    fn a_nic_mac_to_replace_must_be_a_mac() {
+        let mut i = Interface {
+            name: "eth0".into(),
+            mac: "02:42:0a:58:00:05".into(),
+            nic_mac: "02:00:00:00:00:01".into(),
+            ..Default::default()
+        };
+        validate(std::slice::from_ref(&i), &[]).unwrap();
+        i.nic_mac = "pool".into();
+        let err = validate(&[i], &[]).unwrap_err().to_string();
+        assert!(err.contains("\"pool\""), "{err}");
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub struct Config {
     pub qemu: QemuConfig,
     pub sizing: SizingConfig,
     pub metrics: MetricsConfig,
+    /// Pre-booted VMs that pods start from (warm start); off by default.
+    pub pool: PoolConfig,
     /// What the file set the old way (`[qemu]` keys that moved to `[vm]`),
     /// for a warning once logging is up.
     #[serde(skip)]
@@ -82,6 +84,7 @@ impl Default for Config {
             qemu: QemuConfig::default(),
             sizing: SizingConfig::default(),
             metrics: MetricsConfig::default(),
+            pool: PoolConfig::default(),
             deprecated: Vec::new(),
         }
     }
@@ -141,6 +144,75 @@ impl Default for VmConfig {
             kernel_params: String::new(),
             vmm_overhead_mib: 128,
         }
+    }
+}
+
+/// The pool of booted, agent-ready VMs a pod takes instead of booting one
+/// (docs/configuration.md, "Warm start").
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    /// How many ready VMs are kept; 0 turns the pool off.
+    pub size: u32,
+    /// vCPUs of a pooled VM; 0 is `[vm] vcpus`. A pod sized for more boots
+    /// a VM of its own.
+    pub vcpus: u32,
+    /// Memory of a pooled VM, MiB; 0 is `[vm] memory_mib`.
+    pub memory_mib: u32,
+    /// How many pooled VMs boot at once while the pool refills.
+    pub refill_concurrency: u32,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            size: 0,
+            vcpus: 0,
+            memory_mib: 0,
+            refill_concurrency: 1,
+        }
+    }
+}
+
+impl Config {
+    /// The size of a pooled VM: `[pool]`'s, or the default VM's.
+    pub fn pool_vm(&self) -> (u32, u32) {
+        let p = &self.pool;
+        let vcpus = if p.vcpus == 0 { self.vm.vcpus } else { p.vcpus };
+        let memory = if p.memory_mib == 0 {
+            self.vm.memory_mib
+        } else {
+            p.memory_mib
+        };
+        (vcpus, memory)
+    }
+
+    /// `[pool]`: bounded, and its VMs no smaller than the default VM (which
+    /// every pod gets at least, so a smaller pooled VM would never fit).
+    fn validate_pool(&self) -> Result<(), ConfigError> {
+        let p = &self.pool;
+        if p.size > 64 {
+            return Err(invalid("pool.size", "must be at most 64"));
+        }
+        if !(1..=16).contains(&p.refill_concurrency) {
+            return Err(invalid(
+                "pool.refill_concurrency",
+                "must be between 1 and 16",
+            ));
+        }
+        if p.vcpus > 64 || (p.vcpus != 0 && p.vcpus < self.vm.vcpus) {
+            return Err(invalid(
+                "pool.vcpus",
+                "must be 0 (the default VM's) or between `vm.vcpus` and 64",
+            ));
+        }
+        if p.memory_mib > 65536 || (p.memory_mib != 0 && p.memory_mib < self.vm.memory_mib) {
+            return Err(invalid(
+                "pool.memory_mib",
+                "must be 0 (the default VM's) or between `vm.memory_mib` and 65536",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -366,6 +438,7 @@ impl Config {
     pub fn validate_values(&self) -> Result<(), ConfigError> {
         self.validate_paths()?;
         self.validate_vm()?;
+        self.validate_pool()?;
         if log_filter(&self.log_level).is_none() {
             return Err(invalid(
                 "log_level",
@@ -695,6 +768,27 @@ mod tests {
         }
         let err = Config::parse("[metrics]\nport = 9464").unwrap_err();
         assert!(err.to_string().contains("port"), "{err}");
+    }
+
+    #[test]
+    fn the_pool_is_off_by_default_and_its_vms_fit_the_default_pod() {
+        let c = Config::default();
+        assert_eq!(c.pool.size, 0);
+        assert_eq!(c.pool_vm(), (c.vm.vcpus, c.vm.memory_mib));
+        let c = Config::parse("[pool]\nsize = 3\nmemory_mib = 512").unwrap();
+        c.validate_values().unwrap();
+        assert_eq!(c.pool_vm(), (1, 512));
+        for (bad, field) in [
+            ("size = 65", "pool.size"),
+            ("refill_concurrency = 0", "pool.refill_concurrency"),
+            ("memory_mib = 128", "pool.memory_mib"),
+            ("vcpus = 65", "pool.vcpus"),
+        ] {
+            let c = Config::parse(&format!("[pool]\n{bad}")).unwrap();
+            let err = c.validate_values().unwrap_err().to_string();
+            assert!(err.contains(field), "{bad}: {err}");
+        }
+        assert!(Config::parse("[pool]\nwarm = 1").is_err());
     }
 
     #[test]

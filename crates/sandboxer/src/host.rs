@@ -20,6 +20,8 @@ pub struct Host {
     pub metrics: Option<Arc<Metrics>>,
     /// How the host's cgroups are laid out (the VMMs' cgroups go there).
     pub cgroups: crate::cgroup::Layout,
+    /// Booted VMs pods take instead of booting one (None: `[pool]` is off).
+    pub pool: Option<Arc<crate::pool::Pool>>,
 }
 
 impl Host {
@@ -35,7 +37,9 @@ impl Host {
             .metrics
             .is_enabled()
             .then(|| Arc::new(Metrics::new()));
+        let pool = crate::pool::Pool::new(&config);
         Host {
+            pool,
             config,
             hypervisor,
             publisher: Publisher::default(),

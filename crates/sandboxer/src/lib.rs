@@ -21,6 +21,7 @@ pub(crate) mod metrics;
 pub(crate) mod mount;
 pub(crate) mod net;
 pub(crate) mod pod;
+pub(crate) mod pool;
 pub(crate) mod portforward;
 pub(crate) mod protocol;
 pub(crate) mod recovery;
@@ -90,6 +91,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let host = Arc::new(host::Host::new(config));
+    pool::clean_leftovers(&host);
     // Recovery comes before the sockets are bound: nothing is served, and
     // readiness is not reported, until every sandbox is back or cleaned.
     let (registry, ready) = recover(host).await;
@@ -115,6 +117,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         "kuasar-vmm ready"
     );
     sd_notify(&ready);
+    if let Some(pool) = &registry.host.pool {
+        pool.start(registry.host.clone());
+    }
     let version_check = tokio::spawn(containerd_version::check(
         registry.host.config.containerd_ttrpc_address.clone(),
     ));
@@ -143,6 +148,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         server.abort();
     }
     controller.close_task_sockets().await;
+    if let Some(pool) = &registry.host.pool {
+        pool.shutdown().await;
+    }
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(&grpc_socket);
     Ok(())

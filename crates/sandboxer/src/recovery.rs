@@ -45,7 +45,7 @@ pub async fn recover_all(host: &Arc<Host>) -> Recovered {
         let dir = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
         // The zero-shim mode's short task socket paths live under `t/`.
-        if name == "t" {
+        if name == "t" || name == crate::pool::POOL_DIR {
             continue;
         }
         let record = match SandboxRecord::load(&dir) {
@@ -65,7 +65,7 @@ pub async fn recover_all(host: &Arc<Host>) -> Recovered {
         };
         let alive = record
             .vmm_pid
-            .filter(|&pid| host.hypervisor.owns(pid, &record.id));
+            .filter(|&pid| host.hypervisor.owns(pid, record.vm_name()));
         if let Some(pid) = alive {
             match Sandbox::adopt(host.clone(), record.clone(), pid).await {
                 Ok(sandbox) => {
@@ -131,19 +131,21 @@ pub fn clean_leftover(host: &Host, dir: &Path) {
         .unwrap_or_default();
     // The VMM's cgroup goes too: named by the record's pod, or read from
     // the VMM process itself.
+    // A pooled VM taken by this sandbox keeps its own name.
+    let vm_name = crate::vmm::vm_name(dir);
     let mut cgroups = Vec::new();
     if let Ok(record) = SandboxRecord::load(dir) {
         let parent = record.pod.as_ref().map_or("", |p| p.cgroup_parent.as_str());
         cgroups.extend(crate::cgroup::vmm_cgroup(parent, &id).ok().flatten());
         if let Some(pid) = record.vmm_pid {
             cgroups.extend(crate::cgroup::vmm_cgroup_of(pid, &id));
-            kill_vmm(hypervisor, pid, &id);
+            kill_vmm(hypervisor, pid, record.vm_name());
         }
     }
     // A VMM that started but never got its state recorded.
     if let Some(pid) = hypervisor.recorded_pid(dir) {
         cgroups.extend(crate::cgroup::vmm_cgroup_of(pid, &id));
-        kill_vmm(hypervisor, pid, &id);
+        kill_vmm(hypervisor, pid, &vm_name);
     }
     cgroups.sort();
     cgroups.dedup();

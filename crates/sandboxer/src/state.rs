@@ -26,6 +26,9 @@ pub struct SandboxRecord {
     pub ttrpc_address: String,
     /// The VMM's pid, once it runs.
     pub vmm_pid: Option<u32>,
+    /// The name the VMM was booted with, when not the id (a pooled VM's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_name: Option<String>,
     /// Where the guest agent is reached (empty before the VM booted).
     #[serde(default)]
     pub agent_address: String,
@@ -107,6 +110,11 @@ pub enum StateError {
 }
 
 impl SandboxRecord {
+    /// The name the VMM process is recognised by.
+    pub fn vm_name(&self) -> &str {
+        self.vm_name.as_deref().unwrap_or(&self.id)
+    }
+
     /// Writes the record into `dir` atomically: temp file, fsync, rename,
     /// fsync of the directory.
     pub fn save(&self, dir: &Path) -> Result<(), StateError> {
@@ -190,6 +198,7 @@ mod tests {
             bundle: "/b".into(),
             ttrpc_address: "/run/containerd/containerd.sock.ttrpc".into(),
             vmm_pid: Some(42),
+            vm_name: None,
             agent_address: "unix:///run/sb/agent.sock".into(),
             created_at: 1,
             managed: true,

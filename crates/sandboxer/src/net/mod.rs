@@ -8,6 +8,7 @@
 //! [`netns`]). The namespace itself belongs to CNI/containerd and is never
 //! removed here.
 pub(crate) mod netns;
+pub mod pooled;
 mod scan;
 mod tap;
 mod tc;
@@ -45,6 +46,8 @@ pub enum NetError {
     },
     #[error("network namespace {netns} has no pod interface (no Ethernet device but loopback)")]
     NoInterface { netns: PathBuf },
+    #[error("network namespace {netns} has {count} pod interfaces; a pooled VM has one NIC")]
+    Interfaces { netns: PathBuf, count: usize },
     #[error("network namespace {netns}: not done within {after:?}")]
     Timeout { netns: PathBuf, after: Duration },
     #[error("network namespace {netns}: start the worker thread")]
@@ -183,10 +186,12 @@ fn dump_links(nl: &mut Netlink, netns: &Path) -> Result<Vec<LinkMessage>, NetErr
     nl.links().map_err(step(netns, "list links"))
 }
 
-/// Runs inside the namespace.
-fn attach_here(netns: &Path) -> Result<NetAttachment, NetError> {
-    let mut nl = open(netns)?;
-    let links = dump_links(&mut nl, netns)?;
+/// The pod's interfaces and routes in the namespace the thread is in.
+fn scan_here(
+    nl: &mut Netlink,
+    netns: &Path,
+) -> Result<(Vec<scan::FoundLink>, Vec<PodRoute>), NetError> {
+    let links = dump_links(nl, netns)?;
     let mut addresses = Vec::new();
     let mut routes = Vec::new();
     for family in [AddressFamily::Inet, AddressFamily::Inet6] {
@@ -218,6 +223,13 @@ fn attach_here(netns: &Path) -> Result<NetAttachment, NetError> {
         });
     }
     let routes = scan::pod_routes(&routes, &found);
+    Ok((found, routes))
+}
+
+/// Runs inside the namespace.
+fn attach_here(netns: &Path) -> Result<NetAttachment, NetError> {
+    let mut nl = open(netns)?;
+    let (found, routes) = scan_here(&mut nl, netns)?;
     let mut nics = Vec::new();
     for (n, link) in found.into_iter().enumerate() {
         let tap_name = tap_name(n);
@@ -259,8 +271,20 @@ fn connect(
     tap_name: &str,
     link: &scan::FoundLink,
 ) -> Result<OwnedFd, NetError> {
-    let pod_if = &link.config.name;
     let tap = tap::create(tap_name).map_err(step(netns, format!("create tap {tap_name}")))?;
+    wire(nl, netns, tap_name, link)?;
+    Ok(tap)
+}
+
+/// Sets the tap `tap_name` (in the namespace) up with the pod interface's
+/// MTU and redirects both ways between them.
+fn wire(
+    nl: &mut Netlink,
+    netns: &Path,
+    tap_name: &str,
+    link: &scan::FoundLink,
+) -> Result<(), NetError> {
+    let pod_if = &link.config.name;
     let links = dump_links(nl, netns)?;
     let tap_index = link_index(&links, tap_name).ok_or_else(|| NetError::Step {
         netns: netns.to_owned(),
@@ -285,7 +309,7 @@ fn connect(
         netns,
         format!("redirect {tap_name} ingress to {pod_if}"),
     ))?;
-    Ok(tap)
+    Ok(())
 }
 
 /// Deletes the tap `tap_name` and the ingress qdisc of `pod_if`; what does

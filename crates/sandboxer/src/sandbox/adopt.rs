@@ -79,6 +79,7 @@ impl Sandbox {
             bundle: self.info.bundle.clone(),
             ttrpc_address: self.info.ttrpc_address.clone(),
             vmm_pid: live.as_ref().map(|live| live.pid).filter(|&pid| pid != 0),
+            vm_name: live.as_ref().and_then(|live| live.vm_name.clone()),
             agent_address: live
                 .as_ref()
                 .map(|live| live.agent_address.clone())
@@ -202,6 +203,7 @@ impl Sandbox {
             agent_address: record.agent_address.clone(),
             shape,
             held: Mutex::new(held),
+            vm_name: record.vm_name.clone(),
         })));
         let containers: Vec<_> = sandbox.containers().values().cloned().collect();
         for c in containers {

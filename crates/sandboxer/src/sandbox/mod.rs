@@ -4,10 +4,12 @@ mod debug;
 mod forward;
 mod lifecycle;
 mod phase;
+mod pooled;
 mod view;
 mod vm;
 
 pub use view::{Mode, SandboxState, VmShape};
+pub(crate) use vm::boot_agent;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,7 +28,7 @@ use crate::host::Host;
 use crate::io::{Pumps, StdioPaths};
 use crate::mount::{self, MountSpec};
 use crate::pod::{self, PodConfig};
-use crate::vmm::{Vmm, GUEST_SHARED_DIR};
+use crate::vmm::GUEST_SHARED_DIR;
 
 /// Largest OCI spec (config.json) accepted from a bundle.
 const MAX_SPEC: u64 = 4 << 20;

@@ -53,6 +53,9 @@ pub(super) struct Live {
     pub shape: VmShape,
     /// What the teardown releases on the host; taken once.
     pub held: Mutex<Held>,
+    /// The name the VMM was booted with when it is not the sandbox id (a
+    /// pooled VM's).
+    pub vm_name: Option<String>,
 }
 
 /// The host resources of a running VM that its teardown releases.

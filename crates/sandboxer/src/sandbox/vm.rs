@@ -5,8 +5,10 @@ use std::time::{Duration, Instant};
 
 use super::phase::{begin_boot, end_boot, BootStep, Held, Live, Reason};
 use super::*;
+use crate::host::Host;
 use crate::vmm::qemu::log_tail;
-use crate::vmm::{PlanNic, StartVmError, VmPlan};
+use crate::vmm::{PlanNic, StartVmError, VmPlan, Vmm};
+use std::path::Path;
 
 /// How often (every 100 ms) removing a VMM's cgroup is tried before it is
 /// given up (logged).
@@ -60,6 +62,9 @@ impl Sandbox {
         let pod = self.pod();
         // Sized (and refused when too big) before anything is made.
         let size = self.pod_vm_size(pod.as_ref())?;
+        if let Some(live) = self.take_pooled(pod.as_ref(), size.as_ref(), started).await {
+            return Ok(live);
+        }
         // QemuVm::start checks that the binary, kernel and initramfs still
         // exist (they may vanish after start-up) and names the missing one.
         std::fs::create_dir_all(&self.dir).map_err(|source| StartVmError::Prepare {
@@ -118,6 +123,7 @@ impl Sandbox {
             pid,
             shape,
             held: Mutex::new(held),
+            vm_name: None,
         }))
     }
 
@@ -136,6 +142,7 @@ impl Sandbox {
             dir: self.dir.clone(),
             nics: Vec::new(),
             cgroup_procs: Vec::new(),
+            background: false,
         }
     }
 
@@ -149,7 +156,7 @@ impl Sandbox {
 
     /// Creates the VMM's cgroup below the pod's cgroup parent, limited to
     /// the VM's size plus the VMM's overhead, for QEMU to start in.
-    fn create_cgroup(
+    pub(super) fn create_cgroup(
         &self,
         pod: Option<&PodConfig>,
         plan: &mut VmPlan,
@@ -217,8 +224,17 @@ impl Sandbox {
         started: Instant,
     ) -> Result<Agent> {
         let timeout = Duration::from_secs(self.host.config.vm.boot_timeout_secs);
-        let agent = self.boot(vm, started + timeout, timeout).await?;
-        self.setup_guest(&agent, pod, held.net.as_ref()).await?;
+        let agent = boot_agent(
+            &self.host,
+            vm,
+            &self.dir,
+            &self.info.id,
+            started + timeout,
+            timeout,
+        )
+        .await?;
+        self.setup_guest(&agent, pod, held.net.as_ref(), None)
+            .await?;
         Ok(agent)
     }
 
@@ -241,12 +257,14 @@ impl Sandbox {
     }
 
     /// Gives the freshly booted guest what the pod needs before its first
-    /// container: host name, network, DNS.
-    async fn setup_guest(
+    /// container: host name, network, DNS. `nic_mac`: the MAC a pooled VM's
+    /// NIC was booted with, which the guest replaces by the pod's.
+    pub(super) async fn setup_guest(
         &self,
         agent: &Agent,
         pod: Option<&PodConfig>,
         net: Option<&crate::net::NetAttachment>,
+        nic_mac: Option<&str>,
     ) -> Result<()> {
         let Some(pod) = pod else { return Ok(()) };
         let resolv_conf = match pod.dns.as_ref().and_then(|d| d.resolv_conf()) {
@@ -272,6 +290,7 @@ impl Sandbox {
                     mac: i.mac_string(),
                     addresses: i.cidrs(),
                     mtu: i.mtu,
+                    nic_mac: nic_mac.unwrap_or_default().to_owned(),
                     ..Default::default()
                 })
                 .collect();
@@ -335,59 +354,6 @@ impl Sandbox {
         }
     }
 
-    async fn boot(
-        &self,
-        vm: &mut dyn Vmm,
-        deadline: Instant,
-        timeout: Duration,
-    ) -> Result<Agent, StartVmError> {
-        let spawned = Instant::now();
-        vm.start().await?;
-        let mut exited = vm.exited();
-        let address = vm.agent_address();
-        let connect = Agent::connect(&address, deadline, self.host.metrics.clone());
-        // Either the agent answers (or fails), or the VMM exits first.
-        let answered = tokio::select! {
-            res = connect => Some(res),
-            _ = exited.wait_for(|e| e.is_some()) => None,
-        };
-        match answered {
-            Some(Ok((agent, pong))) => {
-                tracing::debug!(sandbox = %self.info.id, kernel = %pong.kernel_release, agent = %pong.agent_version, "agent answered");
-                if let Some(m) = &self.host.metrics {
-                    m.observe_vm_boot(spawned.elapsed());
-                }
-                Ok(agent)
-            }
-            Some(Err(crate::agent::AgentError::Timeout { .. })) => Err(StartVmError::BootTimeout {
-                after: timeout,
-                console: log_tail(vm.console_log(), CONSOLE_TAIL),
-            }),
-            Some(Err(e)) => {
-                // A channel that broke is most often a VMM that exited: say
-                // so when it did.
-                let _ = tokio::time::timeout(VMM_EXIT_WAIT, exited.wait_for(|e| e.is_some())).await;
-                let exit = *exited.borrow();
-                match exit {
-                    Some(exit) => Err(self.died_during_boot(vm, exit)),
-                    None => Err(StartVmError::Agent(e)),
-                }
-            }
-            None => {
-                let exit = (*exited.borrow()).unwrap_or(crate::vmm::VmExit::Code(-1));
-                Err(self.died_during_boot(vm, exit))
-            }
-        }
-    }
-
-    fn died_during_boot(&self, vm: &dyn Vmm, exit: crate::vmm::VmExit) -> StartVmError {
-        StartVmError::DiedDuringBoot {
-            exit,
-            console: log_tail(vm.console_log(), CONSOLE_TAIL),
-            log: log_tail(&self.dir.join("qemu.log"), CONSOLE_TAIL),
-        }
-    }
-
     /// Persists what the sandbox holds now; a failure is logged (the live
     /// sandbox goes on).
     pub(super) fn save_record(&self) {
@@ -411,6 +377,62 @@ impl Sandbox {
                 sandbox.teardown(Reason::VmDied(exit)).await;
             }
         });
+    }
+}
+
+/// Starts `vm` (in directory `dir`, named `name` in the logs) and waits
+/// for its agent, or for the VMM to exit first; a failed boot's error
+/// quotes the end of the guest's console and of the VMM's log. Cold boots
+/// and the pool's both come here.
+pub(crate) async fn boot_agent(
+    host: &Host,
+    vm: &mut dyn Vmm,
+    dir: &Path,
+    name: &str,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Agent, StartVmError> {
+    let spawned = Instant::now();
+    vm.start().await?;
+    let mut exited = vm.exited();
+    let address = vm.agent_address();
+    let connect = Agent::connect(&address, deadline, host.metrics.clone());
+    // Either the agent answers (or fails), or the VMM exits first.
+    let answered = tokio::select! {
+        res = connect => Some(res),
+        _ = exited.wait_for(|e| e.is_some()) => None,
+    };
+    let died = |vm: &dyn Vmm, exit| StartVmError::DiedDuringBoot {
+        exit,
+        console: log_tail(vm.console_log(), CONSOLE_TAIL),
+        log: log_tail(&dir.join("qemu.log"), CONSOLE_TAIL),
+    };
+    match answered {
+        Some(Ok((agent, pong))) => {
+            tracing::debug!(vm = %name, kernel = %pong.kernel_release, agent = %pong.agent_version, "agent answered");
+            if let Some(m) = &host.metrics {
+                m.observe_vm_boot(spawned.elapsed());
+            }
+            Ok(agent)
+        }
+        Some(Err(crate::agent::AgentError::Timeout { .. })) => Err(StartVmError::BootTimeout {
+            after: timeout,
+            console: log_tail(vm.console_log(), CONSOLE_TAIL),
+        }),
+        Some(Err(e)) => {
+            // A channel that broke is most often a VMM that exited: say
+            // so when it did.
+            let _ = tokio::time::timeout(VMM_EXIT_WAIT, exited.wait_for(|e| e.is_some())).await;
+            let exit = *exited.borrow();
+            match exit {
+                Some(exit) => Err(died(vm, exit)),
+                None => Err(StartVmError::Agent(e)),
+            }
+        }
+        None => {
+            let exit = (*exited.borrow()).unwrap_or(crate::vmm::VmExit::Code(-1));
+            Err(died(vm, exit))
+        }
     }
 }
 

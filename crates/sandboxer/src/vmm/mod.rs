@@ -77,6 +77,10 @@ pub struct VmPlan {
     /// The `cgroup.procs` files of the cgroup the VMM runs in (it joins
     /// them before it starts); none to stay in kuasar-vmm's.
     pub cgroup_procs: Vec<PathBuf>,
+    /// A pooled VM, booted ahead of its pod: the VMM runs at a lower CPU
+    /// priority (the pod that takes it raises it) so that refilling the
+    /// pool never starves running pods.
+    pub background: bool,
 }
 
 impl VmPlan {
@@ -138,6 +142,26 @@ pub trait Vmm: Send + Sync {
     /// Closes what [`Vmm::hold_fds`] holds under these names (unknown names
     /// are ignored).
     async fn release_fds(&self, names: Vec<String>) -> Result<(), String>;
+    /// The VM's directory was moved to `dir` (a pooled VM taken by a pod:
+    /// its files now live in the sandbox's directory).
+    fn relocate(&mut self, dir: &Path);
+}
+
+/// In a VM's directory: the name its VMM process is recognised by, when it
+/// is not the directory's own (a pooled VM's, which keeps the name it was
+/// booted with after a pod took it).
+pub const VM_NAME_FILE: &str = "vm.name";
+
+/// The name the VM in directory `dir` was booted with: [`VM_NAME_FILE`]'s,
+/// else the directory's name (the sandbox id).
+pub fn vm_name(dir: &Path) -> String {
+    match std::fs::read_to_string(dir.join(VM_NAME_FILE)) {
+        Ok(name) if !name.trim().is_empty() => name.trim().to_owned(),
+        _ => dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    }
 }
 
 /// The guest's console log, in the sandbox's directory, whatever the

@@ -101,6 +101,7 @@ impl Hypervisor for Qemu {
     fn prepare(&self, plan: VmPlan) -> Box<dyn Vmm> {
         let mut vm = QemuVm::new(self.binary.clone(), self.spec(&plan));
         vm.join_cgroup(plan.cgroup_procs);
+        vm.set_background(plan.background);
         for nic in plan.nics {
             vm.add_nic(nic.tap, nic.mac);
         }

@@ -35,7 +35,12 @@ pub struct QemuVm {
     tap_fds: Vec<OwnedFd>,
     /// The cgroup QEMU joins before it execs (its `cgroup.procs` files).
     cgroup_procs: Vec<PathBuf>,
+    /// Started at [`BACKGROUND_NICE`] (a pooled VM).
+    background: bool,
 }
+
+/// The nice value of a pooled VM's QEMU until a pod takes it.
+pub const BACKGROUND_NICE: i32 = 10;
 
 impl QemuVm {
     pub fn new(binary: PathBuf, spec: VmSpec) -> Self {
@@ -49,7 +54,13 @@ impl QemuVm {
             exited_tx: Some(tx),
             tap_fds: Vec::new(),
             cgroup_procs: Vec::new(),
+            background: false,
         }
+    }
+
+    /// Makes QEMU start at a lower CPU priority ([`BACKGROUND_NICE`]).
+    pub fn set_background(&mut self, background: bool) {
+        self.background = background;
     }
 
     /// Makes QEMU join the cgroup of these `cgroup.procs` files before it
@@ -99,6 +110,19 @@ impl QemuVm {
             });
         }
         join_cgroup_at_exec(&mut cmd, &self.cgroup_procs);
+        if self.background {
+            // SAFETY: setpriority is async-signal-safe and touches no memory;
+            // it lowers the child's own priority before exec (every thread
+            // QEMU starts inherits it).
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::setpriority(libc::PRIO_PROCESS, 0, BACKGROUND_NICE) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         if !self.tap_fds.is_empty() {
             let fds: Vec<RawFd> = self.tap_fds.iter().map(AsRawFd::as_raw_fd).collect();
             // SAFETY: fcntl(F_SETFD) is async-signal-safe; the closure only
@@ -289,6 +313,11 @@ impl Vmm for QemuVm {
                 .map_err(|e| crate::error::chain(&e))?;
         }
         Ok(())
+    }
+
+    fn relocate(&mut self, dir: &Path) {
+        self.spec.dir = dir.to_owned();
+        self.console_log = self.spec.console_log();
     }
 
     async fn release_fds(&self, names: Vec<String>) -> Result<(), String> {

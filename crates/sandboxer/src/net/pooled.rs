@@ -1,0 +1,197 @@
+//! The network of pooled VMs (warm start). A VM booted before its pod
+//! exists gets one NIC on a tap kept in a network namespace of the pool's
+//! own; when a pod takes the VM, the tap moves into the pod's namespace
+//! under the name a cold boot would give it and is tied to the pod's
+//! interface there, exactly as [`super::attach`] ties a new tap. The guest
+//! NIC then takes the pod interface's MAC from the agent.
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use netlink_packet_route::link::LinkAttribute;
+
+use super::{
+    dump_links, link_index, netns, open, remove, scan, scan_here, step, tap, tap_name, wire,
+    GuestNic, NetAttachment, NetError, NETNS_TIMEOUT,
+};
+
+/// The pool's network namespace: empty but for the pooled VMs' taps, held
+/// open by kuasar-vmm alone (it goes when kuasar-vmm ends).
+pub struct PoolNetns {
+    fd: OwnedFd,
+}
+
+impl PoolNetns {
+    /// A new network namespace, made on a thread of its own (the daemon's
+    /// threads never change namespace).
+    pub fn create() -> io::Result<Self> {
+        std::thread::Builder::new()
+            .name("kuasar-poolns".into())
+            .spawn(|| {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
+                let f = File::open("/proc/thread-self/ns/net")?;
+                Ok(PoolNetns { fd: f.into() })
+            })?
+            .join()
+            .map_err(|_| io::Error::other("the pool namespace's thread panicked"))?
+    }
+
+    /// A path that opens the namespace (from any thread of this process).
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+    }
+}
+
+/// Creates the tap `name` in the pool's namespace; its queue fd goes to
+/// the pooled VM.
+pub async fn create_tap(pool: &Path, name: &str) -> Result<OwnedFd, NetError> {
+    let name = name.to_owned();
+    netns::run_in(pool, NETNS_TIMEOUT, move |ns| {
+        tap::create(&name).map_err(step(ns, format!("create tap {name}")))
+    })
+    .await
+}
+
+/// Moves the pooled VM's tap `pool_tap` (in the namespace at `pool`) into
+/// the pod's namespace and ties it to the pod's interface. `tap` is a queue
+/// fd of it, kept by the attachment as a cold boot's is. A pod with more
+/// than one interface is refused before anything moves: the VM has one NIC.
+pub async fn hand_over(
+    pool: &Path,
+    pool_tap: &str,
+    tap: OwnedFd,
+    pod_netns: &Path,
+) -> Result<NetAttachment, NetError> {
+    let name = tap_name(0);
+    let (link, routes) = netns::run_in(pod_netns, NETNS_TIMEOUT, {
+        let name = name.clone();
+        move |ns| {
+            let mut nl = open(ns)?;
+            let (mut found, routes) = scan_here(&mut nl, ns)?;
+            if found.len() != 1 {
+                return Err(NetError::Interfaces {
+                    netns: ns.to_owned(),
+                    count: found.len(),
+                });
+            }
+            let link = found.remove(0);
+            // What a run that died midway may have left behind.
+            remove(&mut nl, ns, &name, &link.config.name)?;
+            Ok((link, routes))
+        }
+    })
+    .await?;
+    let pod = pod_netns.to_owned();
+    let (from, to) = (pool_tap.to_owned(), name.clone());
+    netns::run_in(pool, NETNS_TIMEOUT, move |ns| {
+        move_link(ns, &from, &pod, &to)
+    })
+    .await?;
+    let wired: scan::FoundLink = link.clone();
+    netns::run_in(pod_netns, NETNS_TIMEOUT, {
+        let name = name.clone();
+        move |ns| {
+            let mut nl = open(ns)?;
+            wire(&mut nl, ns, &name, &wired)
+        }
+    })
+    .await?;
+    Ok(NetAttachment {
+        netns: pod_netns.to_owned(),
+        nics: vec![GuestNic {
+            tap,
+            tap_name: name,
+            interface: link.config,
+        }],
+        routes,
+    })
+}
+
+/// Moves link `from` of the namespace the thread is in (`ns`) into the
+/// namespace at `to_ns`, renamed `to`.
+fn move_link(ns: &Path, from: &str, to_ns: &Path, to: &str) -> Result<(), NetError> {
+    let mut nl = open(ns)?;
+    let links = dump_links(&mut nl, ns)?;
+    let index = link_index(&links, from).ok_or_else(|| NetError::Step {
+        netns: ns.to_owned(),
+        op: format!("find the pooled VM's tap {from}"),
+        source: io::Error::from(io::ErrorKind::NotFound),
+    })?;
+    let target = File::open(to_ns).map_err(|source| NetError::OpenNetns {
+        netns: to_ns.to_owned(),
+        source,
+    })?;
+    nl.set_link(
+        index,
+        false,
+        vec![
+            LinkAttribute::NetNsFd(target.as_raw_fd()),
+            LinkAttribute::IfName(to.to_owned()),
+        ],
+    )
+    .map_err(step(
+        ns,
+        format!("move tap {from} into {} as {to}", to_ns.display()),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn ip(args: &[&str]) -> String {
+        let out = Command::new("ip").args(args).output().expect("run ip");
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    struct Ns(String);
+    impl Drop for Ns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pooled_tap_moves_into_the_pod_and_is_tied_to_its_interface() {
+        if !nix::unistd::Uid::effective().is_root() || !Path::new("/dev/net/tun").exists() {
+            eprintln!("SKIP: needs root and /dev/net/tun");
+            return;
+        }
+        let ns = Ns(format!("kuasar-pt-{}", std::process::id()));
+        let peer = Ns(format!("kuasar-pt-{}-peer", std::process::id()));
+        ip(&["netns", "add", &ns.0]);
+        ip(&["netns", "add", &peer.0]);
+        let n = ns.0.as_str();
+        ip(&[
+            "-n", n, "link", "add", "name", "eth0", "mtu", "1400", "type", "veth", "peer", "name",
+            "peer0", "netns", &peer.0,
+        ]);
+        ip(&["-n", n, "addr", "add", "10.251.0.5/24", "dev", "eth0"]);
+        ip(&["-n", n, "link", "set", "dev", "eth0", "up"]);
+        let pod = PathBuf::from(format!("/var/run/netns/{n}"));
+        let pool = PoolNetns::create().expect("pool namespace");
+        let tap = create_tap(&pool.path(), "kpool-test").await.expect("tap");
+        let att = hand_over(&pool.path(), "kpool-test", tap, &pod)
+            .await
+            .expect("hand over");
+        assert_eq!(att.nics.len(), 1);
+        assert_eq!(att.nics[0].interface.cidrs(), ["10.251.0.5/24"]);
+        let link = ip(&["-n", n, "link", "show", "dev", &att.nics[0].tap_name]);
+        assert!(link.contains("mtu 1400") && link.contains(",UP"), "{link}");
+        super::super::detach(att).await.expect("detach");
+        assert!(!ip(&["-n", n, "link", "show"]).contains(super::super::TAP_SUFFIX));
+
+        // A pod with more interfaces (eth0, eth1 and its peer) is refused.
+        ip(&[
+            "-n", n, "link", "add", "name", "eth1", "type", "veth", "peer", "name", "p1",
+        ]);
+        let tap = create_tap(&pool.path(), "kpool-test2").await.expect("tap");
+        let err = hand_over(&pool.path(), "kpool-test2", tap, &pod)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("3 pod interfaces"), "{err}");
+    }
+}
