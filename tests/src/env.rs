@@ -325,8 +325,37 @@ impl Env {
         procs::count(&self.dir, name)
     }
 
+    /// QEMUs of this environment's sandboxes (VMs waiting in the pool
+    /// are not counted: they belong to the running kuasar-vmm).
     pub fn qemu_count(&self) -> usize {
-        self.count(procs::QEMU)
+        let waiting = self.pooled_waiting();
+        procs::find(&self.dir, &[procs::QEMU])
+            .iter()
+            .filter(|p| {
+                !waiting
+                    .iter()
+                    .any(|n| p.cmdline.contains(&format!("kuasar-{n},")))
+            })
+            .count()
+    }
+
+    /// Names of the VMs waiting in kuasar-vmm's pool (`<state>/.pool/<name>`).
+    pub fn pooled_waiting(&self) -> Vec<String> {
+        fs::read_dir(self.state_dir().join(".pool"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The VMM pid of sandbox `id` (its `qemu.pid`), whether it booted its
+    /// own VM or took a pooled one.
+    pub fn vmm_pid(&self, id: &str) -> Option<i32> {
+        fs::read_to_string(self.state_dir().join(id).join("qemu.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
     }
 
     pub fn shim_count(&self) -> usize {
@@ -337,12 +366,14 @@ impl Env {
         self.count(procs::SANDBOXER)
     }
 
-    /// Entries of the sandboxer's state dir (one per live sandbox).
+    /// Entries of the sandboxer's state dir (one per live sandbox; the
+    /// pool's directory is not one).
     pub fn state_entries(&self) -> Vec<String> {
         fs::read_dir(self.state_dir())
             .map(|rd| {
                 rd.flatten()
                     .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n != ".pool")
                     .collect()
             })
             .unwrap_or_default()

@@ -35,7 +35,13 @@ pub struct SandboxerConfig {
     pub kernel_params: Option<String>,
     /// `[metrics] address` (None: no metrics endpoint, the default).
     pub metrics_address: Option<String>,
+    /// `[pool] size`: pre-booted VMs (None: `$KUASAR_POOL_SIZE`, else off),
+    /// so that a whole suite can run with the pool on.
+    pub pool_size: Option<u32>,
 }
+
+/// Runs every environment's kuasar-vmm with a pool of this many VMs.
+pub const POOL_SIZE_ENV: &str = "KUASAR_POOL_SIZE";
 
 fn toml_str(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
@@ -57,6 +63,9 @@ impl SandboxerConfig {
             call_timeout_secs: None,
             kernel_params: None,
             metrics_address: None,
+            pool_size: std::env::var(POOL_SIZE_ENV)
+                .ok()
+                .and_then(|v| v.parse().ok()),
         }
     }
 
@@ -102,6 +111,9 @@ impl SandboxerConfig {
         }
         if let Some(a) = &self.metrics_address {
             s += &format!("\n[metrics]\naddress = {}\n", toml_str(a));
+        }
+        if let Some(n) = self.pool_size {
+            s += &format!("\n[pool]\nsize = {n}\n");
         }
         s
     }

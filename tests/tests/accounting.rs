@@ -25,10 +25,10 @@ fn memory_root() -> PathBuf {
 }
 
 fn qemu_of(env: &Env, id: &str) -> procs::Proc {
-    let marker = format!("kuasar-{id},");
+    let pid = env.vmm_pid(id);
     procs::find(env.dir(), &[procs::QEMU])
         .into_iter()
-        .find(|p| p.cmdline.contains(&marker))
+        .find(|p| Some(p.pid) == pid)
         .unwrap_or_else(|| panic!("no QEMU for sandbox {id}\n{}", env.diagnostics()))
 }
 

@@ -193,14 +193,16 @@ impl VmmCgroup {
     }
 
     /// Moves the running process `pid` (all its threads) into the cgroup (a
-    /// pooled VM's VMM, booted before its pod). On v1 its memory charge
-    /// moves with it; v2 leaves what it already used charged where it was.
+    /// pooled VM's VMM, booted before its pod). Its memory charge moves
+    /// along only on v1 with kernels that still move charges (before 6.x);
+    /// otherwise what it used before stays charged where it was.
     pub fn move_process(&self, pid: u32) -> io::Result<()> {
         for dir in &self.dirs {
             let charge = dir.join("memory.move_charge_at_immigrate");
             if charge.exists() {
-                // Anonymous and file pages both (bits 0 and 1).
-                std::fs::write(&charge, "3").map_err(|e| named(&charge, e))?;
+                // Anonymous and file pages both (bits 0 and 1); newer
+                // kernels refuse (EINVAL): best effort.
+                let _ = std::fs::write(&charge, "3");
             }
             let procs = dir.join("cgroup.procs");
             std::fs::write(&procs, pid.to_string()).map_err(|e| named(&procs, e))?;

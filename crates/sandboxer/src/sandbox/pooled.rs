@@ -82,8 +82,14 @@ impl Sandbox {
         }
         .await;
         if let Err(e) = attached {
+            // The cgroup goes now, not in the background as after a VM's
+            // end: the cold boot that follows creates it again.
+            let cgroup = held.cgroup.take();
             let _ = vm.stop(Duration::ZERO).await;
             self.release(held).await;
+            if let Some(cg) = cgroup {
+                remove_cgroup_now(&cg).await;
+            }
             for path in moved {
                 let _ = crate::mount::remove_dir(&path).or_else(|_| std::fs::remove_file(&path));
             }
@@ -104,6 +110,19 @@ impl Sandbox {
             held: std::sync::Mutex::new(held),
             vm_name: Some(name),
         }))
+    }
+}
+
+/// Removes a VMM's cgroup whose VMM was just killed, waiting (up to 5 s)
+/// for it to empty.
+async fn remove_cgroup_now(cg: &crate::cgroup::VmmCgroup) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Err(e) = cg.remove() {
+        if Instant::now() >= deadline {
+            tracing::warn!("remove the cgroup of a destroyed pooled VM: {e}");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
