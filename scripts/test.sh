@@ -136,6 +136,12 @@ for target in tests/tests/*.rs; do
   run "e2e $target" cargo test -p kuasar-e2e --test "$target" \
     -- --test-threads="${KUASAR_E2E_THREADS:-1}" || failed+=("$target")
 done
+# The CRI suite and the accounting test once more with a warm pool of 2 VMs: every pod of the
+# kuasar handlers then starts from a pooled VM (tests/tests/pool.rs checks that it does).
+for target in cri accounting; do
+  run "e2e $target (pool)" env KUASAR_POOL_SIZE=2 cargo test -p kuasar-e2e --test "$target" \
+    -- --test-threads="${KUASAR_E2E_THREADS:-1}" || failed+=("$target (pool)")
+done
 # Which containerd the e2e suite ran against; CI runs Debian's only, and says so.
 containerd_bin=${KUASAR_CONTAINERD:-containerd}
 echo "test.sh: e2e ran against containerd $("$containerd_bin" --version 2>/dev/null | awk '{print $3}') ($containerd_bin)" >&2

@@ -106,6 +106,53 @@ fn in_netns(netns: &std::path::Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// Runs `script` in container `c`; its trimmed stdout.
+fn sh(cri: &Cri, c: &str, script: &str) -> String {
+    let r = cri
+        .exec_sync(c, &["sh", "-c", script], 20)
+        .unwrap_or_else(|e| panic!("exec {script} in {c}: {e:?}"));
+    String::from_utf8_lossy(&r.stdout).trim().to_owned()
+}
+
+/// The guest's eth0 has the pod's IP and MAC (read in the pod's netns over
+/// netlink: /sys would show nsenter the host's), and reaches the gateway.
+fn assert_pod_network(env: &Env, cri: &Cri, handler: &str, pod: &str, c: &str) {
+    let ip = cri
+        .pod_status(pod)
+        .ok()
+        .and_then(|s| s.network)
+        .map(|n| n.ip)
+        .unwrap_or_default();
+    assert!(!ip.is_empty(), "{handler}: the pod has no IP");
+    let addrs = sh(cri, c, "ip -o -4 addr show eth0");
+    assert!(
+        addrs.contains(&format!("{ip}/")),
+        "{handler}: eth0 {addrs} lacks {ip}"
+    );
+    let netns = pod_netns(env, pod);
+    let link = in_netns(&netns, &["ip", "-o", "link", "show", "eth0"]);
+    let pod_mac = link
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(
+        sh(cri, c, "cat /sys/class/net/eth0/address"),
+        pod_mac,
+        "{handler}: guest MAC"
+    );
+    let gw = in_netns(&netns, &["ip", "-4", "route", "show", "default"]);
+    if let Some(via) = gw.split_whitespace().skip_while(|w| *w != "via").nth(1) {
+        let ping = sh(
+            cri,
+            c,
+            &format!("ping -c 1 -W 5 {via} >/dev/null && echo ok"),
+        );
+        assert_eq!(ping, "ok", "{handler}: ping {via} from the pod");
+    }
+}
+
 /// A pod of `handler` with a long-running container; checks that it took
 /// a pooled VM and got everything of its own.
 fn pod_takes_a_pooled_vm(env: &Env, cri: &Cri, handler: &str) {
@@ -137,39 +184,12 @@ fn pod_takes_a_pooled_vm(env: &Env, cri: &Cri, handler: &str) {
         waiting.iter().any(|w| line.contains(&format!("vm={w} "))),
         "{handler}: took a VM that was not waiting ({waiting:?}): {line}"
     );
-    let sh = |script: &str| {
-        let r = cri
-            .exec_sync(&c, &["sh", "-c", script], 20)
-            .unwrap_or_else(|e| panic!("{handler}: exec {script}: {e:?}"));
-        String::from_utf8_lossy(&r.stdout).trim().to_owned()
-    };
-    assert_eq!(sh("hostname"), cfg.hostname, "{handler}: host name");
-    let ip = cri
-        .pod_status(&pod.id)
-        .ok()
-        .and_then(|s| s.network)
-        .map(|n| n.ip)
-        .unwrap_or_default();
-    assert!(!ip.is_empty(), "{handler}: the pod has no IP");
-    let addrs = sh("ip -o -4 addr show eth0");
-    assert!(
-        addrs.contains(&format!("{ip}/")),
-        "{handler}: eth0 {addrs} lacks {ip}"
-    );
-    let netns = pod_netns(env, &pod.id);
-    // netlink, not /sys (which shows the host's namespace to nsenter).
-    let link = in_netns(&netns, &["ip", "-o", "link", "show", "eth0"]);
-    let pod_mac = link
-        .split_whitespace()
-        .skip_while(|w| *w != "link/ether")
-        .nth(1)
-        .unwrap_or_default()
-        .to_owned();
     assert_eq!(
-        sh("cat /sys/class/net/eth0/address"),
-        pod_mac,
-        "{handler}: guest MAC"
+        sh(cri, &c, "hostname"),
+        cfg.hostname,
+        "{handler}: host name"
     );
+    assert_pod_network(env, cri, handler, &pod.id, &c);
     let pid = env.vmm_pid(&pod.id).expect("the pod's VMM pid");
     assert_eq!(
         nice_of(pid),
@@ -181,12 +201,6 @@ fn pod_takes_a_pooled_vm(env: &Env, cri: &Cri, handler: &str) {
         cgroup.contains(&format!("{parent}/kuasar-{}", pod.id)),
         "{handler}: QEMU not in the pod's cgroup: {cgroup}"
     );
-    // The pod reaches the host through its network (the gateway answers).
-    let gw = in_netns(&netns, &["ip", "-4", "route", "show", "default"]);
-    if let Some(via) = gw.split_whitespace().skip_while(|w| *w != "via").nth(1) {
-        let ping = sh(&format!("ping -c 1 -W 5 {via} >/dev/null && echo ok"));
-        assert_eq!(ping, "ok", "{handler}: ping {via} from the pod");
-    }
     let _ = cri.stop_container(&c, 0);
     let _ = cri.remove_container(&c);
     drop(pod);
@@ -224,15 +238,24 @@ fn pods_start_from_the_pool() {
     );
     assert_eq!(env.pooled_waiting().len(), POOL, "the pool was not touched");
 
+    crash_keeps_pods(&env, &cri, &big.id);
+    graceful_stop(&env, &big.id);
+    drop(big);
+    env.assert_clean();
+}
+
+/// kill -9, then a new kuasar-vmm: the old pool's VMs are stopped, a new
+/// pool fills, and the pods (`big`, and one on a pooled VM) are taken back.
+fn crash_keeps_pods(env: &Env, cri: &Cri, big: &str) {
     // A crash: the next kuasar-vmm stops the old pool's VMs and takes the
     // pods back, one on a pooled VM among them.
     let name = env.unique_id("kept");
     let log_dir = env.dir().join("pod-logs").join(&name);
     std::fs::create_dir_all(&log_dir).unwrap();
     let cfg = spec::pod(&name, &log_dir);
-    let kept = PodGuard::run(&cri, cfg.clone(), "kuasar-vmm-zero")
+    let kept = PodGuard::run(cri, cfg.clone(), "kuasar-vmm-zero")
         .unwrap_or_else(|e| panic!("RunPodSandbox: {e:?}\n{}", env.diagnostics()));
-    assert!(taken_line(&env, &kept.id).is_some(), "no pooled VM taken");
+    assert!(taken_line(env, &kept.id).is_some(), "no pooled VM taken");
     let c = cri
         .create_container(
             &kept.id,
@@ -241,12 +264,12 @@ fn pods_start_from_the_pool() {
         )
         .and_then(|c| cri.start_container(&c).map(|()| c))
         .unwrap_or_else(|e| panic!("start a container: {e:?}\n{}", env.diagnostics()));
-    let old = wait_full(&env, POOL);
-    let old_pids = pool_pids(&env);
+    let old = wait_full(env, POOL);
+    let old_pids = pool_pids(env);
     assert_eq!(old_pids.len(), POOL);
     env.restart_sandboxer(libc::SIGKILL, Duration::from_millis(200))
         .expect("restart kuasar-vmm");
-    let new = wait_full(&env, POOL);
+    let new = wait_full(env, POOL);
     assert!(new.iter().all(|n| !old.contains(n)), "{old:?} -> {new:?}");
     for pid in old_pids {
         assert!(
@@ -257,7 +280,7 @@ fn pods_start_from_the_pool() {
             "the old pool's QEMU {pid} still runs"
         );
     }
-    for id in [&big.id, &kept.id] {
+    for id in [big, &kept.id] {
         let ready = cri.pod_status(id).map(|s| s.state).unwrap_or(-1);
         assert_eq!(ready, 0, "pod {id} is not ready after the restart");
     }
@@ -274,9 +297,13 @@ fn pods_start_from_the_pool() {
     let _ = cri.stop_container(&c, 0);
     let _ = cri.remove_container(&c);
     drop(kept);
+}
 
+/// SIGTERM: the waiting VMs go, the VM of pod `big` stays; kuasar-vmm is
+/// started again without a pool.
+fn graceful_stop(env: &Env, big: &str) {
     // A graceful stop takes the waiting VMs along; the pod's VM stays.
-    let waiting = pool_pids(&env);
+    let waiting = pool_pids(env);
     env.stop_sandboxer();
     for pid in waiting {
         assert!(
@@ -288,11 +315,9 @@ fn pods_start_from_the_pool() {
         );
     }
     assert!(env
-        .vmm_pid(&big.id)
+        .vmm_pid(big)
         .is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists()));
     let mut config = env.sandboxer_config();
     config.pool_size = Some(0);
     env.start_sandboxer(config).expect("start kuasar-vmm again");
-    drop(big);
-    env.assert_clean();
 }

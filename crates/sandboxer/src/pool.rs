@@ -28,6 +28,8 @@ use crate::vmm::{PlanNic, StartVmError, VmPlan, Vmm, VM_NAME_FILE};
 /// The pool's directory inside the state directory (no sandbox id starts
 /// with a dot).
 pub const POOL_DIR: &str = ".pool";
+/// How long a stopping kuasar-vmm waits for pooled VMs still booting.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 /// How long the refill waits after a failed boot before it tries again.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
 
@@ -64,6 +66,8 @@ pub struct Pool {
     booting: AtomicUsize,
     wake: Notify,
     seq: AtomicU64,
+    /// Set at shutdown: nothing more is booted.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Pool {
@@ -92,6 +96,7 @@ impl Pool {
             booting: AtomicUsize::new(0),
             wake: Notify::new(),
             seq: AtomicU64::new(0),
+            closed: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -115,20 +120,27 @@ impl Pool {
         if vcpus > self.vcpus || memory_mib > self.memory_mib {
             return None;
         }
+        self.prune();
         let taken = {
             let mut ready = self.ready();
-            // A pooled VM that died meanwhile is dropped (its directory
-            // goes below).
-            let (alive, dead): (Vec<_>, Vec<_>) = ready.drain(..).partition(PooledVm::alive);
-            *ready = alive;
-            for d in dead {
-                tracing::warn!(vm = %d.name, "a pooled VM died while it waited");
-                let _ = crate::mount::remove_dir(&d.dir);
-            }
             (!ready.is_empty()).then(|| ready.remove(0))
         };
         self.wake.notify_one();
         taken
+    }
+
+    /// Drops the waiting VMs that died (logged, their directory removed).
+    fn prune(&self) {
+        let dead: Vec<PooledVm> = {
+            let mut ready = self.ready();
+            let (alive, dead) = ready.drain(..).partition(PooledVm::alive);
+            *ready = alive;
+            dead
+        };
+        for d in dead {
+            tracing::warn!(vm = %d.name, "a pooled VM died while it waited");
+            let _ = crate::mount::remove_dir(&d.dir);
+        }
     }
 
     /// Keeps the pool full: boots VMs, `concurrency` at a time, until the
@@ -137,7 +149,8 @@ impl Pool {
         let pool = self.clone();
         tokio::spawn(async move {
             loop {
-                while pool.ready_count() + pool.booting.load(Ordering::SeqCst) < pool.size
+                while !pool.closed.load(Ordering::SeqCst)
+                    && pool.ready_count() + pool.booting.load(Ordering::SeqCst) < pool.size
                     && pool.booting.load(Ordering::SeqCst) < pool.concurrency
                 {
                     pool.booting.fetch_add(1, Ordering::SeqCst);
@@ -146,6 +159,14 @@ impl Pool {
                         let booted = pool2.boot_one(&host2).await;
                         let failed = booted.is_none();
                         if let Some(vm) = booted {
+                            // A VM that dies while it waits is replaced.
+                            let mut exited = vm.vm.exited();
+                            let watcher = pool2.clone();
+                            tokio::spawn(async move {
+                                let _ = exited.wait_for(|e| e.is_some()).await;
+                                watcher.prune();
+                                watcher.wake.notify_one();
+                            });
                             pool2.ready().push(vm);
                         }
                         if failed {
@@ -235,6 +256,13 @@ impl Pool {
     /// Stops every ready VM and removes the pool's directory (kuasar-vmm
     /// is stopping: pooled VMs do not outlive it).
     pub async fn shutdown(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        // A boot under way ends (ready or failed) within the boot timeout;
+        // waited for a few seconds, so that its VM goes too.
+        let deadline = Instant::now() + SHUTDOWN_WAIT;
+        while self.booting.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let vms: Vec<PooledVm> = self.ready().drain(..).collect();
         for mut p in vms {
             let _ = p.vm.stop(Duration::ZERO).await;

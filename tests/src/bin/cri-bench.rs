@@ -15,6 +15,12 @@
 //!     whole command, as an operator's shell sees it, median and max of 20
 //!     (`KUASAR_BENCH_CTL_ONLY=1`: only this; 0 pods: skipped).
 //!
+//!   - warm start (`[pool]`): RunPodSandbox to ready and to the first log
+//!     line in the podsandbox and zero-shim modes with the pool off and
+//!     with a pool of 5 (each pod started while the pool is full); a
+//!     waiting pooled VM's PSS and idle CPU; 20 pods requested at once
+//!     with a pool of 5 (`KUASAR_BENCH_POOL_ONLY=1`: only this).
+//!
 //! Run by scripts/bench.sh (`make bench`); needs `make build guest images`.
 use std::path::Path;
 use std::process::ExitCode;
@@ -291,6 +297,12 @@ fn run() -> Result<(), String> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
+    if std::env::var("KUASAR_BENCH_POOL_ONLY").is_ok_and(|v| v == "1") {
+        for line in warm_start(&b, runs)? {
+            println!("{line}");
+        }
+        return Ok(());
+    }
     if std::env::var("KUASAR_BENCH_CTL_ONLY").is_ok_and(|v| v == "1") {
         for line in kuasarctl_list(&b, ctl_pods)? {
             println!("{line}");
@@ -412,6 +424,14 @@ fn run() -> Result<(), String> {
             }
         }
     }
+    println!();
+    match warm_start(&b, runs) {
+        Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
+        Err(e) => {
+            notes.push(format!("warm start: {e}"));
+            failed = true;
+        }
+    }
     for n in notes {
         println!("FAILED: {n}");
     }
@@ -419,6 +439,168 @@ fn run() -> Result<(), String> {
         return Err("some measurements failed (see above)".into());
     }
     Ok(())
+}
+
+/// Pool sizes of the warm-start measures.
+const POOL: usize = 5;
+const BURST: usize = 20;
+const WARM_HANDLERS: &[&str] = &["kuasar-vmm", ZERO_HANDLER];
+
+/// Restarts the environment's kuasar-vmm with a pool of `size` VMs and
+/// waits until they are ready.
+fn with_pool(b: &Bench, size: usize) -> Result<(), String> {
+    let mut config = b.env.sandboxer_config();
+    config.pool_size = Some(size as u32);
+    b.env.start_sandboxer(config)?;
+    wait_pool(b, size)
+}
+
+fn wait_pool(b: &Bench, size: usize) -> Result<(), String> {
+    let full = kuasar_e2e::cmd::wait_until(Duration::from_secs(180), || {
+        let log = b.env.sandboxer_log();
+        let waiting = b.env.pooled_waiting();
+        waiting.len() == size
+            && waiting
+                .iter()
+                .all(|n| log.contains(&format!("pooled VM ready vm={n} ")))
+    });
+    full.then_some(())
+        .ok_or_else(|| format!("the pool did not fill to {size}"))
+}
+
+/// CPU time (utime + stime, clock ticks) of process `pid`.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split(' ').collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    n(11) + n(12)
+}
+
+/// Medians of `runs` pod starts of each warm handler (after a warm-up).
+fn pod_starts(b: &Bench, runs: usize, pool: usize, tag: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    for handler in WARM_HANDLERS {
+        let (mut ready, mut first) = (Vec::new(), Vec::new());
+        for i in 0..=runs {
+            if pool > 0 {
+                wait_pool(b, pool)?;
+            }
+            let (r, f) = one_run(b, handler, &format!("{tag}{i}"))?;
+            if i > 0 {
+                ready.push(r);
+                first.push(f);
+            }
+        }
+        out.push(format!(
+            "{handler:<18} pool {tag:<4} {:>8} ms {:>14} ms   ready ({})",
+            ms(median(ready.clone())),
+            ms(median(first)),
+            ready.iter().map(|d| ms(*d)).collect::<Vec<_>>().join(" ")
+        ));
+    }
+    Ok(out)
+}
+
+/// 20 pods requested at once (one thread each) with a pool of 5: every
+/// RunPodSandbox's latency, p50/p90/max; all must be ready.
+fn burst(b: &Bench) -> Result<String, String> {
+    let address = b.env.address();
+    let handles: Vec<_> = (0..BURST)
+        .map(|i| {
+            let name = b.env.unique_id(&format!("burst-{i}"));
+            let log_dir = b.env.dir().join("bench-logs").join(&name);
+            let _ = std::fs::create_dir_all(&log_dir);
+            let address = address.clone();
+            std::thread::spawn(move || {
+                let cri = Cri::connect(&address)?.with_timeout(Duration::from_secs(300));
+                let t0 = Instant::now();
+                let id = cri
+                    .run_pod(&spec::pod(&name, &log_dir), ZERO_HANDLER)
+                    .map_err(|e| format!("RunPodSandbox: {e}"))?;
+                let took = t0.elapsed();
+                let ready = cri
+                    .pod_status(&id)
+                    .map(|s| s.state == PodSandboxState::SandboxReady as i32)
+                    .unwrap_or(false);
+                Ok::<_, String>((id, took, ready))
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap_or_else(|_| Err("thread panicked".into())))
+        .collect();
+    let mut times = Vec::new();
+    let mut errors = Vec::new();
+    for r in results {
+        match r {
+            Ok((id, took, ready)) => {
+                if !ready {
+                    errors.push(format!("{id} not ready"));
+                }
+                times.push(took);
+                let _ = b.cri.stop_and_remove_pod(&id);
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors.join("; "));
+    }
+    times.sort();
+    let at = |q: f64| times[((times.len() as f64 * q).ceil() as usize).clamp(1, times.len()) - 1];
+    Ok(format!(
+        "{BURST} pods at once ({ZERO_HANDLER}), pool of {POOL}: all ready; RunPodSandbox p50 {} ms, p90 {} ms, max {} ms",
+        ms(at(0.5)),
+        ms(at(0.9)),
+        ms(*times.last().unwrap_or(&Duration::ZERO))
+    ))
+}
+
+/// The warm-start section: the pool off against a pool of 5, in one run.
+fn warm_start(b: &Bench, runs: usize) -> Result<Vec<String>, String> {
+    let mut out = vec![
+        format!("Warm start: pool off against a pool of {POOL} (medians of {runs} runs after a warm-up; ms)"),
+        format!(
+            "{:<18} {:<9} {:>11} {:>17}",
+            "handler", "", "->ready", "->first log line"
+        ),
+    ];
+    with_pool(b, 0)?;
+    out.extend(pod_starts(b, runs, 0, "off")?);
+    with_pool(b, POOL)?;
+    out.extend(pod_starts(b, runs, POOL, "on")?);
+    wait_pool(b, POOL)?;
+    // What a waiting VM costs: PSS, and CPU over 10 s.
+    let pids: Vec<i32> = b
+        .env
+        .pooled_waiting()
+        .iter()
+        .filter_map(|n| {
+            let p = b.env.state_dir().join(".pool").join(n).join("qemu.pid");
+            std::fs::read_to_string(p).ok()?.trim().parse().ok()
+        })
+        .collect();
+    let before: u64 = pids.iter().map(|&p| cpu_ticks(p)).sum();
+    std::thread::sleep(Duration::from_secs(10));
+    let after: u64 = pids.iter().map(|&p| cpu_ticks(p)).sum();
+    let mut pss: Vec<u64> = pids.iter().filter_map(|&p| mem(p).map(|m| m.1)).collect();
+    pss.sort_unstable();
+    // SAFETY: sysconf takes a constant and touches no memory.
+    let tick = match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+        t if t > 0 => t as f64,
+        _ => 100.0,
+    };
+    let cpu_pct = (after - before) as f64 / tick / 10.0 / pids.len().max(1) as f64 * 100.0;
+    out.push(format!(
+        "a waiting pooled VM: PSS {} MB (median of {}), idle CPU {cpu_pct:.1}% of a core",
+        pss.get(pss.len() / 2).map_or("?".into(), |k| mb(*k)),
+        pss.len()
+    ));
+    out.push(burst(b)?);
+    with_pool(b, 0)?;
+    Ok(out)
 }
 
 fn main() -> ExitCode {

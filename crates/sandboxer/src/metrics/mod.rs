@@ -195,9 +195,12 @@ impl Metrics {
     pub fn render(
         &self,
         sandboxes: &[Arc<Sandbox>],
+        pool: Option<&crate::pool::Pool>,
         format: Format,
     ) -> Result<String, std::fmt::Error> {
-        self.encode(Snapshot::take(sandboxes), format)
+        let mut snapshot = Snapshot::take(sandboxes);
+        snapshot.pool_ready = pool.map(|p| p.ready_count() as i64);
+        self.encode(snapshot, format)
     }
 
     /// The exposition of the counted metrics and of `snapshot`.
@@ -236,6 +239,8 @@ pub struct SandboxSample {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub sandboxes: Vec<SandboxSample>,
+    /// VMs waiting in the pool (None: `[pool]` is off).
+    pub pool_ready: Option<i64>,
 }
 
 impl Snapshot {
@@ -253,7 +258,10 @@ impl Snapshot {
                 }
             })
             .collect();
-        Snapshot { sandboxes }
+        Snapshot {
+            sandboxes,
+            pool_ready: None,
+        }
     }
 
     /// How many sandboxes have `mode` and `state`.
@@ -312,6 +320,15 @@ impl Collector for Snapshot {
             ConstCounter::new(usage.cpu_time.as_secs_f64())
                 .encode(family.encode_family(labels)?)?;
         }
+        if let Some(ready) = self.pool_ready {
+            let family = encoder.encode_descriptor(
+                "kuasar_pool_ready_vms",
+                "Booted VMs waiting in the pool for a pod",
+                None,
+                gauge.metric_type(),
+            )?;
+            ConstGauge::new(ready).encode(family)?;
+        }
         Ok(())
     }
 }
@@ -339,6 +356,7 @@ mod tests {
                 sample("pod-b", Mode::ZeroShim, SandboxState::Running, 100 << 20),
                 sample("pod-c", Mode::PodSandbox, SandboxState::Stopped, 0),
             ],
+            pool_ready: Some(2),
         }
     }
 
@@ -359,8 +377,9 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line:?} missing:\n{text}");
         }
-        // Nothing counted yet: no agent call series.
+        // Nothing counted yet: no agent call series; no pool, no pool gauge.
         assert!(!text.contains("kuasar_agent_call_seconds_count"), "{text}");
+        assert!(!text.contains("kuasar_pool"), "{text}");
     }
 
     #[test]
@@ -391,6 +410,7 @@ mod tests {
             "kuasar_recoveries_total{outcome=\"unreadable\"} 3",
             "kuasar_sandboxes{mode=\"zero-shim\",state=\"running\"} 2",
             "kuasar_sandboxes{mode=\"podsandbox\",state=\"stopped\"} 1",
+            "kuasar_pool_ready_vms 2",
             "kuasar_sandboxes{mode=\"shim\",state=\"running\"} 0",
             "kuasar_vm_memory_bytes{sandbox=\"pod-a\"} 209715200",
             "kuasar_vm_cpu_seconds_total{sandbox=\"pod-b\"} 1.5",

@@ -94,7 +94,7 @@ fn respond(req: &Request<Incoming>, metrics: &Metrics, sandboxes: &Registry) -> 
     }
     let accept = req.headers().get(ACCEPT).and_then(|v| v.to_str().ok());
     let format = Format::from_accept(accept);
-    match metrics.render(&sandboxes.all(), format) {
+    match metrics.render(&sandboxes.all(), sandboxes.host.pool.as_deref(), format) {
         Ok(text) => {
             let mut res = Response::new(text);
             res.headers_mut().insert(
