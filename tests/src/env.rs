@@ -441,6 +441,16 @@ impl Env {
         for id in self.containers() {
             self.force_remove(&id);
         }
+        // With a pool, how its VMs served (a fallback to a cold boot is
+        // correct but should be rare).
+        let log = self.sandboxer_log();
+        let taken = log.matches("pooled VM taken").count();
+        let fallbacks = log.matches("could not take the pod").count();
+        if taken + fallbacks > 0 {
+            eprintln!(
+                "kuasar-e2e: {taken} pods took a pooled VM, {fallbacks} fell back to a cold boot"
+            );
+        }
         self.stop_sandboxer();
         let out = script("containerd.sh", "stop", &self.dir);
         if !out.success() {
