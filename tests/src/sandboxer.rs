@@ -35,6 +35,8 @@ pub struct SandboxerConfig {
     pub kernel_params: Option<String>,
     /// `[metrics] address` (None: no metrics endpoint, the default).
     pub metrics_address: Option<String>,
+    /// `[vm] vmm_overhead_mib`: what the VMM's cgroup allows above the VM.
+    pub vmm_overhead_mib: Option<u64>,
     /// `[pool] size`: pre-booted VMs (None: `$KUASAR_POOL_SIZE`, else off),
     /// so that a whole suite can run with the pool on.
     pub pool_size: Option<u32>,
@@ -63,6 +65,7 @@ impl SandboxerConfig {
             call_timeout_secs: None,
             kernel_params: None,
             metrics_address: None,
+            vmm_overhead_mib: None,
             pool_size: std::env::var(POOL_SIZE_ENV)
                 .ok()
                 .and_then(|v| v.parse().ok()),
@@ -104,6 +107,9 @@ impl SandboxerConfig {
         }
         if let Some(k) = &self.kernel_params {
             s += &format!("kernel_params = {}\n", toml_str(k));
+        }
+        if let Some(m) = self.vmm_overhead_mib {
+            s += &format!("vmm_overhead_mib = {m}\n");
         }
         s += "\n[qemu]\n";
         if let Some(b) = &self.qemu_binary {

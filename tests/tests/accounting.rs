@@ -2,12 +2,14 @@
 //! sandbox mode, a pod whose PodSandboxConfig names a cgroup parent gets
 //! its QEMU in `<parent>/kuasar-<sandbox id>` (every mounted controller),
 //! limited to the VM's memory plus the VMM's overhead, and the cgroup goes
-//! with the pod.
+//! with the pod; a guest that drives its QEMU past that limit is stopped
+//! there, alone, and its pod reported as a VM death.
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kuasar_e2e::cri::{spec, Cri};
-use kuasar_e2e::{cmd, procs, Env, EnvOptions};
+use kuasar_e2e::cri::proto::PodSandboxState;
+use kuasar_e2e::cri::{spec, Cri, PodGuard};
+use kuasar_e2e::{cmd, procs, Env, EnvOptions, BUSYBOX};
 
 const HANDLERS: &[&str] = &["kuasar-vmm", "kuasar-vmm-shim", "kuasar-vmm-zero"];
 /// kuasar-vmm's default `[vm] memory_mib` and `vmm_overhead_mib`.
@@ -134,4 +136,113 @@ fn vmm_runs_in_the_pods_cgroup() {
     }
     drop(parents);
     env.assert_clean();
+}
+
+/// With `vmm_overhead_mib = 8` a 256 MiB guest that fills its memory takes
+/// QEMU past its cgroup's limit (VM + 8 MiB): the kernel's OOM killer
+/// stops that QEMU inside that cgroup; kuasar-vmm reports the VM's death
+/// (the pod not ready, its container exited), and another pod and
+/// kuasar-vmm itself go on.
+#[test]
+fn a_vm_past_its_cgroup_limit_dies_alone() {
+    let env = Env::start(EnvOptions { sandboxer: false }).expect("start the environment");
+    let mut config = env.sandboxer_config();
+    config.vmm_overhead_mib = Some(8);
+    config.pool_size = None;
+    env.start_sandboxer(config).expect("start kuasar-vmm");
+    let cri = Cri::connect(&env.address()).expect("connect to CRI");
+    let top = PathBuf::from(format!("kuasar-e2e-oom-{}", std::process::id()));
+    let mut parents = Parents(vec![top.clone()]);
+    let pod = |what: &str| {
+        let name = env.unique_id(what);
+        let log_dir = env.dir().join("pod-logs").join(&name);
+        std::fs::create_dir_all(&log_dir).unwrap();
+        let mut cfg = spec::pod(&name, &log_dir);
+        let parent = top.join(&name);
+        cfg.linux.as_mut().unwrap().cgroup_parent = format!("/{}", parent.display());
+        (cfg, parent)
+    };
+    let (by_cfg, parent) = pod("bystander");
+    parents.0.push(parent);
+    let bystander = PodGuard::run(&cri, by_cfg.clone(), "kuasar-vmm-zero")
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e:?}\n{}", env.diagnostics()));
+    let sleeper = start(&cri, &env, &bystander.id, &by_cfg, &["sleep", "1000"]);
+    let sandboxer = env.sandboxer_pid();
+    for handler in HANDLERS {
+        let (cfg, parent) = pod("oom");
+        parents.0.push(parent);
+        let victim = PodGuard::run(&cri, cfg.clone(), handler)
+            .unwrap_or_else(|e| panic!("{handler}: RunPodSandbox: {e:?}\n{}", env.diagnostics()));
+        // busybox tail keeps what it reads from /dev/zero, looking for a
+        // line end: the guest's memory fills as fast as it copies.
+        let hog = start(
+            &cri,
+            &env,
+            &victim.id,
+            &cfg,
+            &["sh", "-c", "exec tail /dev/zero"],
+        );
+        let died = format!("sandbox={} ", victim.id);
+        let reported = cmd::wait_until(Duration::from_secs(120), || {
+            env.sandboxer_log()
+                .lines()
+                .any(|l| l.contains("the VM exited unexpectedly") && l.contains(&died))
+        });
+        assert!(
+            reported,
+            "{handler}: no VM death reported\n{}",
+            env.diagnostics()
+        );
+        let line = env
+            .sandboxer_log()
+            .lines()
+            .find(|l| l.contains("the VM exited unexpectedly") && l.contains(&died))
+            .unwrap_or_default()
+            .to_owned();
+        assert!(line.contains("Signal(9)"), "{handler}: not killed: {line}");
+        eprintln!("{handler}: {line}");
+        let exited = cmd::wait_until(Duration::from_secs(30), || {
+            cri.container_status(&hog).is_ok_and(|s| {
+                s.state == kuasar_e2e::cri::proto::ContainerState::ContainerExited as i32
+            })
+        });
+        assert!(exited, "{handler}: the hog is not reported exited");
+        let not_ready = cmd::wait_until(Duration::from_secs(30), || {
+            cri.pod_status(&victim.id)
+                .is_ok_and(|s| s.state == PodSandboxState::SandboxNotready as i32)
+        });
+        assert!(
+            not_ready,
+            "{handler}: the pod of a dead VM is still ready\n{}",
+            env.diagnostics()
+        );
+        // The bystander and kuasar-vmm go on.
+        let out = cri
+            .exec_sync(&sleeper, &["echo", "alive"], 20)
+            .unwrap_or_else(|e| panic!("{handler}: bystander exec: {e:?}\n{}", env.diagnostics()));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "alive");
+        assert_eq!(env.sandboxer_pid(), sandboxer, "kuasar-vmm restarted");
+        let _ = cri.remove_container(&hog);
+        drop(victim);
+    }
+    let _ = cri.stop_container(&sleeper, 0);
+    let _ = cri.remove_container(&sleeper);
+    drop(bystander);
+    // The cgroups go once their QEMUs are gone.
+    std::thread::sleep(Duration::from_secs(1));
+    drop(parents);
+    env.assert_clean();
+}
+
+/// Creates and starts a busybox container running `command` in `pod`.
+fn start(
+    cri: &Cri,
+    env: &Env,
+    pod: &str,
+    cfg: &kuasar_e2e::cri::proto::PodSandboxConfig,
+    command: &[&str],
+) -> String {
+    cri.create_container(pod, &spec::container("c", BUSYBOX, command), cfg)
+        .and_then(|c| cri.start_container(&c).map(|()| c))
+        .unwrap_or_else(|e| panic!("start {command:?}: {e:?}\n{}", env.diagnostics()))
 }

@@ -41,8 +41,9 @@ struct Bench {
     cri: Cri,
 }
 
-/// One pod start: (RunPodSandbox to ready, pod start to first log line).
-fn one_run(b: &Bench, handler: &str, tag: &str) -> Result<(Duration, Duration), String> {
+/// One pod start: (RunPodSandbox to ready, pod start to first log line,
+/// container create sent to first log line).
+fn one_run(b: &Bench, handler: &str, tag: &str) -> Result<(Duration, Duration, Duration), String> {
     let name = b.env.unique_id(&format!("bench-{handler}-{tag}"));
     let log_dir = b.env.dir().join("bench-logs").join(&name);
     std::fs::create_dir_all(&log_dir).map_err(|e| e.to_string())?;
@@ -59,6 +60,7 @@ fn one_run(b: &Bench, handler: &str, tag: &str) -> Result<(Duration, Duration), 
         }
         let ready = t0.elapsed();
         let c = spec::container("first", BUSYBOX, &["echo", "first-line"]);
+        let created = Instant::now();
         let id = b
             .cri
             .create_container(&pod, &c, &pod_cfg)
@@ -68,7 +70,7 @@ fn one_run(b: &Bench, handler: &str, tag: &str) -> Result<(Duration, Duration), 
             .map_err(|e| format!("StartContainer: {e}"))?;
         let path = log_dir.join(&c.log_path);
         wait_first_line(&path)?;
-        Ok((ready, t0.elapsed()))
+        Ok((ready, t0.elapsed(), created.elapsed()))
     })();
     b.cri
         .stop_and_remove_pod(&pod)
@@ -318,7 +320,7 @@ fn run() -> Result<(), String> {
             one_run(&b, handler, "warm")?;
             let (mut ready, mut first) = (Vec::new(), Vec::new());
             for i in 0..runs {
-                let (r, f) = one_run(&b, handler, &i.to_string())?;
+                let (r, f, _) = one_run(&b, handler, &i.to_string())?;
                 eprintln!(
                     "cri-bench: {handler} run {}: ready {} ms, first log line {} ms",
                     i + 1,
@@ -481,21 +483,23 @@ fn cpu_ticks(pid: i32) -> u64 {
 fn pod_starts(b: &Bench, runs: usize, pool: usize, tag: &str) -> Result<Vec<String>, String> {
     let mut out = Vec::new();
     for handler in WARM_HANDLERS {
-        let (mut ready, mut first) = (Vec::new(), Vec::new());
+        let (mut ready, mut first, mut container) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..=runs {
             if pool > 0 {
                 wait_pool(b, pool)?;
             }
-            let (r, f) = one_run(b, handler, &format!("{tag}{i}"))?;
+            let (r, f, c) = one_run(b, handler, &format!("{tag}{i}"))?;
             if i > 0 {
                 ready.push(r);
                 first.push(f);
+                container.push(c);
             }
         }
         out.push(format!(
-            "{handler:<18} pool {tag:<4} {:>8} ms {:>14} ms   ready ({})",
+            "{handler:<18} pool {tag:<4} {:>8} ms {:>14} ms {:>17} ms   ready ({})",
             ms(median(ready.clone())),
             ms(median(first)),
+            ms(median(container)),
             ready.iter().map(|d| ms(*d)).collect::<Vec<_>>().join(" ")
         ));
     }
@@ -551,10 +555,11 @@ fn burst(b: &Bench) -> Result<String, String> {
     times.sort();
     let at = |q: f64| times[((times.len() as f64 * q).ceil() as usize).clamp(1, times.len()) - 1];
     Ok(format!(
-        "{BURST} pods at once ({ZERO_HANDLER}), pool of {POOL}: all ready; RunPodSandbox p50 {} ms, p90 {} ms, max {} ms",
+        "{BURST} pods at once ({ZERO_HANDLER}), pool of {POOL}: all ready; RunPodSandbox p50 {} ms, p90 {} ms, max {} ms (all: {})",
         ms(at(0.5)),
         ms(at(0.9)),
-        ms(*times.last().unwrap_or(&Duration::ZERO))
+        ms(*times.last().unwrap_or(&Duration::ZERO)),
+        times.iter().map(|d| ms(*d)).collect::<Vec<_>>().join(" ")
     ))
 }
 
@@ -563,8 +568,8 @@ fn warm_start(b: &Bench, runs: usize) -> Result<Vec<String>, String> {
     let mut out = vec![
         format!("Warm start: pool off against a pool of {POOL} (medians of {runs} runs after a warm-up; ms)"),
         format!(
-            "{:<18} {:<9} {:>11} {:>17}",
-            "handler", "", "->ready", "->first log line"
+            "{:<18} {:<9} {:>11} {:>17} {:>20}",
+            "handler", "", "pod->ready", "pod->first line", "container->first line"
         ),
     ];
     with_pool(b, 0)?;
