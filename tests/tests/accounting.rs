@@ -182,40 +182,7 @@ fn a_vm_past_its_cgroup_limit_dies_alone() {
             &cfg,
             &["sh", "-c", "exec tail /dev/zero"],
         );
-        let died = format!("sandbox={} ", victim.id);
-        let reported = cmd::wait_until(Duration::from_secs(120), || {
-            env.sandboxer_log()
-                .lines()
-                .any(|l| l.contains("the VM exited unexpectedly") && l.contains(&died))
-        });
-        assert!(
-            reported,
-            "{handler}: no VM death reported\n{}",
-            env.diagnostics()
-        );
-        let line = env
-            .sandboxer_log()
-            .lines()
-            .find(|l| l.contains("the VM exited unexpectedly") && l.contains(&died))
-            .unwrap_or_default()
-            .to_owned();
-        assert!(line.contains("Signal(9)"), "{handler}: not killed: {line}");
-        eprintln!("{handler}: {line}");
-        let exited = cmd::wait_until(Duration::from_secs(30), || {
-            cri.container_status(&hog).is_ok_and(|s| {
-                s.state == kuasar_e2e::cri::proto::ContainerState::ContainerExited as i32
-            })
-        });
-        assert!(exited, "{handler}: the hog is not reported exited");
-        let not_ready = cmd::wait_until(Duration::from_secs(30), || {
-            cri.pod_status(&victim.id)
-                .is_ok_and(|s| s.state == PodSandboxState::SandboxNotready as i32)
-        });
-        assert!(
-            not_ready,
-            "{handler}: the pod of a dead VM is still ready\n{}",
-            env.diagnostics()
-        );
+        assert_vm_died(&env, &cri, handler, &victim.id, &hog);
         // The bystander and kuasar-vmm go on.
         let out = cri
             .exec_sync(&sleeper, &["echo", "alive"], 20)
@@ -245,4 +212,43 @@ fn start(
     cri.create_container(pod, &spec::container("c", BUSYBOX, command), cfg)
         .and_then(|c| cri.start_container(&c).map(|()| c))
         .unwrap_or_else(|e| panic!("start {command:?}: {e:?}\n{}", env.diagnostics()))
+}
+
+/// Pod `victim`'s VM was killed (SIGKILL, by the OOM killer): kuasar-vmm
+/// reported it, the container `hog` is exited and the pod not ready.
+fn assert_vm_died(env: &Env, cri: &Cri, handler: &str, victim: &str, hog: &str) {
+    let died = format!("sandbox={} ", victim);
+    let reported = cmd::wait_until(Duration::from_secs(120), || {
+        env.sandboxer_log()
+            .lines()
+            .any(|l| l.contains("the VM exited unexpectedly") && l.contains(&died))
+    });
+    assert!(
+        reported,
+        "{handler}: no VM death reported\n{}",
+        env.diagnostics()
+    );
+    let line = env
+        .sandboxer_log()
+        .lines()
+        .find(|l| l.contains("the VM exited unexpectedly") && l.contains(&died))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(line.contains("Signal(9)"), "{handler}: not killed: {line}");
+    eprintln!("{handler}: {line}");
+    let exited = cmd::wait_until(Duration::from_secs(30), || {
+        cri.container_status(hog).is_ok_and(|s| {
+            s.state == kuasar_e2e::cri::proto::ContainerState::ContainerExited as i32
+        })
+    });
+    assert!(exited, "{handler}: the hog is not reported exited");
+    let not_ready = cmd::wait_until(Duration::from_secs(30), || {
+        cri.pod_status(victim)
+            .is_ok_and(|s| s.state == PodSandboxState::SandboxNotready as i32)
+    });
+    assert!(
+        not_ready,
+        "{handler}: the pod of a dead VM is still ready\n{}",
+        env.diagnostics()
+    );
 }

@@ -10,7 +10,10 @@ pub const SHARED_TAG: &str = "kuasar";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
     Kvm,
-    Tcg,
+    /// With its translation cache's size, MiB.
+    Tcg {
+        cache_mib: u32,
+    },
 }
 
 /// `-sandbox`: QEMU's seccomp filter with every optional denial on.
@@ -89,7 +92,7 @@ impl VmSpec {
             // kprobe trace events cost ~190 ms of boot and serve no guest use.
             "initcall_blacklist=crypto_kdf108_init,init_kprobe_trace".into(),
         ];
-        if self.accel == Accel::Tcg {
+        if matches!(self.accel, Accel::Tcg { .. }) {
             if let Some(khz) = self.tsc_khz {
                 // Without it microvm under TCG hangs in ~5% of boots while
                 // calibrating its timer.
@@ -124,9 +127,8 @@ impl VmSpec {
     fn machine_args(&self) -> Vec<String> {
         let path = |p: &Path| p.display().to_string();
         let (accel, cpu) = match self.accel {
-            Accel::Kvm => ("kvm", "host"),
-            // A smaller translation cache saves ~24 MB per VM.
-            Accel::Tcg => ("tcg,tb-size=16", "max"),
+            Accel::Kvm => ("kvm".to_owned(), "host"),
+            Accel::Tcg { cache_mib } => (format!("tcg,tb-size={cache_mib}"), "max"),
         };
         let mut a: Vec<String> = Vec::new();
         let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
@@ -138,7 +140,7 @@ impl VmSpec {
             ),
         ]);
         push(&["-machine", "microvm,acpi=on,pit=off,pic=off,rtc=on"]);
-        push(&["-accel", accel, "-cpu", cpu]);
+        push(&["-accel", &accel, "-cpu", cpu]);
         push(&[
             "-m",
             &self.memory_mib.to_string(),
@@ -240,7 +242,7 @@ mod tests {
 
     #[test]
     fn tcg_gets_tsc_and_small_cache() {
-        let s = spec(Accel::Tcg);
+        let s = spec(Accel::Tcg { cache_mib: 16 });
         let args = s.args().join(" ");
         assert!(args.contains("-accel tcg,tb-size=16 -cpu max"), "{args}");
         assert!(s.kernel_cmdline().contains("tsc_early_khz=2596138"));
@@ -252,7 +254,7 @@ mod tests {
 
     #[test]
     fn seccomp_sandbox_unless_turned_off() {
-        let mut s = spec(Accel::Tcg);
+        let mut s = spec(Accel::Tcg { cache_mib: 16 });
         let args = s.args().join(" ");
         assert!(
             args.contains(
@@ -266,12 +268,15 @@ mod tests {
 
     #[test]
     fn no_nic_without_a_pod_network() {
-        assert!(!spec(Accel::Tcg).args().join(" ").contains("netdev"));
+        assert!(!spec(Accel::Tcg { cache_mib: 16 })
+            .args()
+            .join(" ")
+            .contains("netdev"));
     }
 
     #[test]
     fn each_nic_is_a_virtio_mmio_device_on_its_inherited_tap_fd() {
-        let mut s = spec(Accel::Tcg);
+        let mut s = spec(Accel::Tcg { cache_mib: 16 });
         s.nics = vec![
             NicSpec {
                 fd: 7,
@@ -316,14 +321,14 @@ mod tests {
         assert!(s.kernel_cmdline().contains("kuasar.channel=vsock:1024"));
         assert_eq!(s.agent_address(), "vsock://42:1024");
         assert_eq!(
-            spec(Accel::Tcg).agent_address(),
+            spec(Accel::Tcg { cache_mib: 16 }).agent_address(),
             "unix:///run/kuasar/vmm/sb1/agent.sock"
         );
     }
 
     #[test]
     fn extra_kernel_params_come_last() {
-        let mut s = spec(Accel::Tcg);
+        let mut s = spec(Accel::Tcg { cache_mib: 16 });
         s.kernel_params = " debug ".into();
         assert!(s.kernel_cmdline().ends_with(" debug"));
     }

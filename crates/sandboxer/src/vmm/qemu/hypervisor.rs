@@ -30,11 +30,14 @@ impl Qemu {
     /// there? the TSC's frequency) and logs what it found.
     pub fn new(config: &Config) -> Self {
         let q = &config.qemu;
+        let tcg = Accel::Tcg {
+            cache_mib: q.tcg_cache_mib,
+        };
         let accel = match q.accelerator {
             Accelerator::Kvm => Accel::Kvm,
-            Accelerator::Tcg => Accel::Tcg,
+            Accelerator::Tcg => tcg,
             Accelerator::Auto if probe::kvm_usable() => Accel::Kvm,
-            Accelerator::Auto => Accel::Tcg,
+            Accelerator::Auto => tcg,
         };
         let tsc_khz = match q.tsc_khz {
             0 => probe::tsc_khz(),
@@ -143,7 +146,7 @@ mod tests {
     fn the_marker_is_on_the_command_line_and_ends_the_id() {
         let spec = VmSpec {
             name: "abc".into(),
-            accel: Accel::Tcg,
+            accel: Accel::Tcg { cache_mib: 32 },
             channel: AgentChannel::Serial,
             vcpus: 1,
             memory_mib: 256,
