@@ -8,12 +8,14 @@
 #   (c) a bare QEMU boot of the same vmlinux, same machine options, with an initramfs whose
 #       /init (busybox) writes a marker to the serial console: spawn to marker
 #   (d) RSS and PSS (/proc/PID/smaps_rollup) of one shim, of kuasar-vmm with 3 VMs, of one
-#       QEMU (an idle VM running one container)
+#       QEMU (an idle VM running one container); and the agent's own create + start time of
+#       those containers (`container created/started ... elapsed_ms=N` on the guest console)
 #   (e) through CRI, runc against kuasar-vmm (tests/src/bin/cri-bench.rs, its own private
 #       environment, the default kernel): RunPodSandbox to ready, pod start to a container's
 #       first log line, and the memory of the shims and of kuasar-vmm with 5 pods of each
-#       running, and `kuasarctl list` with KUASAR_BENCH_CTL_PODS (default 20) pods running
-#       (skip all of (e) with KUASAR_BENCH_CRI=0)
+#       running, and `kuasarctl list` with KUASAR_BENCH_CTL_PODS (default 20) pods running,
+#       and warm start: the same with the VM pool off and with a pool of 5, a waiting pooled
+#       VM's cost, 20 pods at once (skip all of (e) with KUASAR_BENCH_CRI=0)
 # Medians of N runs (KUASAR_BENCH_RUNS, default 5); ratio (a)/(c), target <= 1.3; the first
 # kernel against the last: (b) target <= 0.5x, one QEMU's PSS target <= 0.6x.
 # Needs `make build guest images`. Env: KUASAR_BENCH_DIR (default /run/kuasar-bench),
@@ -91,6 +93,7 @@ VMM_LOG=$DIR/kuasar-vmm.log
 
 # Per kernel: medians, the raw runs, memory, the guest's release, the bare boot's options.
 declare -A RUN BOOT BARE RUNS BOOTS BARES SHIM_RSS SHIM_PSS VMM_RSS VMM_PSS QEMU_RSS QEMU_PSS
+declare -A CREATE_START CREATE_STARTS
 declare -A RELEASE BARE_OPTS
 
 # measure KERNEL: (a) to (d) with kuasar-vmm booting $IMAGE_DIR/KERNEL.
@@ -138,6 +141,16 @@ measure() {
   vmm=$(pid_from_file "$DIR/kuasar-vmm.pid") || die "kuasar-vmm is not running"
   [ -n "${qemus[0]:-}" ] || die "no QEMU process found for $DIR"
   [ -n "${shims[0]:-}" ] || die "no shim process found for $DIR"
+  # The agent's own create + start time of each of these containers (its console log).
+  local cs=() con c s
+  for id in "${ids[@]}"; do
+    con=$(sed 's/\x1b\[[0-9;]*m//g' "$DIR/vmm/$id/console.log" 2>/dev/null || true)
+    c=$(sed -n 's/.*container created.*elapsed_ms=\([0-9][0-9]*\).*/\1/p' <<< "$con" | head -1)
+    s=$(sed -n 's/.*container started.*elapsed_ms=\([0-9][0-9]*\).*/\1/p' <<< "$con" | head -1)
+    [ -n "$c" ] && [ -n "$s" ] && cs+=("$((c + s))")
+  done
+  [ "${#cs[@]}" -gt 0 ] || log "no 'container created/started elapsed_ms=N' lines in the guests' consoles"
+  CREATE_START[$kernel]=$(printf '%s\n' "${cs[@]}" | median); CREATE_STARTS[$kernel]="${cs[*]}"
   SHIM_RSS[$kernel]=$(mem "${shims[0]}" Rss); SHIM_PSS[$kernel]=$(mem "${shims[0]}" Pss)
   VMM_RSS[$kernel]=$(mem "$vmm" Rss); VMM_PSS[$kernel]=$(mem "$vmm" Pss)
   QEMU_RSS[$kernel]=$(mem "${qemus[0]}" Rss); QEMU_PSS[$kernel]=$(mem "${qemus[0]}" Pss)
@@ -252,6 +265,7 @@ per BOOT ms; row "(b) guest boot to agent ready" "${cells[@]}"
 per BARE ms; row "(c) bare QEMU boot to a busybox /init" "${cells[@]}"
 cells=(); for k in "${KERNELS[@]}"; do cells+=("$(ratio "${RUN[$k]}" "${BARE[$k]}")"); done
 row "ratio (a) / (c) (target <= 1.3)" "${cells[@]}"
+per CREATE_START ms; row "container create + start in the guest" "${cells[@]}"
 per QEMU_RSS mb; row "one QEMU (idle, one container) RSS" "${cells[@]}"
 per QEMU_PSS mb; row "one QEMU (idle, one container) PSS" "${cells[@]}"
 per SHIM_RSS mb; row "one shim RSS" "${cells[@]}"
@@ -270,7 +284,7 @@ if [ ${#KERNELS[@]} -ge 2 ]; then
 fi
 echo
 for k in "${KERNELS[@]}"; do
-  echo "$k: runs (a) ${RUNS[$k]}; (b) ${BOOTS[$k]}; (c) ${BARES[$k]}"
+  echo "$k: runs (a) ${RUNS[$k]}; (b) ${BOOTS[$k]}; (c) ${BARES[$k]}; create + start ${CREATE_STARTS[$k]}"
   echo "$k: bare boot ${BARE_OPTS[$k]}"
 done
 

@@ -401,8 +401,10 @@ impl Agent for AgentService {
         req: CreateContainerRequest,
     ) -> TtrpcResult<CreateContainerResponse> {
         info!(id = %req.container_id, rootfs = %req.rootfs_path, "create container");
+        let (id, started) = (req.container_id.clone(), std::time::Instant::now());
         let res = self.detached(|i| async move { i.create(req).await }).await;
         let pid = reply("CreateContainer", res)?;
+        info!(id = %id, elapsed_ms = started.elapsed().as_millis() as u64, "container created");
         Ok(CreateContainerResponse {
             pid,
             ..Default::default()
@@ -415,6 +417,7 @@ impl Agent for AgentService {
         req: ContainerRequest,
     ) -> TtrpcResult<StartContainerResponse> {
         info!(id = %req.container_id, "start container");
+        let (id, started) = (req.container_id.clone(), std::time::Instant::now());
         let res = self
             .detached(|i| async move {
                 let c = i.container(&req.container_id)?;
@@ -425,6 +428,7 @@ impl Agent for AgentService {
             })
             .await;
         let pid = reply("StartContainer", res)?;
+        info!(id = %id, elapsed_ms = started.elapsed().as_millis() as u64, "container started");
         Ok(StartContainerResponse {
             pid,
             ..Default::default()
