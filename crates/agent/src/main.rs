@@ -18,6 +18,7 @@ mod reaper;
 mod runtime;
 mod service;
 mod sysctl;
+mod warmup;
 
 use std::path::Path;
 use std::sync::Arc;

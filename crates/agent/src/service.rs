@@ -768,4 +768,17 @@ impl Agent for AgentService {
             ..Default::default()
         })
     }
+
+    async fn warm_up(&self, _: &TtrpcContext, _: Empty) -> TtrpcResult<WarmUpResponse> {
+        let res = self
+            .detached(|i| async move { crate::warmup::warm_up(&i.runtime).await })
+            .await;
+        let elapsed = reply("WarmUp", res)?;
+        let elapsed_ms = elapsed.as_millis() as u64;
+        info!(elapsed_ms, "warmed up");
+        Ok(WarmUpResponse {
+            elapsed_ms,
+            ..Default::default()
+        })
+    }
 }

@@ -513,6 +513,13 @@ impl Agent {
     /// Runs `req` in the guest, outside every container; bounded by the
     /// command's timeout plus the call timeout, and its reply by the
     /// protocol's output bound.
+    /// Has the guest run a throwaway container (a pooled VM, before its
+    /// pod); returns how long that took in the guest.
+    pub async fn warm_up(&self) -> Result<u64, AgentError> {
+        let res = call!(self, warm_up, "WarmUp", Empty::new(), Some(call_timeout()))?;
+        Ok(res.elapsed_ms)
+    }
+
     pub async fn debug_exec(&self, req: DebugExecRequest) -> Result<DebugExecResponse, AgentError> {
         use kuasar_api::debug_exec::{timeout, MAX_OUTPUT};
         let bound = timeout(Duration::from_millis(req.timeout_ms.into())) + call_timeout();

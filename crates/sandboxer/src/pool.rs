@@ -235,6 +235,16 @@ impl Pool {
         let deadline = Instant::now() + timeout;
         let booted =
             crate::sandbox::boot_agent(host, vm.as_mut(), dir, name, deadline, timeout).await;
+        if let Ok(agent) = &booted {
+            // The container code paths translated now, not on the pod's
+            // first container (TCG); a failure costs only that.
+            match agent.warm_up().await {
+                Ok(ms) => tracing::debug!(vm = %name, guest_ms = ms, "pooled VM warmed up"),
+                Err(e) => {
+                    tracing::warn!(vm = %name, "warm-up of a pooled VM: {}", crate::error::chain(&e))
+                }
+            }
+        }
         match booted {
             Ok(agent) => Ok(PooledVm {
                 name: name.to_owned(),
