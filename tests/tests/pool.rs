@@ -78,6 +78,13 @@ fn pool_pids(env: &Env) -> Vec<i32> {
         .collect()
 }
 
+/// Whether process `pid` is gone within 10 s.
+fn ends(pid: i32) -> bool {
+    cmd::wait_until(Duration::from_secs(10), || {
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    })
+}
+
 fn nice_of(pid: i32) -> i64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command (which may hold spaces): nice is the 19th
@@ -272,13 +279,7 @@ fn crash_keeps_pods(env: &Env, cri: &Cri, big: &str) {
     let new = wait_full(env, POOL);
     assert!(new.iter().all(|n| !old.contains(n)), "{old:?} -> {new:?}");
     for pid in old_pids {
-        assert!(
-            cmd::wait_until(Duration::from_secs(10), || !std::path::Path::new(&format!(
-                "/proc/{pid}"
-            ))
-            .exists()),
-            "the old pool's QEMU {pid} still runs"
-        );
+        assert!(ends(pid), "the old pool's QEMU {pid} still runs");
     }
     for id in [big, &kept.id] {
         let ready = cri.pod_status(id).map(|s| s.state).unwrap_or(-1);
@@ -306,13 +307,7 @@ fn graceful_stop(env: &Env, big: &str) {
     let waiting = pool_pids(env);
     env.stop_sandboxer();
     for pid in waiting {
-        assert!(
-            cmd::wait_until(Duration::from_secs(10), || !std::path::Path::new(&format!(
-                "/proc/{pid}"
-            ))
-            .exists()),
-            "pooled QEMU {pid} outlived kuasar-vmm"
-        );
+        assert!(ends(pid), "pooled QEMU {pid} outlived kuasar-vmm");
     }
     assert!(env
         .vmm_pid(big)

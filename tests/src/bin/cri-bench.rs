@@ -409,31 +409,13 @@ fn run() -> Result<(), String> {
     }
     println!();
     println!("Zero-shim mode ({ZERO_HANDLER})");
-    match zero_shim_memory(&b) {
-        Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
-        Err(e) => {
-            notes.push(format!("{ZERO_HANDLER}: {e}"));
-            failed = true;
-        }
-    }
+    failed |= !section(zero_shim_memory(&b), ZERO_HANDLER, &mut notes);
     if ctl_pods > 0 {
         println!();
-        match kuasarctl_list(&b, ctl_pods) {
-            Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
-            Err(e) => {
-                notes.push(format!("kuasarctl: {e}"));
-                failed = true;
-            }
-        }
+        failed |= !section(kuasarctl_list(&b, ctl_pods), "kuasarctl", &mut notes);
     }
     println!();
-    match warm_start(&b, runs) {
-        Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
-        Err(e) => {
-            notes.push(format!("warm start: {e}"));
-            failed = true;
-        }
-    }
+    failed |= !section(warm_start(&b, runs), "warm start", &mut notes);
     for n in notes {
         println!("FAILED: {n}");
     }
@@ -441,6 +423,20 @@ fn run() -> Result<(), String> {
         return Err("some measurements failed (see above)".into());
     }
     Ok(())
+}
+
+/// Prints a section's lines; a failed one is noted under `what` (false).
+fn section(lines: Result<Vec<String>, String>, what: &str, notes: &mut Vec<String>) -> bool {
+    match lines {
+        Ok(lines) => {
+            lines.iter().for_each(|l| println!("{l}"));
+            true
+        }
+        Err(e) => {
+            notes.push(format!("{what}: {e}"));
+            false
+        }
+    }
 }
 
 /// Pool sizes of the warm-start measures.

@@ -332,16 +332,60 @@ fn remove(nl: &mut Netlink, netns: &Path, tap_name: &str, pod_if: &str) -> Resul
     Ok(())
 }
 
+/// Test namespaces: a pod's (with `eth0`, a veth to a peer namespace) made
+/// with `ip`, removed when dropped.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod testns {
+    use std::path::PathBuf;
     use std::process::Command;
 
-    fn ip(args: &[&str]) -> String {
+    pub fn ip(args: &[&str]) -> String {
         let out = Command::new("ip").args(args).output().expect("run ip");
         assert!(out.status.success(), "ip {args:?}: {out:?}");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
+
+    /// Root, and /dev/net/tun for taps; else the test says it skipped.
+    pub fn usable() -> bool {
+        let ok = nix::unistd::Uid::effective().is_root()
+            && std::path::Path::new("/dev/net/tun").exists();
+        if !ok {
+            eprintln!("SKIP: needs root and /dev/net/tun");
+        }
+        ok
+    }
+
+    pub struct Ns(pub String);
+    impl Drop for Ns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+
+    /// A pod namespace `kuasar-<tag>-<pid>` whose `eth0` (MTU 1400, up)
+    /// has `cidr`, its peer namespace, and the pod namespace's path.
+    pub fn pod(tag: &str, cidr: &str) -> (Ns, Ns, PathBuf) {
+        let ns = Ns(format!("kuasar-{tag}-{}", std::process::id()));
+        let peer = Ns(format!("kuasar-{tag}-{}-peer", std::process::id()));
+        ip(&["netns", "add", &ns.0]);
+        ip(&["netns", "add", &peer.0]);
+        let n = ns.0.as_str();
+        ip(&[
+            "-n", n, "link", "add", "name", "eth0", "mtu", "1400", "type", "veth", "peer", "name",
+            "peer0", "netns", &peer.0,
+        ]);
+        ip(&["-n", n, "addr", "add", cidr, "dev", "eth0"]);
+        ip(&["-n", n, "link", "set", "dev", "eth0", "up"]);
+        let path = PathBuf::from(format!("/var/run/netns/{n}"));
+        (ns, peer, path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testns::{ip, pod, usable};
+    use super::*;
+    use std::process::Command;
 
     fn tc(ns: &str, args: &[&str]) -> String {
         let out = Command::new("tc")
@@ -352,33 +396,14 @@ mod tests {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// Removes the test namespace however the test ends.
-    struct Ns(String);
-    impl Drop for Ns {
-        fn drop(&mut self) {
-            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-        }
-    }
-
     #[tokio::test]
     async fn attach_ties_a_tap_to_the_veth_and_detach_undoes_it() {
-        if !nix::unistd::Uid::effective().is_root() || !Path::new("/dev/net/tun").exists() {
-            eprintln!("SKIP: needs root and /dev/net/tun");
+        if !usable() {
             return;
         }
-        let ns = Ns(format!("kuasar-ut-{}", std::process::id()));
-        let peer = Ns(format!("kuasar-ut-{}-peer", std::process::id()));
-        ip(&["netns", "add", &ns.0]);
-        ip(&["netns", "add", &peer.0]);
+        let (ns, _peer, path) = pod("ut", "10.250.0.5/24");
         let n = ns.0.as_str();
-        ip(&[
-            "-n", n, "link", "add", "name", "eth0", "mtu", "1400", "type", "veth", "peer", "name",
-            "peer0", "netns", &peer.0,
-        ]);
-        ip(&["-n", n, "addr", "add", "10.250.0.5/24", "dev", "eth0"]);
-        ip(&["-n", n, "link", "set", "dev", "eth0", "up"]);
         ip(&["-n", n, "route", "add", "default", "via", "10.250.0.1"]);
-        let path = PathBuf::from(format!("/var/run/netns/{n}"));
         let att = attach(&path).await.expect("attach");
         assert_eq!(att.nics.len(), 1, "{att:?}");
         let eth0 = att.nics[0].interface.clone();

@@ -138,40 +138,16 @@ fn move_link(ns: &Path, from: &str, to_ns: &Path, to: &str) -> Result<(), NetErr
 
 #[cfg(test)]
 mod tests {
+    use super::super::testns::{ip, pod, usable};
     use super::*;
-    use std::process::Command;
-
-    fn ip(args: &[&str]) -> String {
-        let out = Command::new("ip").args(args).output().expect("run ip");
-        assert!(out.status.success(), "ip {args:?}: {out:?}");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    struct Ns(String);
-    impl Drop for Ns {
-        fn drop(&mut self) {
-            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-        }
-    }
 
     #[tokio::test]
     async fn a_pooled_tap_moves_into_the_pod_and_is_tied_to_its_interface() {
-        if !nix::unistd::Uid::effective().is_root() || !Path::new("/dev/net/tun").exists() {
-            eprintln!("SKIP: needs root and /dev/net/tun");
+        if !usable() {
             return;
         }
-        let ns = Ns(format!("kuasar-pt-{}", std::process::id()));
-        let peer = Ns(format!("kuasar-pt-{}-peer", std::process::id()));
-        ip(&["netns", "add", &ns.0]);
-        ip(&["netns", "add", &peer.0]);
+        let (ns, _peer, pod) = pod("pt", "10.251.0.5/24");
         let n = ns.0.as_str();
-        ip(&[
-            "-n", n, "link", "add", "name", "eth0", "mtu", "1400", "type", "veth", "peer", "name",
-            "peer0", "netns", &peer.0,
-        ]);
-        ip(&["-n", n, "addr", "add", "10.251.0.5/24", "dev", "eth0"]);
-        ip(&["-n", n, "link", "set", "dev", "eth0", "up"]);
-        let pod = PathBuf::from(format!("/var/run/netns/{n}"));
         let pool = PoolNetns::create().expect("pool namespace");
         let tap = create_tap(&pool.path(), "kpool-test").await.expect("tap");
         let att = hand_over(&pool.path(), "kpool-test", tap, &pod)

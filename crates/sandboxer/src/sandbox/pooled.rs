@@ -98,18 +98,7 @@ impl Sandbox {
         }
         let pid = vm.pid().unwrap_or(0);
         tracing::info!(sandbox = %self.info.id, vm = %name, pid, boot_ms = started.elapsed().as_millis() as u64, "pooled VM taken; agent ready");
-        if let Some(netns) = pod.and_then(|p| p.netns.as_deref()) {
-            held.port_forward = self.start_port_forward(netns, &agent).await;
-        }
-        Ok(Arc::new(Live {
-            agent_address: vm.agent_address(),
-            vmm: tokio::sync::Mutex::new(vm),
-            agent,
-            pid,
-            shape,
-            held: std::sync::Mutex::new(held),
-            vm_name: Some(name),
-        }))
+        Ok(self.go_live(vm, agent, shape, held, pod, Some(name)).await)
     }
 }
 

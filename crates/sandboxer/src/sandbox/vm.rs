@@ -113,18 +113,34 @@ impl Sandbox {
             boot_ms = started.elapsed().as_millis() as u64,
             "agent ready"
         );
-        if let Some(netns) = pod.as_ref().and_then(|p| p.netns.as_deref()) {
+        Ok(self
+            .go_live(vm, agent, shape, held, pod.as_ref(), None)
+            .await)
+    }
+
+    /// The booted VM as the running sandbox holds it, with the pod's port
+    /// forwarding started (cold boots and pooled VMs alike).
+    pub(super) async fn go_live(
+        &self,
+        vm: Box<dyn Vmm>,
+        agent: Agent,
+        shape: VmShape,
+        mut held: Held,
+        pod: Option<&PodConfig>,
+        vm_name: Option<String>,
+    ) -> Arc<Live> {
+        if let Some(netns) = pod.and_then(|p| p.netns.as_deref()) {
             held.port_forward = self.start_port_forward(netns, &agent).await;
         }
-        Ok(Arc::new(Live {
+        Arc::new(Live {
             agent_address: vm.agent_address(),
+            pid: vm.pid().unwrap_or(0),
             vmm: tokio::sync::Mutex::new(vm),
             agent,
-            pid,
             shape,
             held: Mutex::new(held),
-            vm_name: None,
-        }))
+            vm_name,
+        })
     }
 
     /// The VM's plan: the configured VM, `size` when the pod sets one; its
