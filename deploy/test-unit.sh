@@ -9,7 +9,8 @@
 #     across `systemctl restart kuasar-vmm`, and across a crash of kuasar-vmm that systemd
 #     restarts by itself (Restart=always); each new kuasar-vmm adopts it ("recovery done
 #     adopted=1") and the container still runs and answers an exec;
-#   - the journal: `journalctl -u kuasar-vmm` holds the logs of every run, readable as text.
+#   - the journal: `journalctl -u kuasar-vmm` holds the logs of every run, readable as text;
+#   - the hardening: kuasar-vmm and its QEMU run with NoNewPrivs and a UTS namespace of their own.
 # Nothing of the node is used: the container has its own network namespace, /run, containerd,
 # kuasar-vmm and state; its root is a cached debootstrap tree under an overlay that vanishes
 # with it. Everything (container, VMs, cgroups, the work directory) is gone when the script
@@ -377,6 +378,14 @@ cg=$(ct cat "/proc/$VMM/cgroup" | awk -F: '$2 == "name=systemd" || $1 == "0" {pr
 say "VM up in $(( ($(date +%s%N) - t) / 1000000 )) ms: QEMU pid $VMM, cgroup $cg"
 [[ $cg == */kuasar-vmm.service ]] || fail "QEMU is not in kuasar-vmm.service's cgroup: $cg"
 ok "a VM runs under kuasar-vmm.service (QEMU pid $VMM in the unit's cgroup)"
+# The unit's hardening reaches kuasar-vmm and the QEMU it starts.
+for p in "$PID1" "$VMM"; do
+  nnp=$(ct awk '$1 == "NoNewPrivs:" {print $2}' "/proc/$p/status")
+  [ "$nnp" = 1 ] || fail "pid $p: NoNewPrivs $nnp, expected 1 (NoNewPrivileges=yes)"
+done
+[ "$(ct readlink /proc/"$VMM"/ns/uts)" != "$(ct readlink /proc/1/ns/uts)" ] \
+  || fail "QEMU shares the host name namespace (ProtectHostname=yes)"
+ok "hardening: NoNewPrivs=1 for kuasar-vmm and QEMU, a UTS namespace of the unit's own"
 
 # 3. systemctl restart: only the main process goes; the VM stays and is adopted.
 t=$(date +%s%N)
