@@ -284,10 +284,17 @@ fn bind_one(b: &HostBind) -> Result<()> {
         std::fs::create_dir_all(parent)
             .map_err(|e| Error::io(format!("create {}", parent.display()), e))?;
     }
+    // Made exclusively: the guest writes the share too, and an entry it
+    // planted there (a symlink to a host file, say) is refused, never
+    // followed (create_new is O_EXCL, which does not follow a symlink).
     let made = if meta.is_dir() {
         std::fs::create_dir(&b.target)
     } else {
-        std::fs::File::create(&b.target).map(drop)
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&b.target)
+            .map(drop)
     };
     made.map_err(|e| Error::io(format!("create {}", b.target.display()), e))?;
     let err = |e: nix::Error| {
@@ -534,5 +541,27 @@ mod tests {
         }];
         let err = share(&binds).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/kuasar-test"), "{err}");
+    }
+
+    #[test]
+    fn an_entry_the_guest_planted_at_a_bind_target_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (source, host_file) = (dir.path().join("src"), dir.path().join("host-file"));
+        std::fs::write(&source, "volume").unwrap();
+        std::fs::write(&host_file, "witness").unwrap();
+        let target = dir.path().join("mounts/0");
+        std::fs::create_dir_all(dir.path().join("mounts")).unwrap();
+        std::os::unix::fs::symlink(&host_file, &target).unwrap();
+        let binds = [HostBind {
+            source,
+            target: target.clone(),
+            readonly: false,
+            recursive_readonly: false,
+            destination: "/x".into(),
+            guest_source: "/g/0".into(),
+        }];
+        let err = share(&binds).unwrap_err().to_string();
+        assert!(err.contains(&target.display().to_string()), "{err}");
+        assert_eq!(std::fs::read_to_string(&host_file).unwrap(), "witness");
     }
 }

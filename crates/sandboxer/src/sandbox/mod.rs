@@ -267,6 +267,7 @@ impl Sandbox {
         mut oci: serde_json::Value,
         pod_init_stands_in: bool,
     ) -> Result<u32> {
+        make_container_dir(dir)?;
         let guest = crate::spec::for_guest(
             &mut oci,
             &dir.join("mounts"),
@@ -731,10 +732,28 @@ fn read_spec(bundle: &Path) -> Result<Vec<u8>> {
     std::fs::read(&path).map_err(|e| Error::io(format!("read OCI spec {}", path.display()), e))
 }
 
+/// Creates a new container's directory in the share. The guest writes the
+/// share too: an entry already there (which only the guest can have made,
+/// a symlink to a host path, say) is refused rather than used, so that no
+/// mount of the container ever lands where the guest pointed it.
+fn make_container_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir(dir).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            Error::FailedPrecondition(format!(
+                "{} exists already (made in the guest, or left by an earlier container of this id); refused",
+                dir.display()
+            ))
+        } else {
+            Error::io(format!("create {}", dir.display()), e)
+        }
+    })
+}
+
 /// Mounts the container's rootfs at `target`: containerd's mounts, or the
 /// bundle's own `rootfs` directory when containerd mounted it already.
 fn prepare_rootfs(spec: &CreateSpec, target: &Path) -> Result<()> {
-    std::fs::create_dir_all(target)
+    // In the container's new directory: created, never found.
+    std::fs::create_dir(target)
         .map_err(|e| Error::io(format!("create {}", target.display()), e))?;
     let mounts = if spec.rootfs.is_empty() {
         vec![MountSpec {
