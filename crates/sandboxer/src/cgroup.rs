@@ -6,6 +6,7 @@
 //! (`kubepods-burstable-pod<uid>.slice`) parent names.
 use std::io;
 use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// The cgroup file system root.
 pub const ROOT: &str = "/sys/fs/cgroup";
@@ -210,6 +211,21 @@ impl VmmCgroup {
         Ok(())
     }
 
+    /// Removes the cgroup of a VMM that has exited, retrying every 100 ms
+    /// for up to `limit`: it empties only once the process is wholly gone
+    /// (freeing a large guest takes a while on a busy host).
+    pub async fn remove_within(&self, limit: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            match self.remove() {
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                done => return done,
+            }
+        }
+    }
+
     /// The memory limit as the kernel holds it (v1 or v2).
     #[cfg(test)]
     pub fn memory_limit(&self) -> Option<u64> {
@@ -291,6 +307,33 @@ fn enable_v2_controllers(root: &Path, rel: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn removal_is_retried_until_its_limit() {
+        let root = tempfile::tempdir().unwrap();
+        let layout = Layout::V2 {
+            root: root.path().to_owned(),
+        };
+        let cg = VmmCgroup::at(&layout, Path::new("pod/kuasar-sb"));
+        // Missing: removed at once.
+        cg.remove_within(Duration::from_secs(5)).await.unwrap();
+        // Never empties (a plain directory with a file stands for a cgroup
+        // whose process lingers): given up after the limit, with the error.
+        let dir = root.path().join("pod/kuasar-sb");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("x"), "").unwrap();
+        let started = Instant::now();
+        let err = cg
+            .remove_within(Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert!(err.to_string().contains("kuasar-sb"), "{err}");
+        // Empties meanwhile: removed.
+        std::fs::remove_file(dir.join("x")).unwrap();
+        cg.remove_within(Duration::from_secs(5)).await.unwrap();
+        assert!(!dir.exists());
+    }
 
     #[test]
     fn cgroupfs_and_systemd_parents() {

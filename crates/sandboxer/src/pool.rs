@@ -233,29 +233,27 @@ impl Pool {
         let mut vm = host.hypervisor.prepare(plan);
         let timeout = Duration::from_secs(host.config.vm.boot_timeout_secs);
         let deadline = Instant::now() + timeout;
-        let booted =
-            crate::sandbox::boot_agent(host, vm.as_mut(), dir, name, deadline, timeout).await;
-        if let Ok(agent) = &booted {
-            // The container code paths translated now, not on the pod's
-            // first container (TCG); a failure costs only that.
-            match agent.warm_up().await {
-                Ok(ms) => tracing::debug!(vm = %name, guest_ms = ms, "pooled VM warmed up"),
-                Err(e) => {
-                    tracing::warn!(vm = %name, "warm-up of a pooled VM: {}", crate::error::chain(&e))
+        match crate::sandbox::boot_agent(host, vm.as_mut(), dir, name, deadline, timeout).await {
+            Ok(agent) => {
+                // The container code paths translated now, not on the pod's
+                // first container (TCG); a failure costs only that.
+                match agent.warm_up().await {
+                    Ok(ms) => tracing::debug!(vm = %name, guest_ms = ms, "pooled VM warmed up"),
+                    Err(e) => {
+                        tracing::warn!(vm = %name, "warm-up of a pooled VM: {}", crate::error::chain(&e))
+                    }
                 }
+                Ok(PooledVm {
+                    name: name.to_owned(),
+                    dir: dir.to_owned(),
+                    vm,
+                    agent,
+                    tap: (tap_name, tap),
+                    mac,
+                    vcpus: self.vcpus,
+                    memory_mib: self.memory_mib,
+                })
             }
-        }
-        match booted {
-            Ok(agent) => Ok(PooledVm {
-                name: name.to_owned(),
-                dir: dir.to_owned(),
-                vm,
-                agent,
-                tap: (tap_name, tap),
-                mac,
-                vcpus: self.vcpus,
-                memory_mib: self.memory_mib,
-            }),
             Err(e) => {
                 let _ = vm.stop(Duration::ZERO).await;
                 Err(e)
@@ -290,15 +288,9 @@ pub fn clean_leftovers(host: &Host) {
     };
     for entry in entries.flatten() {
         let vm_dir = entry.path();
-        let name = crate::vmm::vm_name(&vm_dir);
         if let Some(pid) = host.hypervisor.recorded_pid(&vm_dir) {
-            if host.hypervisor.owns(pid, &name) {
-                tracing::info!(vm = %name, pid, "stopping a pooled VM of an earlier run");
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
+            let name = crate::vmm::vm_name(&vm_dir);
+            crate::recovery::kill_vmm(host.hypervisor.as_ref(), pid, &name);
         }
     }
     if let Err(e) = crate::mount::remove_dir(&dir) {

@@ -129,10 +129,10 @@ pub fn clean_leftover(host: &Host, dir: &Path) {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    // The VMM's cgroup goes too: named by the record's pod, or read from
-    // the VMM process itself.
     // A pooled VM taken by this sandbox keeps its own name.
     let vm_name = crate::vmm::vm_name(dir);
+    // The VMM's cgroup goes too: named by the record's pod, or read from
+    // the VMM process itself.
     let mut cgroups = Vec::new();
     if let Ok(record) = SandboxRecord::load(dir) {
         let parent = record.pod.as_ref().map_or("", |p| p.cgroup_parent.as_str());
@@ -156,9 +156,11 @@ pub fn clean_leftover(host: &Host, dir: &Path) {
     }
 }
 
-fn kill_vmm(hypervisor: &dyn Hypervisor, pid: u32, id: &str) {
-    if hypervisor.owns(pid, id) {
-        tracing::warn!(sandbox = %id, pid, "stopping a VMM left by an earlier run");
+/// Kills process `pid` when it is the VMM of the VM named `name` (a
+/// sandbox id, or a pooled VM's name) that an earlier run left.
+pub(crate) fn kill_vmm(hypervisor: &dyn Hypervisor, pid: u32, name: &str) {
+    if hypervisor.owns(pid, name) {
+        tracing::warn!(vm = %name, pid, "stopping a VMM left by an earlier run");
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
             nix::sys::signal::Signal::SIGKILL,

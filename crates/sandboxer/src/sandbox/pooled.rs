@@ -88,7 +88,9 @@ impl Sandbox {
             let _ = vm.stop(Duration::ZERO).await;
             self.release(held).await;
             if let Some(cg) = cgroup {
-                remove_cgroup_now(&cg).await;
+                if let Err(e) = cg.remove_within(Duration::from_secs(5)).await {
+                    tracing::warn!(sandbox = %self.info.id, "remove the cgroup of a destroyed pooled VM: {e}");
+                }
             }
             for path in moved {
                 let _ = crate::mount::remove_dir(&path).or_else(|_| std::fs::remove_file(&path));
@@ -99,19 +101,6 @@ impl Sandbox {
         let pid = vm.pid().unwrap_or(0);
         tracing::info!(sandbox = %self.info.id, vm = %name, pid, boot_ms = started.elapsed().as_millis() as u64, "pooled VM taken; agent ready");
         Ok(self.go_live(vm, agent, shape, held, pod, Some(name)).await)
-    }
-}
-
-/// Removes a VMM's cgroup whose VMM was just killed, waiting (up to 5 s)
-/// for it to empty.
-async fn remove_cgroup_now(cg: &crate::cgroup::VmmCgroup) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while let Err(e) = cg.remove() {
-        if Instant::now() >= deadline {
-            tracing::warn!("remove the cgroup of a destroyed pooled VM: {e}");
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -10,9 +10,9 @@ use crate::vmm::qemu::log_tail;
 use crate::vmm::{PlanNic, StartVmError, VmPlan, Vmm};
 use std::path::Path;
 
-/// How often (every 100 ms) removing a VMM's cgroup is tried before it is
-/// given up (logged).
-const CGROUP_REMOVE_TRIES: u32 = 300;
+/// How long removing an exited VMM's cgroup is retried before it is given
+/// up (logged).
+const CGROUP_REMOVE_LIMIT: Duration = Duration::from_secs(30);
 
 /// How much of the guest console a boot error quotes (the directory holding
 /// the whole log is removed with the failed sandbox).
@@ -330,20 +330,10 @@ impl Sandbox {
     /// Failures are logged (the namespace goes with the pod).
     pub(super) async fn release(&self, held: Held) {
         if let Some(cg) = held.cgroup.clone() {
-            // The VMM has exited, but its cgroup empties only once the
-            // process is wholly gone (freeing a large guest takes a while
-            // on a busy host): retried in the background.
+            // Retried in the background (see VmmCgroup::remove_within).
             let id = self.info.id.clone();
             tokio::spawn(async move {
-                let mut removed = cg.remove();
-                for _ in 0..CGROUP_REMOVE_TRIES {
-                    if removed.is_ok() {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    removed = cg.remove();
-                }
-                if let Err(e) = removed {
+                if let Err(e) = cg.remove_within(CGROUP_REMOVE_LIMIT).await {
                     tracing::warn!(sandbox = %id, "remove the VMM's cgroup: {e}");
                 }
             });
