@@ -350,12 +350,30 @@ impl Env {
             .unwrap_or_default()
     }
 
+    /// True when exactly `n` VMs wait in the pool, each with its agent
+    /// ready (kuasar-vmm logged `pooled VM ready vm=<name>`).
+    pub fn pool_full(&self, n: usize) -> bool {
+        let log = self.sandboxer_log();
+        let waiting = self.pooled_waiting();
+        waiting.len() == n
+            && waiting
+                .iter()
+                .all(|name| log.contains(&format!("pooled VM ready vm={name} ")))
+    }
+
+    /// The VMM pids of the VMs waiting in the pool.
+    pub fn pooled_pids(&self) -> Vec<i32> {
+        let pool = self.state_dir().join(".pool");
+        self.pooled_waiting()
+            .iter()
+            .filter_map(|n| qemu_pid_in(&pool.join(n)))
+            .collect()
+    }
+
     /// The VMM pid of sandbox `id` (its `qemu.pid`), whether it booted its
     /// own VM or took a pooled one.
     pub fn vmm_pid(&self, id: &str) -> Option<i32> {
-        fs::read_to_string(self.state_dir().join(id).join("qemu.pid"))
-            .ok()
-            .and_then(|p| p.trim().parse().ok())
+        qemu_pid_in(&self.state_dir().join(id))
     }
 
     pub fn shim_count(&self) -> usize {
@@ -460,6 +478,13 @@ impl Env {
             eprintln!("kuasar-e2e: teardown of {}: {line}", self.dir.display());
         }
     }
+}
+
+/// The pid a VM's directory records (`qemu.pid`).
+fn qemu_pid_in(dir: &Path) -> Option<i32> {
+    fs::read_to_string(dir.join("qemu.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
 }
 
 impl Drop for Env {

@@ -29,14 +29,7 @@ fn pool_env() -> Env {
 /// Waits until `n` VMs wait in the pool, each with its agent ready.
 #[track_caller]
 fn wait_full(env: &Env, n: usize) -> Vec<String> {
-    let full = cmd::wait_until(FILL_TIMEOUT, || {
-        let log = env.sandboxer_log();
-        let waiting = env.pooled_waiting();
-        waiting.len() == n
-            && waiting
-                .iter()
-                .all(|name| log.contains(&format!("pooled VM ready vm={name} ")))
-    });
+    let full = cmd::wait_until(FILL_TIMEOUT, || env.pool_full(n));
     assert!(full, "the pool did not fill to {n}\n{}", env.diagnostics());
     env.pooled_waiting()
 }
@@ -65,17 +58,6 @@ impl Drop for Parent {
             let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/{root}{top}"));
         }
     }
-}
-
-/// The VMM pids of the VMs waiting in the pool.
-fn pool_pids(env: &Env) -> Vec<i32> {
-    env.pooled_waiting()
-        .iter()
-        .filter_map(|n| {
-            let p = env.state_dir().join(".pool").join(n).join("qemu.pid");
-            std::fs::read_to_string(p).ok()?.trim().parse().ok()
-        })
-        .collect()
 }
 
 /// Whether process `pid` is gone within 10 s.
@@ -272,7 +254,7 @@ fn crash_keeps_pods(env: &Env, cri: &Cri, big: &str) {
         .and_then(|c| cri.start_container(&c).map(|()| c))
         .unwrap_or_else(|e| panic!("start a container: {e:?}\n{}", env.diagnostics()));
     let old = wait_full(env, POOL);
-    let old_pids = pool_pids(env);
+    let old_pids = env.pooled_pids();
     assert_eq!(old_pids.len(), POOL);
     env.restart_sandboxer(libc::SIGKILL, Duration::from_millis(200))
         .expect("restart kuasar-vmm");
@@ -304,7 +286,7 @@ fn crash_keeps_pods(env: &Env, cri: &Cri, big: &str) {
 /// started again without a pool.
 fn graceful_stop(env: &Env, big: &str) {
     // A graceful stop takes the waiting VMs along; the pod's VM stays.
-    let waiting = pool_pids(env);
+    let waiting = env.pooled_pids();
     env.stop_sandboxer();
     for pid in waiting {
         assert!(ends(pid), "pooled QEMU {pid} outlived kuasar-vmm");

@@ -454,14 +454,7 @@ fn with_pool(b: &Bench, size: usize) -> Result<(), String> {
 }
 
 fn wait_pool(b: &Bench, size: usize) -> Result<(), String> {
-    let full = kuasar_e2e::cmd::wait_until(Duration::from_secs(180), || {
-        let log = b.env.sandboxer_log();
-        let waiting = b.env.pooled_waiting();
-        waiting.len() == size
-            && waiting
-                .iter()
-                .all(|n| log.contains(&format!("pooled VM ready vm={n} ")))
-    });
+    let full = kuasar_e2e::cmd::wait_until(Duration::from_secs(180), || b.env.pool_full(size));
     full.then_some(())
         .ok_or_else(|| format!("the pool did not fill to {size}"))
 }
@@ -574,15 +567,7 @@ fn warm_start(b: &Bench, runs: usize) -> Result<Vec<String>, String> {
     out.extend(pod_starts(b, runs, POOL, "on")?);
     wait_pool(b, POOL)?;
     // What a waiting VM costs: PSS, and CPU over 10 s.
-    let pids: Vec<i32> = b
-        .env
-        .pooled_waiting()
-        .iter()
-        .filter_map(|n| {
-            let p = b.env.state_dir().join(".pool").join(n).join("qemu.pid");
-            std::fs::read_to_string(p).ok()?.trim().parse().ok()
-        })
-        .collect();
+    let pids = b.env.pooled_pids();
     let before: u64 = pids.iter().map(|&p| cpu_ticks(p)).sum();
     std::thread::sleep(Duration::from_secs(10));
     let after: u64 = pids.iter().map(|&p| cpu_ticks(p)).sum();
