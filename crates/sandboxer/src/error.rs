@@ -62,6 +62,7 @@ impl Error {
             Error::Agent(AgentError::Status { code, .. }) => *code,
             Error::Agent(AgentError::Timeout { .. }) => Code::DEADLINE_EXCEEDED,
             Error::Agent(_) => Code::UNAVAILABLE,
+            Error::StartVm(StartVmError::NoUid) => Code::RESOURCE_EXHAUSTED,
             Error::StartVm(_)
             | Error::Mount(_)
             | Error::Network(_)

@@ -59,6 +59,7 @@ impl Host {
                 accelerator: crate::config::Accelerator::Tcg,
                 channel: crate::config::Channel::Serial,
                 tsc_khz: 1,
+                confine: false,
                 ..Default::default()
             },
             ..Default::default()

@@ -161,7 +161,13 @@ fn prepare_state_dir(config: &Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("create state directory {}", config.state_dir.display()))?;
     std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("chmod {}", config.state_dir.display()))
+        .with_context(|| format!("chmod {}", config.state_dir.display()))?;
+    if config.qemu.confine {
+        // Confined QEMUs see their share through a slave of this mount.
+        mount::make_shared(&config.state_dir)
+            .with_context(|| format!("make {} a shared mount", config.state_dir.display()))?;
+    }
+    Ok(())
 }
 
 /// Takes back the sandboxes an earlier kuasar-vmm left (adopted, or

@@ -48,10 +48,17 @@ fn parse_options(options: &[String]) -> (MsFlags, String) {
     (flags, data.join(","))
 }
 
-/// Mounts `mounts` in order on `target` (a container's rootfs directory).
+/// What every mount kuasar-vmm makes in a share carries: the guest writes
+/// the share, and a set-uid program or a device node it leaves there must
+/// mean nothing on the host (QEMU keeps CAP_MKNOD for the guest's images).
+pub const SHARE_FLAGS: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV);
+
+/// Mounts `mounts` in order on `target` (a container's rootfs directory),
+/// each nosuid and nodev ([`SHARE_FLAGS`]).
 pub fn mount_all(mounts: &[MountSpec], target: &Path) -> Result<(), MountError> {
     for m in mounts {
         let (mut flags, data) = parse_options(&m.options);
+        flags |= SHARE_FLAGS;
         let fstype = match m.fstype.as_str() {
             "bind" | "rbind" => {
                 flags |= MsFlags::MS_BIND;
@@ -62,18 +69,23 @@ pub fn mount_all(mounts: &[MountSpec], target: &Path) -> Result<(), MountError> 
             other => return Err(MountError::Unsupported(other.to_owned())),
         };
         let data = (!data.is_empty()).then_some(data.as_str());
-        let ro_bind = flags.contains(MsFlags::MS_BIND | MsFlags::MS_RDONLY);
         let err = |errno| MountError::Mount {
             fstype: m.fstype.clone(),
             source: m.source.clone(),
             target: target.to_owned(),
             errno,
         };
-        mount(Some(m.source.as_str()), target, fstype, flags, data).map_err(err)?;
-        if ro_bind {
-            // A bind mount ignores MS_RDONLY until it is remounted.
-            let remount = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-            mount(None::<&str>, target, None::<&str>, remount, None::<&str>).map_err(err)?;
+        if flags.contains(MsFlags::MS_BIND) {
+            let readonly = if flags.contains(MsFlags::MS_RDONLY) {
+                Readonly::Top
+            } else {
+                Readonly::No
+            };
+            let recursive = flags.contains(MsFlags::MS_REC);
+            bind(Path::new(&m.source), target, recursive, readonly)
+                .map_err(|e| err(nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))?;
+        } else {
+            mount(Some(m.source.as_str()), target, fstype, flags, data).map_err(err)?;
         }
     }
     Ok(())
@@ -113,10 +125,105 @@ pub fn submounts(dir: &Path) -> Vec<Submount> {
     parse_submounts(&info, dir)
 }
 
-/// Makes the mount at `path` and every mount below it read-only
-/// (mount_setattr(2) with AT_RECURSIVE; Linux 5.12).
-pub fn make_readonly_recursively(path: &Path) -> std::io::Result<()> {
+/// How much of a bind is read-only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readonly {
+    No,
+    /// The bind itself; mounts below it stay as they are.
+    Top,
+    /// The bind and every mount below it.
+    Recursive,
+}
+
+/// Binds `source` (with the mounts below it when `recursive`) on `target`,
+/// nosuid and nodev ([`SHARE_FLAGS`]), read-only as `readonly` says, a
+/// slave of `source` (mounts made below `source` later reach it; none made
+/// below it reach `source`).
+///
+/// The bind is made detached (open_tree(2)), given its flags and
+/// propagation there (mount_setattr(2)), and only then attached
+/// (move_mount(2); Linux 5.12 for all three): mount propagation copies a
+/// mount as it is when attached, and a confined QEMU sees its share
+/// through such a copy, which a remount after attaching would not reach
+/// (a read-only volume would stay writable there).
+pub fn bind(
+    source: &Path,
+    target: &Path,
+    recursive: bool,
+    readonly: Readonly,
+) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+    let source_c = c_path(source)?;
+    let target_c = c_path(target)?;
+    let mut flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint;
+    if recursive {
+        flags |= AT_RECURSIVE;
+    }
+    // SAFETY: open_tree reads a NUL-terminated path alive across the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            source_c.as_ptr(),
+            flags,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: open_tree returned a new fd that nothing else owns.
+    let tree = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut all = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
+    if readonly == Readonly::Recursive {
+        all |= MOUNT_ATTR_RDONLY;
+    }
+    let empty = libc::AT_EMPTY_PATH as libc::c_uint;
+    let slave = libc::MS_SLAVE;
+    set_attr(tree.as_raw_fd(), empty | AT_RECURSIVE, all, slave)?;
+    if readonly == Readonly::Top {
+        set_attr(tree.as_raw_fd(), empty, MOUNT_ATTR_RDONLY, 0)?;
+    }
+    // SAFETY: move_mount reads the NUL-terminated paths alive across the
+    // call; `tree` is open.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            target_c.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// mount_setattr(2)'s MOUNT_ATTR_* flags used here.
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+const AT_RECURSIVE: libc::c_uint = 0x8000;
+
+fn c_path(path: &Path) -> std::io::Result<std::ffi::CString> {
     use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::other(format!("{}: a NUL byte in the path", path.display())))
+}
+
+/// mount_setattr(2) on the detached mount `fd` (with `flags`, AT_EMPTY_PATH
+/// among them): sets `attr`, and the propagation type `propagation`
+/// (MS_SLAVE, ...; 0 leaves it).
+fn set_attr(
+    fd: libc::c_int,
+    flags: libc::c_uint,
+    attr: u64,
+    propagation: u64,
+) -> std::io::Result<()> {
     /// struct mount_attr of <linux/mount.h>.
     #[repr(C)]
     struct MountAttr {
@@ -125,14 +232,10 @@ pub fn make_readonly_recursively(path: &Path) -> std::io::Result<()> {
         propagation: u64,
         userns_fd: u64,
     }
-    const MOUNT_ATTR_RDONLY: u64 = 0x1;
-    const AT_RECURSIVE: libc::c_uint = 0x8000;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::other("path with a NUL byte"))?;
     let attr = MountAttr {
-        attr_set: MOUNT_ATTR_RDONLY,
+        attr_set: attr,
         attr_clr: 0,
-        propagation: 0,
+        propagation,
         userns_fd: 0,
     };
     // SAFETY: mount_setattr reads a NUL-terminated path and a mount_attr of
@@ -140,9 +243,9 @@ pub fn make_readonly_recursively(path: &Path) -> std::io::Result<()> {
     let rc = unsafe {
         libc::syscall(
             libc::SYS_mount_setattr,
-            libc::AT_FDCWD,
-            c_path.as_ptr(),
-            AT_RECURSIVE,
+            fd,
+            c"".as_ptr(),
+            flags,
             &attr as *const MountAttr,
             std::mem::size_of::<MountAttr>(),
         )
@@ -162,6 +265,21 @@ fn mount_table(mountinfo: &str) -> impl Iterator<Item = (PathBuf, &str)> {
         let opts = fields.next().unwrap_or("");
         Some((PathBuf::from(unescape(point)), opts))
     })
+}
+
+/// Makes `dir` a shared mount in a peer group of its own (bound on itself
+/// first, nosuid and nodev, unless it is a mount point already), so that
+/// what is mounted below it later reaches the slave copies of it in
+/// confined QEMUs' mount namespaces. Idempotent.
+pub fn make_shared(dir: &Path) -> Result<(), nix::Error> {
+    let none = None::<&str>;
+    if !mounts_under(dir).iter().any(|p| p == dir) {
+        mount(Some(dir), dir, none, MsFlags::MS_BIND, none)?;
+        let remount = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | SHARE_FLAGS;
+        mount(none, dir, none, remount, none)?;
+        mount(none, dir, none, MsFlags::MS_PRIVATE, none)?;
+    }
+    mount(none, dir, none, MsFlags::MS_SHARED, none)
 }
 
 /// Mount points at or under `dir`, deepest first, from /proc/self/mountinfo.

@@ -24,7 +24,6 @@
 //! - a container always gets a cgroup namespace: the guest is cgroup v2.
 use std::path::{Path, PathBuf};
 
-use nix::mount::{mount, MsFlags};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
@@ -297,32 +296,21 @@ fn bind_one(b: &HostBind) -> Result<()> {
             .map(drop)
     };
     made.map_err(|e| Error::io(format!("create {}", b.target.display()), e))?;
-    let err = |e: nix::Error| {
+    let readonly = match (b.recursive_readonly, b.readonly) {
+        (true, _) => crate::mount::Readonly::Recursive,
+        (false, true) => crate::mount::Readonly::Top,
+        (false, false) => crate::mount::Readonly::No,
+    };
+    crate::mount::bind(&b.source, &b.target, true, readonly).map_err(|e| {
         Error::io(
             format!(
                 "bind mount {} on {}",
                 b.source.display(),
                 b.target.display()
             ),
-            e.into(),
+            e,
         )
-    };
-    let none = None::<&str>;
-    let rbind = MsFlags::MS_BIND | MsFlags::MS_REC;
-    mount(Some(&b.source), &b.target, none, rbind, none).map_err(err)?;
-    let slave = MsFlags::MS_SLAVE | MsFlags::MS_REC;
-    mount(none, &b.target, none, slave, none).map_err(err)?;
-    if b.recursive_readonly {
-        crate::mount::make_readonly_recursively(&b.target).map_err(|e| {
-            Error::io(
-                format!("make {} read-only recursively", b.target.display()),
-                e,
-            )
-        })?;
-    } else if b.readonly {
-        let remount = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-        mount(none, &b.target, none, remount, none).map_err(err)?;
-    }
+    })?;
     Ok(())
 }
 

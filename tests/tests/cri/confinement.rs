@@ -1,10 +1,27 @@
 //! The VM's QEMU confined on the node: it parses the untrusted guest's
-//! device traffic, so it runs under its own seccomp filter.
+//! device traffic, so it runs under its own seccomp filter, as a uid of
+//! its own with only the file capabilities its 9p share needs, in a mount
+//! namespace that holds its sandbox's files and nothing else of the host.
+use std::path::Path;
+
 use super::Handler;
 
-/// A pod's QEMU runs in seccomp filter mode (`Seccomp: 2` in its
-/// /proc status), with the pod working as usual (the suite's other tests run
-/// through the same QEMU: 9p, the agent's channel, networking, fd passing).
+/// Of root's capabilities, what a confined QEMU keeps: CAP_CHOWN,
+/// DAC_OVERRIDE, FOWNER, FSETID, MKNOD, SETFCAP (docs/operations.md).
+const KEPT_CAPS: &str = "000000008800001b";
+/// `[qemu] uid_base`'s default.
+const UID_BASE: u64 = 0x7000_0000;
+
+/// A pod's QEMU, with the pod working as usual (the suite's other tests run
+/// through the same QEMU: 9p, the agent's channel, networking, fd passing):
+/// - seccomp filter mode (`Seccomp: 2`);
+/// - a uid and gid of the VMs' range, no_new_privs, the kept capabilities
+///   alone (effective, permitted, bounding);
+/// - a mount namespace of its own whose root holds the sandbox's directory
+///   but none of the host's files (no /etc/passwd, no containerd state);
+/// - every mount of its sandbox directory nosuid and nodev, the containers'
+///   root filesystems (mounted after QEMU started, which reach its view by
+///   propagation) among them.
 pub fn qemu_is_confined(h: &Handler) {
     if !h.vm {
         eprintln!("{}: skipped: no VM, no QEMU to confine", h.name);
@@ -14,7 +31,8 @@ pub fn qemu_is_confined(h: &Handler) {
     let pid_file = h.env.state_dir().join(&pod).join("qemu.pid");
     let pid = std::fs::read_to_string(&pid_file)
         .unwrap_or_else(|e| panic!("{}: {}: {e}\n{}", h.name, pid_file.display(), h.diag()));
-    let status_path = format!("/proc/{}/status", pid.trim());
+    let pid = pid.trim();
+    let status_path = format!("/proc/{pid}/status");
     let status = std::fs::read_to_string(&status_path)
         .unwrap_or_else(|e| panic!("{}: {status_path}: {e}", h.name));
     let field = |name: &str| {
@@ -28,9 +46,175 @@ pub fn qemu_is_confined(h: &Handler) {
     assert_eq!(field("Seccomp:"), "2", "{}: QEMU's seccomp mode", h.name);
     let filters: u32 = field("Seccomp_filters:").parse().unwrap_or(0);
     assert!(filters >= 1, "{}: QEMU has no seccomp filter", h.name);
+    for ids in ["Uid:", "Gid:"] {
+        let all: Vec<u64> = field(ids)
+            .split_whitespace()
+            .map(|v| v.parse().unwrap())
+            .collect();
+        assert!(
+            all.iter().all(|&v| v == all[0] && v >= UID_BASE),
+            "{}: QEMU's {ids} {all:?}: not one id of the VMs' range",
+            h.name
+        );
+    }
+    for caps in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        assert_eq!(field(caps), KEPT_CAPS, "{}: QEMU's {caps}", h.name);
+    }
+    assert_eq!(field("NoNewPrivs:"), "1", "{}: QEMU's no_new_privs", h.name);
+    sees_only_its_sandbox(h, pid, &pod);
     eprintln!(
-        "{}: QEMU pid {} runs with Seccomp 2 ({filters} filters)",
+        "{}: QEMU pid {pid}: Seccomp 2 ({filters} filters), uid {}, CapEff {KEPT_CAPS}, own mount namespace",
         h.name,
-        pid.trim()
+        field("Uid:").split_whitespace().next().unwrap_or("?")
+    );
+}
+
+/// QEMU `pid`'s mount namespace and root hold sandbox `pod`'s directory
+/// and no other file of the host's; its sandbox's mounts are nosuid,nodev.
+fn sees_only_its_sandbox(h: &Handler, pid: &str, pod: &str) {
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/mnt")).unwrap();
+    assert_ne!(
+        ns(pid),
+        ns("self"),
+        "{}: QEMU shares our mount namespace",
+        h.name
+    );
+    let root = Path::new("/proc").join(pid).join("root");
+    let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap());
+    let dir = h.env.state_dir().join(pod);
+    assert!(
+        inside(&dir.join("shared")).is_dir(),
+        "{}: no share in QEMU's view",
+        h.name
+    );
+    for hidden in [
+        Path::new("/etc/passwd"),
+        Path::new("/root"),
+        Path::new("/var/log"),
+        Path::new("/tmp"),
+        &h.env.vmm_socket(),
+    ] {
+        assert!(
+            hidden.exists(),
+            "{}: the host has no {}",
+            h.name,
+            hidden.display()
+        );
+        assert!(
+            !inside(hidden).exists(),
+            "{}: QEMU sees the host's {}",
+            h.name,
+            hidden.display()
+        );
+    }
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let under_dir: Vec<&str> = mountinfo
+        .lines()
+        .filter(|l| {
+            l.split(' ')
+                .nth(4)
+                .is_some_and(|p| Path::new(p).starts_with(&dir))
+        })
+        .collect();
+    assert!(
+        under_dir.len() >= 2,
+        "{}: QEMU's view lacks its directory or its share:\n{mountinfo}",
+        h.name
+    );
+    for line in under_dir {
+        let opts = line.split(' ').nth(5).unwrap_or("");
+        assert!(
+            opts.split(',').any(|o| o == "nosuid") && opts.split(',').any(|o| o == "nodev"),
+            "{}: a mount in QEMU's view is not nosuid,nodev: {line}",
+            h.name
+        );
+    }
+}
+
+/// From a privileged container (its root filesystem is in the pod's 9p
+/// share), attempts to leave the share reach nothing of the host:
+/// - symlinks to `/`, to a host file, and `..` chains resolve in the guest
+///   (its own `/`), so a host witness file stays unreadable and unchanged;
+/// - a hard link to a file outside the root filesystem is refused;
+/// - a device node of the host's disk, where QEMU's 9p lets it be made
+///   (QEMU 10 refuses special files with ENXIO), cannot be opened on the
+///   host: neither through the share nor in QEMU's view, both nodev.
+pub fn nothing_leaves_the_share(h: &Handler, pod: &str, container: &str) {
+    use std::os::unix::fs::MetadataExt;
+    let witness = h.env.dir().join("witness");
+    std::fs::write(&witness, "host witness\n").unwrap();
+    let dev = std::fs::metadata(&witness).unwrap().dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let w = witness.display();
+    let out = h.sh(
+        container,
+        &format!(
+            "set -e; cd /
+             ln -s / escape-root; ln -s ../../../../../../.. escape-up; ln -s {w} escape-witness
+             test ! -e escape-witness && test ! -e escape-up{w} && test ! -e escape-root{w}
+             ! cat ../../../../../..{w} 2>/dev/null
+             echo guest > escape-root/written-through-a-link
+             ! ln /etc/hostname hard-link-out 2>/dev/null
+             mknod host-disk b {major} {minor} 2>/dev/null || echo no device node
+             echo done"
+        ),
+    );
+    assert!(out.contains("done"), "{}: {out}", h.name);
+    assert_eq!(
+        std::fs::read_to_string(&witness).unwrap(),
+        "host witness\n",
+        "{}: the host's witness file changed",
+        h.name
+    );
+    let rootfs = h
+        .env
+        .state_dir()
+        .join(pod)
+        .join("shared")
+        .join(container)
+        .join("rootfs");
+    assert!(
+        rootfs.join("escape-root").is_symlink() && rootfs.join("written-through-a-link").is_file(),
+        "{}: the guest's entries are not where its root filesystem is",
+        h.name
+    );
+    let qemu = std::fs::read_to_string(h.env.state_dir().join(pod).join("qemu.pid")).unwrap();
+    let in_qemu = Path::new("/proc")
+        .join(qemu.trim())
+        .join("root")
+        .join(rootfs.strip_prefix("/").unwrap());
+    let made = rootfs.join("host-disk").exists();
+    if !made {
+        // As if a QEMU that allows special files had made it for the guest.
+        let path = std::ffi::CString::new(
+            rootfs
+                .join("host-disk")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .unwrap();
+        // SAFETY: mknod reads a NUL-terminated path alive across the call.
+        let rc = unsafe { libc::mknod(path.as_ptr(), libc::S_IFBLK | 0o600, dev) };
+        assert_eq!(
+            rc,
+            0,
+            "{}: mknod in the share: {}",
+            h.name,
+            std::io::Error::last_os_error()
+        );
+    }
+    for node in [rootfs.join("host-disk"), in_qemu.join("host-disk")] {
+        let e = std::fs::File::open(&node).expect_err("a device node in the share opened");
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::EACCES),
+            "{}: opening {}: {e}",
+            h.name,
+            node.display()
+        );
+    }
+    eprintln!(
+        "{}: symlinks, .. chains, a hard link and a device node {major}:{minor} (made: {made}) left the host untouched",
+        h.name
     );
 }

@@ -474,6 +474,7 @@ pub fn privileged_and_net_admin(h: &Handler) {
         let devs = h.sh(&privileged.id, "ls /dev | tr '\\n' ' '");
         eprintln!("{}: a privileged container's /dev: {devs}", h.name);
         h.sh(&privileged.id, "test ! -e /dev/kvm && test -c /dev/ttyS0");
+        super::confinement::nothing_leaves_the_share(h, &pod.id, &privileged.id);
     }
     drop((privileged, net_admin, plain));
     pod.remove()

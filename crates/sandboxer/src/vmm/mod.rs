@@ -52,6 +52,8 @@ pub enum StartVmError {
         console: String,
         log: String,
     },
+    #[error("no free uid for a confined QEMU: every one of [qemu] uid_base .. uid_base + uid_count is in use")]
+    NoUid,
     #[error("connect to the guest agent")]
     Agent(#[source] crate::agent::AgentError),
 }

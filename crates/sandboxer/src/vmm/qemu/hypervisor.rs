@@ -3,7 +3,9 @@
 //! of ours (its `-name kuasar-<id>,` and its pid file).
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
+use super::uids::{uid_of, Uids};
 use super::{Accel, AgentChannel, QemuVm, VmSpec};
 use crate::config::{Accelerator, Channel, Config};
 use crate::vmm::{probe, Hypervisor, VmPlan, Vmm};
@@ -22,7 +24,25 @@ pub struct Qemu {
     initrd: PathBuf,
     kernel_params: String,
     seccomp: bool,
+    /// The uids of confined QEMUs (None: `[qemu] confine = false`).
+    uids: Option<Arc<Uids>>,
     next_cid: AtomicU32,
+}
+
+/// The device nodes a confined QEMU sees: what QEMU and its libraries may
+/// open, and the accelerator's and the vsock channel's when in use.
+fn devices(accel: Accel, vsock: bool) -> Vec<PathBuf> {
+    let mut d: Vec<PathBuf> = ["null", "zero", "random", "urandom"]
+        .iter()
+        .map(|n| Path::new("/dev").join(n))
+        .collect();
+    if accel == Accel::Kvm {
+        d.push("/dev/kvm".into());
+    }
+    if vsock {
+        d.push("/dev/vhost-vsock".into());
+    }
+    d
 }
 
 impl Qemu {
@@ -61,6 +81,7 @@ impl Qemu {
             initrd: config.initrd_path(),
             kernel_params: config.vm.kernel_params.clone(),
             seccomp: q.seccomp,
+            uids: q.confine.then(|| Uids::new(q.uid_base, q.uid_count)),
             next_cid: AtomicU32::new(first_cid),
         }
     }
@@ -103,6 +124,9 @@ impl Hypervisor for Qemu {
 
     fn prepare(&self, plan: VmPlan) -> Box<dyn Vmm> {
         let mut vm = QemuVm::new(self.binary.clone(), self.spec(&plan));
+        if let Some(uids) = &self.uids {
+            vm.confine(uids.take(), devices(self.accel, self.vsock));
+        }
         vm.join_cgroup(plan.cgroup_procs);
         vm.set_background(plan.background);
         for nic in plan.nics {
@@ -112,11 +136,17 @@ impl Hypervisor for Qemu {
     }
 
     fn adopt(&self, plan: VmPlan, pid: u32) -> std::io::Result<Box<dyn Vmm>> {
-        Ok(Box::new(QemuVm::adopt(
-            self.binary.clone(),
-            self.spec(&plan),
-            pid,
-        )?))
+        let mut vm = QemuVm::adopt(self.binary.clone(), self.spec(&plan), pid)?;
+        // Its uid stays held while it runs: no new VM is given it.
+        if let Some(lease) = self
+            .uids
+            .as_ref()
+            .zip(uid_of(pid))
+            .and_then(|(u, uid)| u.claim(uid))
+        {
+            vm.hold_uid(lease);
+        }
+        Ok(Box::new(vm))
     }
 
     fn owns(&self, pid: u32, id: &str) -> bool {

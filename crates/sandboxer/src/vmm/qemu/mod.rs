@@ -13,7 +13,9 @@ use super::{StartVmError, StopVmError, VmExit, Vmm};
 
 pub mod cmdline;
 mod hypervisor;
+pub mod jail;
 pub mod qmp;
+pub mod uids;
 
 pub use hypervisor::Qemu;
 
@@ -37,6 +39,15 @@ pub struct QemuVm {
     cgroup_procs: Vec<PathBuf>,
     /// Started at [`BACKGROUND_NICE`] (a pooled VM).
     background: bool,
+    /// Confined ([`jail`]): None when `[qemu] confine = false`.
+    confinement: Option<Confinement>,
+}
+
+/// How a confined QEMU runs: its uid (None: every uid of the range is
+/// held, and the VM is refused) and the device nodes it sees.
+struct Confinement {
+    lease: Option<uids::UidLease>,
+    devices: Vec<PathBuf>,
 }
 
 /// The nice value of a pooled VM's QEMU until a pod takes it.
@@ -55,7 +66,42 @@ impl QemuVm {
             tap_fds: Vec::new(),
             cgroup_procs: Vec::new(),
             background: false,
+            confinement: None,
         }
+    }
+
+    /// Confines QEMU ([`jail`]) as uid `lease` (None: none was free), with
+    /// `devices` in its view.
+    pub fn confine(&mut self, lease: Option<uids::UidLease>, devices: Vec<PathBuf>) {
+        self.confinement = Some(Confinement { lease, devices });
+    }
+
+    /// Keeps an adopted QEMU's uid held until this VM is dropped.
+    pub fn hold_uid(&mut self, lease: uids::UidLease) {
+        self.confinement = Some(Confinement {
+            lease: Some(lease),
+            devices: Vec::new(),
+        });
+    }
+
+    /// The planned confinement, if QEMU is confined.
+    fn jail(&self) -> Result<Option<jail::Jail>, StartVmError> {
+        let Some(c) = &self.confinement else {
+            return Ok(None);
+        };
+        let lease = c.lease.as_ref().ok_or(StartVmError::NoUid)?;
+        let files = [
+            self.binary.as_path(),
+            self.spec.kernel.as_path(),
+            self.spec.initrd.as_path(),
+        ];
+        let devices: Vec<&Path> = c.devices.iter().map(PathBuf::as_path).collect();
+        jail::Jail::plan(&self.spec.dir, &files, &devices, lease.uid(), lease.uid())
+            .map(Some)
+            .map_err(|source| StartVmError::Prepare {
+                path: self.spec.dir.join("jail"),
+                source,
+            })
     }
 
     /// Makes QEMU start at a lower CPU priority ([`BACKGROUND_NICE`]).
@@ -141,6 +187,15 @@ impl QemuVm {
                     }
                     Ok(())
                 });
+            }
+        }
+        if let Some(jail) = self.jail()? {
+            // SAFETY: Jail::enter makes system calls on the C strings it
+            // planned (no allocation); it runs last, after the cgroup was
+            // joined and the fds were readied, as it changes the child's
+            // root and drops its privileges.
+            unsafe {
+                cmd.pre_exec(move || jail.enter());
             }
         }
         let spawned = tokio::process::Command::from(cmd)
