@@ -16,6 +16,8 @@
 #       running, and `kuasarctl list` with KUASAR_BENCH_CTL_PODS (default 20) pods running,
 #       and warm start: the same with the VM pool off and with a pool of 5, a waiting pooled
 #       VM's cost, 20 pods at once (skip all of (e) with KUASAR_BENCH_CRI=0)
+# (a) to (d) again for the first kernel with `[qemu] confine = false`: what QEMU's confinement
+# costs (column KERNEL+unconfined).
 # Medians of N runs (KUASAR_BENCH_RUNS, default 5); ratio (a)/(c), target <= 1.3; the first
 # kernel against the last: (b) target <= 0.5x, one QEMU's PSS target <= 0.6x.
 # Needs `make build guest images`. Env: KUASAR_BENCH_DIR (default /run/kuasar-bench),
@@ -96,17 +98,19 @@ declare -A RUN BOOT BARE RUNS BOOTS BARES SHIM_RSS SHIM_PSS VMM_RSS VMM_PSS QEMU
 declare -A CREATE_START CREATE_STARTS
 declare -A RELEASE BARE_OPTS
 
-# measure KERNEL: (a) to (d) with kuasar-vmm booting $IMAGE_DIR/KERNEL.
+# measure COLUMN: (a) to (d) with kuasar-vmm booting $IMAGE_DIR/KERNEL, where COLUMN is KERNEL,
+# or KERNEL+unconfined for the same with `[qemu] confine = false`. Results are keyed by COLUMN.
 measure() {
-  local kernel=$1 i j id out t0 t1 offset
-  log "=== kernel $kernel ==="
+  local column=$1 kernel=${1%+unconfined} confine=true i j id out t0 t1 offset
+  [ "$kernel" = "$column" ] || confine=false
+  log "=== kernel $kernel, QEMU confined: $confine ==="
   "$REPO_ROOT/scripts/sandboxer.sh" stop "$DIR" >&2
-  KUASAR_KERNEL=$kernel "$REPO_ROOT/scripts/sandboxer.sh" start "$DIR" >&2
+  KUASAR_KERNEL=$kernel KUASAR_CONFINE=$confine "$REPO_ROOT/scripts/sandboxer.sh" start "$DIR" >&2
 
   log "warm-up run"
   out=$("${C[@]}" run --rm --runtime "$RUNTIME" "$IMAGE" "bench-warm-$$" uname -r) \
     || die "the warm-up ctr run failed; see $VMM_LOG"
-  RELEASE[$kernel]=$out
+  RELEASE[$column]=$out
 
   # (a) ctr run wall time, (b) boot_ms
   offset=$(stat -c %s "$VMM_LOG")
@@ -150,10 +154,10 @@ measure() {
     [ -n "$c" ] && [ -n "$s" ] && cs+=("$((c + s))")
   done
   [ "${#cs[@]}" -gt 0 ] || log "no 'container created/started elapsed_ms=N' lines in the guests' consoles"
-  CREATE_START[$kernel]=$(printf '%s\n' "${cs[@]}" | median); CREATE_STARTS[$kernel]="${cs[*]}"
-  SHIM_RSS[$kernel]=$(mem "${shims[0]}" Rss); SHIM_PSS[$kernel]=$(mem "${shims[0]}" Pss)
-  VMM_RSS[$kernel]=$(mem "$vmm" Rss); VMM_PSS[$kernel]=$(mem "$vmm" Pss)
-  QEMU_RSS[$kernel]=$(mem "${qemus[0]}" Rss); QEMU_PSS[$kernel]=$(mem "${qemus[0]}" Pss)
+  CREATE_START[$column]=$(printf '%s\n' "${cs[@]}" | median); CREATE_STARTS[$column]="${cs[*]}"
+  SHIM_RSS[$column]=$(mem "${shims[0]}" Rss); SHIM_PSS[$column]=$(mem "${shims[0]}" Pss)
+  VMM_RSS[$column]=$(mem "$vmm" Rss); VMM_PSS[$column]=$(mem "$vmm" Pss)
+  QEMU_RSS[$column]=$(mem "${qemus[0]}" Rss); QEMU_PSS[$column]=$(mem "${qemus[0]}" Pss)
 
   # The machine options the sandboxer used, for the bare boot.
   local machine="microvm,acpi=on" accel="tcg,tb-size=16" cpu="max" memory=256 smp=1 append=""
@@ -196,12 +200,12 @@ measure() {
     coproc BARE_QEMU { exec "$QEMU_BIN" -name "kuasar-bench-bare-$i" -machine "$machine" \
       -accel "$accel" -cpu "$cpu" -m "$memory" -smp "$smp" -nodefaults -no-user-config \
       -nographic -no-reboot -kernel "$IMAGE_DIR/$kernel" -initrd "$WORK/bare.cpio" \
-      -append "$append" -serial stdio </dev/null 2>"$WORK/qemu-$kernel-$i.log"; }
+      -append "$append" -serial stdio </dev/null 2>"$WORK/qemu-$column-$i.log"; }
     QEMU_BARE=$BARE_QEMU_PID
     exec {console}<&"${BARE_QEMU[0]}"
     seen=0 start=$SECONDS
     while [ $((SECONDS - start)) -lt 60 ] && IFS= read -r -t 60 line <&"$console"; do
-      echo "$line" >> "$WORK/console-$kernel-$i.log"
+      echo "$line" >> "$WORK/console-$column-$i.log"
       if [[ $line == *"$MARKER"* ]]; then seen=1; break; fi
     done
     t1=$(now_ms)
@@ -216,22 +220,24 @@ measure() {
     log "bare boot #$i: $((t1 - t0)) ms"
   done
 
-  RUN[$kernel]=$(printf '%s\n' "${run_times[@]}" | median)
-  BOOT[$kernel]=$(printf '%s\n' "${boot_times[@]}" | grep . | median)
-  BARE[$kernel]=$(printf '%s\n' "${bare_times[@]}" | median)
-  RUNS[$kernel]="${run_times[*]}"
-  BOOTS[$kernel]="${boot_times[*]:-none}"
-  BARES[$kernel]="${bare_times[*]}"
-  BARE_OPTS[$kernel]="-machine $machine -accel $accel -cpu $cpu -m $memory -smp $smp -append '$append'"
+  RUN[$column]=$(printf '%s\n' "${run_times[@]}" | median)
+  BOOT[$column]=$(printf '%s\n' "${boot_times[@]}" | grep . | median)
+  BARE[$column]=$(printf '%s\n' "${bare_times[@]}" | median)
+  RUNS[$column]="${run_times[*]}"
+  BOOTS[$column]="${boot_times[*]:-none}"
+  BARES[$column]="${bare_times[*]}"
+  BARE_OPTS[$column]="-machine $machine -accel $accel -cpu $cpu -m $memory -smp $smp -append '$append'"
 }
 
-for k in "${KERNELS[@]}"; do
+# The first kernel once more with QEMU unconfined: what confinement costs.
+COLUMNS=("${KERNELS[@]}" "${KERNELS[0]}+unconfined")
+for k in "${COLUMNS[@]}"; do
   measure "$k"
 done
 # The CRI benchmark below starts its own environment.
 "$REPO_ROOT/scripts/sandboxer.sh" stop "$DIR" >&2
 
-# --- report: one column per kernel -----------------------------------------------------------
+# --- report: one column per kernel, and the first kernel unconfined ---------------------------
 # row LABEL VALUE...
 row() {
   printf '%-44s' "$1"
@@ -246,7 +252,7 @@ per() {
   local -n arr=$1
   local k
   cells=()
-  for k in "${KERNELS[@]}"; do
+  for k in "${COLUMNS[@]}"; do
     case ${2:-} in
       mb) cells+=("$(kb_to_mb "${arr[$k]}") MB") ;;
       ms) cells+=("${arr[$k]} ms") ;;
@@ -256,14 +262,14 @@ per() {
 }
 echo
 echo "kuasar-vmm benchmark ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, $N runs, medians)"
-row "measure" "${KERNELS[@]}"
+row "measure" "${COLUMNS[@]}"
 per RELEASE; row "  uname -r in the guest" "${cells[@]}"
-cells=(); for k in "${KERNELS[@]}"; do cells+=("------------------"); done
+cells=(); for k in "${COLUMNS[@]}"; do cells+=("------------------"); done
 row "--------------------------------------------" "${cells[@]}"
 per RUN ms; row "(a) ctr run --rm ... echo hello (wall)" "${cells[@]}"
 per BOOT ms; row "(b) guest boot to agent ready" "${cells[@]}"
 per BARE ms; row "(c) bare QEMU boot to a busybox /init" "${cells[@]}"
-cells=(); for k in "${KERNELS[@]}"; do cells+=("$(ratio "${RUN[$k]}" "${BARE[$k]}")"); done
+cells=(); for k in "${COLUMNS[@]}"; do cells+=("$(ratio "${RUN[$k]}" "${BARE[$k]}")"); done
 row "ratio (a) / (c) (target <= 1.3)" "${cells[@]}"
 per CREATE_START ms; row "container create + start in the guest" "${cells[@]}"
 per QEMU_RSS mb; row "one QEMU (idle, one container) RSS" "${cells[@]}"
@@ -282,8 +288,15 @@ if [ ${#KERNELS[@]} -ge 2 ]; then
   r=$(ratio "${RUN[$new]}" "${RUN[$old]}")
   printf '%-44s %8s\n' "(a) ctr run, $new / $old" "$r"
 fi
+first=${KERNELS[0]} un="${KERNELS[0]}+unconfined"
+r=$(ratio "${BOOT[$first]}" "${BOOT[$un]}")
+printf '%-44s %8s\n' "(b) boot, QEMU confined / unconfined" "$r"
+r=$(ratio "${RUN[$first]}" "${RUN[$un]}")
+printf '%-44s %8s\n' "(a) ctr run, QEMU confined / unconfined" "$r"
+r=$(ratio "${QEMU_PSS[$first]}" "${QEMU_PSS[$un]}")
+printf '%-44s %8s\n' "QEMU PSS, confined / unconfined" "$r"
 echo
-for k in "${KERNELS[@]}"; do
+for k in "${COLUMNS[@]}"; do
   echo "$k: runs (a) ${RUNS[$k]}; (b) ${BOOTS[$k]}; (c) ${BARES[$k]}; create + start ${CREATE_STARTS[$k]}"
   echo "$k: bare boot ${BARE_OPTS[$k]}"
 done
