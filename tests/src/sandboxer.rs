@@ -40,6 +40,8 @@ pub struct SandboxerConfig {
     /// `[pool] size`: pre-booted VMs (None: `$KUASAR_POOL_SIZE`, else off),
     /// so that a whole suite can run with the pool on.
     pub pool_size: Option<u32>,
+    /// `[qemu] confine` (None: kuasar-vmm's default, confined).
+    pub confine: Option<bool>,
 }
 
 /// Runs every environment's kuasar-vmm with a pool of this many VMs.
@@ -69,6 +71,7 @@ impl SandboxerConfig {
             pool_size: std::env::var(POOL_SIZE_ENV)
                 .ok()
                 .and_then(|v| v.parse().ok()),
+            confine: None,
         }
     }
 
@@ -114,6 +117,9 @@ impl SandboxerConfig {
         s += "\n[qemu]\n";
         if let Some(b) = &self.qemu_binary {
             s += &format!("binary = {}\n", p(b));
+        }
+        if let Some(c) = self.confine {
+            s += &format!("confine = {c}\n");
         }
         if let Some(a) = &self.metrics_address {
             s += &format!("\n[metrics]\naddress = {}\n", toml_str(a));

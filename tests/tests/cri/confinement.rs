@@ -27,7 +27,11 @@ pub fn qemu_is_confined(h: &Handler) {
         eprintln!("{}: skipped: no VM, no QEMU to confine", h.name);
         return;
     }
-    let (pod, _) = h.shared_pod();
+    let pod_ref = h.shared_pod();
+    let pod = pod_ref.0.clone();
+    // A container, whose root filesystem reaches QEMU's view after it
+    // started.
+    let sleeper = h.start(&pod_ref, &super::sleeper("confined"));
     let pid_file = h.env.state_dir().join(&pod).join("qemu.pid");
     let pid = std::fs::read_to_string(&pid_file)
         .unwrap_or_else(|e| panic!("{}: {}: {e}\n{}", h.name, pid_file.display(), h.diag()));
@@ -61,7 +65,8 @@ pub fn qemu_is_confined(h: &Handler) {
         assert_eq!(field(caps), KEPT_CAPS, "{}: QEMU's {caps}", h.name);
     }
     assert_eq!(field("NoNewPrivs:"), "1", "{}: QEMU's no_new_privs", h.name);
-    sees_only_its_sandbox(h, pid, &pod);
+    sees_only_its_sandbox(h, pid, &pod, &sleeper.id);
+    drop(sleeper);
     eprintln!(
         "{}: QEMU pid {pid}: Seccomp 2 ({filters} filters), uid {}, CapEff {KEPT_CAPS}, own mount namespace",
         h.name,
@@ -69,9 +74,10 @@ pub fn qemu_is_confined(h: &Handler) {
     );
 }
 
-/// QEMU `pid`'s mount namespace and root hold sandbox `pod`'s directory
-/// and no other file of the host's; its sandbox's mounts are nosuid,nodev.
-fn sees_only_its_sandbox(h: &Handler, pid: &str, pod: &str) {
+/// QEMU `pid`'s mount namespace and root hold its sandbox's share and no
+/// other file of the host's; the share's mounts in its view (the
+/// containers' root filesystems among them) are nosuid,nodev.
+fn sees_only_its_sandbox(h: &Handler, pid: &str, pod: &str, container: &str) {
     let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/mnt")).unwrap();
     assert_ne!(
         ns(pid),
@@ -81,12 +87,6 @@ fn sees_only_its_sandbox(h: &Handler, pid: &str, pod: &str) {
     );
     let root = Path::new("/proc").join(pid).join("root");
     let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap());
-    let dir = h.env.state_dir().join(pod);
-    assert!(
-        inside(&dir.join("shared")).is_dir(),
-        "{}: no share in QEMU's view",
-        h.name
-    );
     for hidden in [
         Path::new("/etc/passwd"),
         Path::new("/root"),
@@ -107,28 +107,70 @@ fn sees_only_its_sandbox(h: &Handler, pid: &str, pod: &str) {
             hidden.display()
         );
     }
-    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
-    let under_dir: Vec<&str> = mountinfo
-        .lines()
-        .filter(|l| {
-            l.split(' ')
-                .nth(4)
-                .is_some_and(|p| Path::new(p).starts_with(&dir))
-        })
-        .collect();
-    assert!(
-        under_dir.len() >= 2,
-        "{}: QEMU's view lacks its directory or its share:\n{mountinfo}",
-        h.name
-    );
-    for line in under_dir {
-        let opts = line.split(' ').nth(5).unwrap_or("");
+    let share = h.env.state_dir().join(pod).join("shared");
+    let share_fd = qemu_share(pid, &share).unwrap_or_else(|| {
+        panic!(
+            "{}: QEMU holds no descriptor of {}",
+            h.name,
+            share.display()
+        )
+    });
+    // The share and, below it, each container's root filesystem and
+    // volumes, as QEMU sees them (its mountinfo leaves out the mounts of a
+    // pooled VM's share, whose path moved away from its view's).
+    let mut seen = vec![share_fd.clone()];
+    for c in std::fs::read_dir(&share_fd).unwrap().flatten() {
+        seen.push(c.path().join("rootfs"));
+        if let Ok(volumes) = std::fs::read_dir(c.path().join("mounts")) {
+            seen.extend(volumes.flatten().map(|v| v.path()));
+        }
+    }
+    for path in &seen {
+        let flags = mount_flags(path)
+            .unwrap_or_else(|e| panic!("{}: statvfs {}: {e}", h.name, path.display()));
+        let wanted = libc::ST_NOSUID | libc::ST_NODEV;
         assert!(
-            opts.split(',').any(|o| o == "nosuid") && opts.split(',').any(|o| o == "nodev"),
-            "{}: a mount in QEMU's view is not nosuid,nodev: {line}",
-            h.name
+            flags & wanted == wanted,
+            "{}: {} in QEMU's view is not nosuid,nodev (statvfs flags {flags:#x})",
+            h.name,
+            path.display()
         );
     }
+    assert!(
+        seen.contains(&share_fd.join(container).join("rootfs")) && seen.iter().all(|p| p.exists()),
+        "{}: QEMU's view lacks container {container}'s root filesystem: {seen:?}",
+        h.name
+    );
+}
+
+/// QEMU `pid`'s open descriptor of the share directory `share` (its 9p
+/// server holds the share's root open): a path into QEMU's own view of the
+/// share (`/proc/<pid>/fd/<n>`, wherever a pooled VM's files moved since).
+fn qemu_share(pid: &str, share: &Path) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let want = std::fs::metadata(share).ok()?;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
+        let Ok(m) = std::fs::metadata(entry.path()) else {
+            continue;
+        };
+        if m.is_dir() && m.dev() == want.dev() && m.ino() == want.ino() {
+            return Some(entry.path());
+        }
+    }
+    None
+}
+
+/// The statvfs(3) flags (ST_NOSUID, ST_NODEV, ...) of the mount `path` is on.
+fn mount_flags(path: &Path) -> std::io::Result<libc::c_ulong> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: an all-zero statvfs is a valid value of the plain C struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs reads a NUL-terminated path and writes a statvfs we
+    // own, both alive across the call.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_flag)
 }
 
 /// From a privileged container (its root filesystem is in the pod's 9p
@@ -179,10 +221,15 @@ pub fn nothing_leaves_the_share(h: &Handler, pod: &str, container: &str) {
         h.name
     );
     let qemu = std::fs::read_to_string(h.env.state_dir().join(pod).join("qemu.pid")).unwrap();
-    let in_qemu = Path::new("/proc")
-        .join(qemu.trim())
-        .join("root")
-        .join(rootfs.strip_prefix("/").unwrap());
+    let share = h.env.state_dir().join(pod).join("shared");
+    let share_fd = qemu_share(qemu.trim(), &share).unwrap_or_else(|| {
+        panic!(
+            "{}: QEMU holds no descriptor of {}",
+            h.name,
+            share.display()
+        )
+    });
+    let in_qemu = share_fd.join(container).join("rootfs");
     let made = rootfs.join("host-disk").exists();
     if !made {
         // As if a QEMU that allows special files had made it for the guest.
