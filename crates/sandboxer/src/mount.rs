@@ -209,7 +209,9 @@ const MOUNT_ATTR_NOSUID: u64 = 0x2;
 const MOUNT_ATTR_NODEV: u64 = 0x4;
 const AT_RECURSIVE: libc::c_uint = 0x8000;
 
-fn c_path(path: &Path) -> std::io::Result<std::ffi::CString> {
+/// `path` as a C string for a system call (an error names a path with a NUL
+/// byte).
+pub(crate) fn c_path(path: &Path) -> std::io::Result<std::ffi::CString> {
     use std::os::unix::ffi::OsStrExt;
     std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::other(format!("{}: a NUL byte in the path", path.display())))

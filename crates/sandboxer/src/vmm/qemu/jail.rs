@@ -16,8 +16,9 @@
 //! string) and entered in the forked child before exec ([`Jail::enter`]:
 //! system calls only, no allocation).
 use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+
+use crate::mount::c_path;
 
 /// Capabilities QEMU keeps, and why: 9p with `security_model=none` creates
 /// the guest's files with the guest's owner (CAP_CHOWN), reads and writes
@@ -86,11 +87,6 @@ pub struct Jail {
 /// dynamic loader and libraries are found through them.
 const SYSTEM_DIRS: [&str; 6] = ["bin", "sbin", "lib", "lib32", "lib64", "libx32"];
 
-fn cstr(p: &Path) -> std::io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::other(format!("{}: a NUL byte in the path", p.display())))
-}
-
 /// A read-only, nosuid, nodev bind.
 const RO: libc::c_ulong = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
 /// A writable bind QEMU can neither run from nor use a device node of.
@@ -114,7 +110,7 @@ impl Planner {
                 continue;
             }
             self.made.push(a.to_owned());
-            self.steps.push(Step::Dir(cstr(&self.inside(a))?));
+            self.steps.push(Step::Dir(c_path(&self.inside(a))?));
         }
         Ok(())
     }
@@ -139,11 +135,11 @@ impl Planner {
             if let Some(parent) = path.parent() {
                 self.dirs(parent)?;
             }
-            self.steps.push(Step::File(cstr(&self.inside(path))?));
+            self.steps.push(Step::File(c_path(&self.inside(path))?));
         }
         self.steps.push(Step::Bind {
-            source: cstr(path)?,
-            target: cstr(&self.inside(path))?,
+            source: c_path(path)?,
+            target: c_path(&self.inside(path))?,
             flags,
             recursive,
         });
@@ -174,8 +170,8 @@ impl Jail {
             let host = Path::new("/").join(name);
             match std::fs::symlink_metadata(&host) {
                 Ok(m) if m.file_type().is_symlink() => p.steps.push(Step::Symlink {
-                    target: cstr(&std::fs::read_link(&host)?)?,
-                    link: cstr(&p.inside(&host))?,
+                    target: c_path(&std::fs::read_link(&host)?)?,
+                    link: c_path(&p.inside(&host))?,
                 }),
                 Ok(m) if m.is_dir() => p.bind(&host, RO)?,
                 _ => {}
@@ -183,7 +179,7 @@ impl Jail {
         }
         let proc = Path::new("/proc");
         p.dirs(proc)?;
-        p.steps.push(Step::Proc(cstr(&p.inside(proc))?));
+        p.steps.push(Step::Proc(c_path(&p.inside(proc))?));
         let ld_cache = Path::new("/etc/ld.so.cache");
         if ld_cache.is_file() {
             p.bind(ld_cache, RO)?;
@@ -205,9 +201,9 @@ impl Jail {
         // QEMU's view by propagation (the state directory is a shared mount).
         p.bind_tree(&dir.join("shared"), RW, true)?;
         Ok(Jail {
-            root: cstr(&root)?,
+            root: c_path(&root)?,
             steps: p.steps,
-            workdir: cstr(dir)?,
+            workdir: c_path(dir)?,
             uid,
             gid,
         })
