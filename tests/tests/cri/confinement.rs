@@ -32,10 +32,8 @@ pub fn qemu_is_confined(h: &Handler) {
     // A container, whose root filesystem reaches QEMU's view after it
     // started.
     let sleeper = h.start(&pod_ref, &super::sleeper("confined"));
-    let pid_file = h.env.state_dir().join(&pod).join("qemu.pid");
-    let pid = std::fs::read_to_string(&pid_file)
-        .unwrap_or_else(|e| panic!("{}: {}: {e}\n{}", h.name, pid_file.display(), h.diag()));
-    let pid = pid.trim();
+    let pid = qemu_pid(h, &pod);
+    let pid = pid.as_str();
     let status_path = format!("/proc/{pid}/status");
     let status = std::fs::read_to_string(&status_path)
         .unwrap_or_else(|e| panic!("{}: {status_path}: {e}", h.name));
@@ -107,14 +105,7 @@ fn sees_only_its_sandbox(h: &Handler, pid: &str, pod: &str, container: &str) {
             hidden.display()
         );
     }
-    let share = h.env.state_dir().join(pod).join("shared");
-    let share_fd = qemu_share(pid, &share).unwrap_or_else(|| {
-        panic!(
-            "{}: QEMU holds no descriptor of {}",
-            h.name,
-            share.display()
-        )
-    });
+    let share_fd = qemu_share(h, pid, pod);
     // The share and, below it, each container's root filesystem and
     // volumes, as QEMU sees them (its mountinfo leaves out the mounts of a
     // pooled VM's share, whose path moved away from its view's).
@@ -143,21 +134,35 @@ fn sees_only_its_sandbox(h: &Handler, pid: &str, pod: &str, container: &str) {
     );
 }
 
-/// QEMU `pid`'s open descriptor of the share directory `share` (its 9p
+/// The pid of pod `pod`'s QEMU.
+fn qemu_pid(h: &Handler, pod: &str) -> String {
+    h.env
+        .vmm_pid(pod)
+        .unwrap_or_else(|| panic!("{}: no qemu.pid for {pod}\n{}", h.name, h.diag()))
+        .to_string()
+}
+
+/// QEMU `pid`'s open descriptor of pod `pod`'s share directory (its 9p
 /// server holds the share's root open): a path into QEMU's own view of the
 /// share (`/proc/<pid>/fd/<n>`, wherever a pooled VM's files moved since).
-fn qemu_share(pid: &str, share: &Path) -> Option<std::path::PathBuf> {
+fn qemu_share(h: &Handler, pid: &str, pod: &str) -> std::path::PathBuf {
     use std::os::unix::fs::MetadataExt;
-    let want = std::fs::metadata(share).ok()?;
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
-        let Ok(m) = std::fs::metadata(entry.path()) else {
-            continue;
-        };
-        if m.is_dir() && m.dev() == want.dev() && m.ino() == want.ino() {
-            return Some(entry.path());
-        }
-    }
-    None
+    let share = h.env.state_dir().join(pod).join("shared");
+    let want = std::fs::metadata(&share).unwrap();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap();
+    fds.flatten()
+        .map(|e| e.path())
+        .find(|fd| {
+            std::fs::metadata(fd)
+                .is_ok_and(|m| m.is_dir() && m.dev() == want.dev() && m.ino() == want.ino())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{}: QEMU holds no descriptor of {}",
+                h.name,
+                share.display()
+            )
+        })
 }
 
 /// The statvfs(3) flags (ST_NOSUID, ST_NODEV, ...) of the mount `path` is on.
@@ -220,15 +225,7 @@ pub fn nothing_leaves_the_share(h: &Handler, pod: &str, container: &str) {
         "{}: the guest's entries are not where its root filesystem is",
         h.name
     );
-    let qemu = std::fs::read_to_string(h.env.state_dir().join(pod).join("qemu.pid")).unwrap();
-    let share = h.env.state_dir().join(pod).join("shared");
-    let share_fd = qemu_share(qemu.trim(), &share).unwrap_or_else(|| {
-        panic!(
-            "{}: QEMU holds no descriptor of {}",
-            h.name,
-            share.display()
-        )
-    });
+    let share_fd = qemu_share(h, &qemu_pid(h, pod), pod);
     let in_qemu = share_fd.join(container).join("rootfs");
     let made = rootfs.join("host-disk").exists();
     if !made {
