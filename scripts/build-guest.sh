@@ -12,6 +12,8 @@
 #                    busybox-static) with its applets linked in /bin (the tools of `kuasarctl exec`,
 #                    a debug command in the guest), Debian's kernel's modules (for the fallback; the
 #                    agent loads only the running kernel's), and /etc/kuasar/modules (load order)
+#   virtiofsd        the host daemon serving each VM's shared directory over virtio-fs
+#                    (scripts/build-virtiofsd.sh, cached); kuasar-vmm runs it from here
 # Debian's kernel is the newest installed one that has /lib/modules/<release>.
 # Needs the packages of scripts/install-deps.sh, and cargo. Run as root.
 # Every file lands in OUTDIR by rename(2) of a finished temporary file in OUTDIR, so a VM
@@ -24,12 +26,12 @@ TARGET=x86_64-unknown-linux-gnu
 # The modules the guest loads, in order (dependencies are added by modprobe). The agent
 # channel's come first: the agent serves as soon as its channel shows up, while the rest
 # load. (The agent itself moves the vsock ones first with kuasar.channel=vsock:<port>.)
-# The agent loads everything up to 9p before it reports the guest ready (containers and
-# SetupSandbox wait for that), the rest at idle priority: virtio_net is in the first part,
+# The agent loads everything up to the shared directory's file systems (9p, virtiofs) before
+# it reports the guest ready (containers and SetupSandbox wait for that), the rest at idle priority: virtio_net is in the first part,
 # as the pod's NIC must exist when SetupSandbox configures it (the agent loads it there only
 # when the VM has a virtio NIC, otherwise with the rest).
 MODULES=(virtio_ring virtio virtio_mmio virtio_console vmw_vsock_virtio_transport
-         virtio_net netfs fscache 9pnet 9pnet_virtio 9p overlay
+         virtio_net netfs fscache 9pnet 9pnet_virtio 9p fuse virtiofs overlay
          virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci)
 
 log() { echo "build-guest: $*" >&2; }
@@ -61,6 +63,10 @@ log "guest kernel: scripts/build-kernel.sh"
 KDIR=$("$ROOT/scripts/build-kernel.sh") || die "building the guest kernel failed"
 OWN_RELEASE=$(cat "$KDIR/kernel-release")
 OWN_STAMP="build-kernel $(basename "$KDIR")"
+
+# --- virtiofsd: built or found in the cache ---------------------------------------------
+log "virtiofsd: scripts/build-virtiofsd.sh"
+VIRTIOFSD=$("$ROOT/scripts/build-virtiofsd.sh") || die "building virtiofsd failed"
 
 # Temporary files live in OUTDIR (same file system, so mv is a rename) and go on exit.
 STAGE=$(mktemp -d)
@@ -212,6 +218,11 @@ else
   CPIO_TMP=""
 fi
 put kernel-release "$OWN_RELEASE"
+if ! cmp -s "$VIRTIOFSD" "$OUTDIR/virtiofsd"; then
+  tmp=$(mktemp "$OUTDIR/.virtiofsd.XXXXXX")
+  install -m 0755 "$VIRTIOFSD" "$tmp"
+  mv -f "$tmp" "$OUTDIR/virtiofsd"
+fi
 
 size() { du -h --apparent-size "$1" | cut -f1; }
 echo "guest image in $OUTDIR:"
@@ -219,3 +230,4 @@ echo "  vmlinux         $(size "$OUTDIR/vmlinux")  $OWN_RELEASE, the default (fr
 echo "  vmlinux-debian  $(size "$OUTDIR/vmlinux-debian")  $RELEASE, the fallback (from $VMLINUZ)"
 echo "  initramfs.cpio  $(size "$OUTDIR/initramfs.cpio")  (agent $(size "$AGENT"), crun $(size "$CRUN") $CRUN_KIND, busybox $(size "$BUSYBOX"), $(wc -l < "$STAGE/etc/kuasar/modules") modules of $RELEASE)"
 echo "  kernel-release  $OWN_RELEASE"
+echo "  virtiofsd       $(size "$OUTDIR/virtiofsd")  (from $VIRTIOFSD)"

@@ -4,6 +4,7 @@
 # linux-source-6.1 and the tools after it build the project's own guest kernel
 # (scripts/build-kernel.sh). iptables: kuasar-vmm's port-forward redirect in each pod's netns.
 # dpkg-dev and the -dev packages after it build the guest's static crun (scripts/build-crun.sh).
+# libseccomp-dev and libcap-ng-dev also build virtiofsd (scripts/build-virtiofsd.sh).
 # python3-venv: deploy/check.sh validates the Kubernetes manifests with a validator from PyPI.
 # systemd-container (systemd-nspawn) and debootstrap: deploy/test-unit.sh boots a Debian
 # container with systemd to run kuasar-vmm.service under it.
@@ -36,6 +37,7 @@ want=(qemu-system-x86 linux-image-amd64 busybox-static runc crun
       build-essential pkg-config jq util-linux procps psmisc
       linux-source-6.1 bc bison flex libelf-dev libssl-dev
       dpkg-dev libyajl-dev libseccomp-dev libcap-dev libgcrypt20-dev libgpg-error-dev
+      libcap-ng-dev
       python3 python3-venv systemd-container debootstrap)
 missing=()
 for p in "${want[@]}"; do

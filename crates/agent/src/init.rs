@@ -1,5 +1,5 @@
 //! PID 1 duties: the root switch, the basic mounts, kernel modules, cgroups
-//! and the shared 9p mount.
+//! and the shared directory's mount (virtio-fs or 9p).
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;
@@ -11,14 +11,15 @@ use nix::mount::{mount, MsFlags};
 use nix::unistd::{chdir, chroot};
 use tracing::{debug, info, warn};
 
+use kuasar_api::guest::{Share, SHARE_TAG};
+
 use crate::error::{Context, Result};
 
 /// Kernel modules to load, one path per line, in order.
 pub const MODULES_LIST: &str = "/etc/kuasar/modules";
-/// Where the host's shared directory (9p tag `kuasar`) is mounted.
+/// Where the host's shared directory (tag [`SHARE_TAG`]) is mounted.
 pub const SHARED_DIR: &str = "/run/kuasar/shared";
-const SHARED_TAG: &str = "kuasar";
-const SHARED_OPTIONS: &str = "trans=virtio,version=9p2000.L,msize=524288";
+const NINEP_OPTIONS: &str = "trans=virtio,version=9p2000.L,msize=524288";
 
 /// Makes `/` a mount of its own (a bind mount of the initramfs, a tmpfs) on
 /// top of the kernel's rootfs, switch_root style: `pivot_root(2)`, which
@@ -144,7 +145,7 @@ pub fn module_order(list: &str, vsock: bool) -> Vec<&str> {
 }
 
 /// Which modules to load: those containers need (up to and including the
-/// 9p filesystem; the guest image lists the NIC driver, virtio_net, among
+/// shared directory's file systems, 9p and virtiofs; the guest image lists the NIC driver, virtio_net, among
 /// them, loaded there only when the VM has a NIC) or the others (overlay,
 /// PCI, ..., and the NIC driver when there is no NIC).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,10 +154,12 @@ pub enum ModuleSet {
     Rest,
 }
 
-/// Splits a load order after the 9p filesystem module: what must be loaded
-/// before the shared directory can be mounted, and the rest.
+/// Splits a load order after the last of the shared directory's file
+/// system modules (9p, virtiofs): what must be loaded before the shared
+/// directory can be mounted, and the rest.
 pub fn split_after_shared_fs(order: Vec<&str>) -> (Vec<&str>, Vec<&str>) {
-    match order.iter().position(|p| p.ends_with("/fs/9p/9p.ko")) {
+    let shared_fs = |p: &&str| p.ends_with("/fs/9p/9p.ko") || p.ends_with("/fs/fuse/virtiofs.ko");
+    match order.iter().rposition(shared_fs) {
         Some(i) => {
             let mut first = order;
             let rest = first.split_off(i + 1);
@@ -300,25 +303,29 @@ pub fn enable_controllers() {
     }
 }
 
-/// Mounts the host's shared directory (virtio-9p tag `kuasar`).
-pub fn mount_shared() {
+/// Mounts the host's shared directory (tag [`SHARE_TAG`]) over `share`.
+pub fn mount_shared(share: Share) {
     if let Err(e) = std::fs::create_dir_all(SHARED_DIR) {
         warn!("mkdir {SHARED_DIR}: {e}");
         return;
     }
     // The device may be probed a moment after its driver is loaded.
+    let (fstype, options) = match share {
+        Share::NineP => ("9p", Some(NINEP_OPTIONS)),
+        Share::VirtioFs => ("virtiofs", None),
+    };
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
         match mount(
-            Some(SHARED_TAG),
+            Some(SHARE_TAG),
             SHARED_DIR,
-            Some("9p"),
+            Some(fstype),
             MsFlags::empty(),
-            Some(SHARED_OPTIONS),
+            options,
         ) {
             Ok(()) => return,
             Err(e) if Instant::now() >= deadline => {
-                warn!("mount 9p {SHARED_TAG} at {SHARED_DIR}: {e}");
+                warn!("mount {fstype} {SHARE_TAG} at {SHARED_DIR}: {e}");
                 return;
             }
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
@@ -335,6 +342,15 @@ mod tests {
         let order = vec!["/m/virtio.ko", "/m/fs/9p/9p.ko", "/m/overlay.ko"];
         let (first, rest) = split_after_shared_fs(order);
         assert_eq!(first, ["/m/virtio.ko", "/m/fs/9p/9p.ko"]);
+        assert_eq!(rest, ["/m/overlay.ko"]);
+        let order = vec![
+            "/m/fs/9p/9p.ko",
+            "/m/fs/fuse/fuse.ko",
+            "/m/fs/fuse/virtiofs.ko",
+            "/m/overlay.ko",
+        ];
+        let (first, rest) = split_after_shared_fs(order);
+        assert_eq!(first.last(), Some(&"/m/fs/fuse/virtiofs.ko"));
         assert_eq!(rest, ["/m/overlay.ko"]);
         let (first, rest) = split_after_shared_fs(vec!["/m/a.ko"]);
         assert_eq!(first, ["/m/a.ko"]);

@@ -72,6 +72,7 @@ fn main() {
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let channel = channel::Channel::from_cmdline(&cmdline);
     let fault = proxy::Fault::from_cmdline(&cmdline);
+    let share = kuasar_api::guest::Share::from_cmdline(&cmdline);
     if pid1 {
         let vsock = matches!(channel, channel::Channel::Vsock(_));
         let setup = std::thread::Builder::new()
@@ -85,7 +86,7 @@ fn main() {
                 let list = Path::new(init::MODULES_LIST);
                 init::load_modules(list, vsock, init::ModuleSet::ForContainers);
                 init::enable_controllers();
-                init::mount_shared();
+                init::mount_shared(share);
                 ready_tx.send_replace(true);
                 info!("guest ready");
                 // The rest (overlay, PCI, ...) must not slow the first

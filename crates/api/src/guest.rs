@@ -1,6 +1,7 @@
-//! How the host and the guest agent find each other: the channel the host
-//! names on the guest's kernel command line, and the virtio-serial port's
-//! name. The host's hypervisor module writes these, the agent reads them.
+//! How the host and the guest agent find each other: the channel and the
+//! shared directory's transport the host names on the guest's kernel
+//! command line, and the virtio-serial port's name. The host's hypervisor
+//! module writes these, the agent reads them.
 
 /// The kernel command-line parameter naming the channel
 /// (`kuasar.channel=vsock:<port>` or `kuasar.channel=serial`).
@@ -11,6 +12,50 @@ pub const AGENT_PORT_NAME: &str = "kuasar.agent";
 
 /// The vsock port the agent listens on when the channel is vsock.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// The kernel command-line parameter naming the shared directory's
+/// transport (`kuasar.share=virtiofs` or `kuasar.share=9p`).
+pub const SHARE_PARAM: &str = "kuasar.share";
+
+/// The mount tag (virtio-fs) or channel name (virtio-9p) of the shared
+/// directory.
+pub const SHARE_TAG: &str = "kuasar";
+
+/// The value of the last `name=` parameter of a kernel command line.
+fn last_param<'a>(cmdline: &'a str, name: &str) -> Option<&'a str> {
+    cmdline
+        .split_whitespace()
+        .filter_map(|p| p.strip_prefix(name)?.strip_prefix('='))
+        .next_back()
+}
+
+/// How the host's shared directory reaches the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Share {
+    /// virtio-9p served by QEMU itself (the default when unnamed).
+    NineP,
+    /// virtio-fs served by a virtiofsd of the VM's own.
+    VirtioFs,
+}
+
+impl Share {
+    /// The transport a kernel command line names: the last [`SHARE_PARAM`];
+    /// 9p when absent or not understood.
+    pub fn from_cmdline(cmdline: &str) -> Share {
+        match last_param(cmdline, SHARE_PARAM) {
+            Some("virtiofs") => Share::VirtioFs,
+            _ => Share::NineP,
+        }
+    }
+
+    /// The kernel command-line parameter that names this transport.
+    pub fn cmdline_param(self) -> String {
+        match self {
+            Share::NineP => format!("{SHARE_PARAM}=9p"),
+            Share::VirtioFs => format!("{SHARE_PARAM}=virtiofs"),
+        }
+    }
+}
 
 /// How the host reaches the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,12 +70,10 @@ impl Channel {
     /// The channel a kernel command line names: the last
     /// [`CHANNEL_PARAM`]; serial when absent or not understood.
     pub fn from_cmdline(cmdline: &str) -> Channel {
-        let prefix = format!("{CHANNEL_PARAM}=");
-        let value = cmdline
-            .split_whitespace()
-            .filter_map(|p| p.strip_prefix(prefix.as_str()))
-            .next_back();
-        match value.and_then(|v| v.strip_prefix("vsock:")).map(str::parse) {
+        match last_param(cmdline, CHANNEL_PARAM)
+            .and_then(|v| v.strip_prefix("vsock:"))
+            .map(str::parse)
+        {
             Some(Ok(port)) => Channel::Vsock(port),
             _ => Channel::Serial,
         }
@@ -48,6 +91,24 @@ impl Channel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn share_from_cmdline() {
+        assert_eq!(Share::from_cmdline("console=ttyS0 quiet"), Share::NineP);
+        assert_eq!(
+            Share::from_cmdline("quiet kuasar.share=virtiofs kuasar.shared=9p"),
+            Share::VirtioFs
+        );
+        assert_eq!(
+            Share::from_cmdline("kuasar.share=virtiofs kuasar.share=9p"),
+            Share::NineP
+        );
+        assert_eq!(Share::from_cmdline("kuasar.share=nfs"), Share::NineP);
+        for s in [Share::NineP, Share::VirtioFs] {
+            let cmdline = format!("console=hvc0 {} quiet", s.cmdline_param());
+            assert_eq!(Share::from_cmdline(&cmdline), s);
+        }
+    }
 
     #[test]
     fn channel_from_cmdline() {

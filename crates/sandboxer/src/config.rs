@@ -11,6 +11,9 @@ pub const KERNEL_FILE: &str = "vmlinux";
 /// Name of Debian's kernel (extracted from its bzImage) inside `image_dir`:
 /// the fallback, chosen with `kernel = "vmlinux-debian"`.
 pub const DEBIAN_KERNEL_FILE: &str = "vmlinux-debian";
+/// Name of virtiofsd inside `image_dir` (`[qemu] virtiofsd`'s default),
+/// built by scripts/build-virtiofsd.sh.
+pub const VIRTIOFSD_FILE: &str = "virtiofsd";
 /// Name of the guest initramfs (uncompressed cpio) inside `image_dir`.
 pub const INITRD_FILE: &str = "initramfs.cpio";
 
@@ -110,6 +113,21 @@ pub enum Channel {
     Auto,
     Vsock,
     Serial,
+}
+
+/// How each VM's shared directory (the containers' root filesystems and
+/// volumes) reaches its guest.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+pub enum SharedDir {
+    /// virtio-fs, served by a virtiofsd of the VM's own (in its own
+    /// sandbox, outside QEMU): QEMU then needs no capability at all.
+    #[default]
+    #[serde(rename = "virtio-fs")]
+    VirtioFs,
+    /// virtio-9p, served by QEMU itself: a confined QEMU keeps the file
+    /// capabilities 9p needs (docs/operations.md).
+    #[serde(rename = "9p")]
+    NineP,
 }
 
 /// The VMs, whatever the hypervisor runs them.
@@ -247,6 +265,12 @@ pub struct QemuConfig {
     pub uid_base: u32,
     /// How many uids from `uid_base` on (the most VMs at once).
     pub uid_count: u32,
+    /// How the shared directory reaches the guest: `"virtio-fs"` (the
+    /// default) or `"9p"`.
+    pub share: SharedDir,
+    /// virtiofsd for `share = "virtio-fs"`: a file name inside `image_dir`
+    /// (`virtiofsd`, which `make guest` builds) or an absolute path.
+    pub virtiofsd: PathBuf,
     // Keys of before `[vm]`, still read into it (see [`Config::parse`]);
     // always None after it.
     pub(crate) vcpus: Option<u32>,
@@ -272,6 +296,8 @@ impl Default for QemuConfig {
             confine: true,
             uid_base: DEFAULT_UID_BASE,
             uid_count: 65536,
+            share: SharedDir::VirtioFs,
+            virtiofsd: PathBuf::from(VIRTIOFSD_FILE),
             vcpus: None,
             memory_mib: None,
             boot_timeout_secs: None,
@@ -447,6 +473,12 @@ impl Config {
         }
     }
 
+    /// virtiofsd: `[qemu] virtiofsd` inside `image_dir`, or itself when
+    /// it is an absolute path.
+    pub fn virtiofsd_path(&self) -> PathBuf {
+        self.image_dir.join(&self.qemu.virtiofsd)
+    }
+
     pub fn initrd_path(&self) -> PathBuf {
         self.image_dir.join(INITRD_FILE)
     }
@@ -506,6 +538,12 @@ impl Config {
             return Err(invalid(
                 "kernel",
                 "must be a file name inside `image_dir` (such as \"vmlinux\" or \"vmlinux-debian\") or an absolute path",
+            ));
+        }
+        if !kernel_setting_is_valid(&self.qemu.virtiofsd) {
+            return Err(invalid(
+                "qemu.virtiofsd",
+                "must be a file name inside `image_dir` (such as \"virtiofsd\") or an absolute path",
             ));
         }
         if !self.state_dir.is_absolute() {
@@ -576,11 +614,18 @@ impl Config {
                 return Err(ConfigError::Missing { what, path });
             }
         }
+        let virtiofsd = self.virtiofsd_path();
+        if self.qemu.share == SharedDir::VirtioFs && !virtiofsd.is_file() {
+            return Err(ConfigError::Missing {
+                what: "virtiofsd (built by `make guest`; or set `[qemu] share = \"9p\"`)",
+                path: virtiofsd,
+            });
+        }
         Ok(())
     }
 }
 
-/// `kernel`: an absolute path, or one plain file name (no directory, not
+/// `kernel` (or `[qemu] virtiofsd`): an absolute path, or one plain file name (no directory, not
 /// `.` or `..`), which then lives in `image_dir`.
 fn kernel_setting_is_valid(kernel: &Path) -> bool {
     use std::path::Component;
@@ -871,7 +916,28 @@ mod tests {
             "{err}"
         );
         c.kernel = PathBuf::from(KERNEL_FILE);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains(&dir.path().join("virtiofsd").display().to_string()),
+            "{err}"
+        );
+        c.qemu.share = SharedDir::NineP;
         c.validate().unwrap();
+        c.qemu.share = SharedDir::VirtioFs;
+        c.qemu.virtiofsd = PathBuf::from("/bin/true");
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn the_share_is_virtio_fs_or_9p() {
+        let c = Config::parse("[qemu]\nshare = \"9p\"\nvirtiofsd = \"/opt/v\"").unwrap();
+        assert_eq!(c.qemu.share, SharedDir::NineP);
+        assert_eq!(c.virtiofsd_path(), PathBuf::from("/opt/v"));
+        assert_eq!(Config::default().qemu.share, SharedDir::VirtioFs);
+        assert!(Config::parse("[qemu]\nshare = \"nfs\"").is_err());
+        let bad = Config::parse("[qemu]\nvirtiofsd = \"../v\"").unwrap();
+        let err = bad.validate_values().unwrap_err().to_string();
+        assert!(err.contains("qemu.virtiofsd"), "{err}");
     }
 
     #[test]

@@ -162,8 +162,10 @@ fn prepare_state_dir(config: &Config) -> anyhow::Result<()> {
         .with_context(|| format!("create state directory {}", config.state_dir.display()))?;
     std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("chmod {}", config.state_dir.display()))?;
-    if config.qemu.confine {
-        // Confined QEMUs see their share through a slave of this mount.
+    if config.qemu.confine || config.qemu.share == crate::config::SharedDir::VirtioFs {
+        // virtiofsd (in a mount namespace of its own) and a confined QEMU
+        // serving 9p see their share through a slave of this mount: the
+        // containers' root filesystems mounted there later reach them.
         mount::make_shared(&config.state_dir)
             .with_context(|| format!("make {} a shared mount", config.state_dir.display()))?;
     }

@@ -1,27 +1,29 @@
 //! The VM's QEMU confined on the node: it parses the untrusted guest's
 //! device traffic, so it runs under its own seccomp filter, as a uid of
-//! its own with only the file capabilities its 9p share needs, in a mount
-//! namespace that holds its sandbox's files and nothing else of the host.
-use std::path::Path;
+//! its own with no capability (its VM's virtiofsd serves the share), in a
+//! mount namespace that holds its sandbox's directory and nothing else of
+//! the host, not even the share's files.
+use std::path::{Path, PathBuf};
 
 use super::Handler;
 
-/// Of root's capabilities, what a confined QEMU keeps: CAP_CHOWN,
-/// DAC_OVERRIDE, FOWNER, FSETID, MKNOD, SETFCAP (docs/operations.md).
-const KEPT_CAPS: &str = "000000008800001b";
+/// Of root's capabilities, what a confined QEMU keeps: none.
+const KEPT_CAPS: &str = "0000000000000000";
 /// `[qemu] uid_base`'s default.
 const UID_BASE: u64 = 0x7000_0000;
 
 /// A pod's QEMU, with the pod working as usual (the suite's other tests run
-/// through the same QEMU: 9p, the agent's channel, networking, fd passing):
+/// through the same QEMU: virtio-fs, the agent's channel, networking, fd
+/// passing):
 /// - seccomp filter mode (`Seccomp: 2`);
-/// - a uid and gid of the VMs' range, no_new_privs, the kept capabilities
-///   alone (effective, permitted, bounding);
+/// - a uid and gid of the VMs' range, no_new_privs, no capability
+///   (effective, permitted, bounding);
 /// - a mount namespace of its own whose root holds the sandbox's directory
-///   but none of the host's files (no /etc/passwd, no containerd state);
-/// - every mount of its sandbox directory nosuid and nodev, the containers'
-///   root filesystems (mounted after QEMU started, which reach its view by
-///   propagation) among them.
+///   but none of the host's files (no /etc/passwd, no containerd state),
+///   and no mount of the share (the containers' root filesystems);
+/// - in its virtiofsd's view, every mount of the share nosuid and nodev,
+///   the containers' root filesystems (mounted after virtiofsd started,
+///   which reach its view by propagation) among them.
 pub fn qemu_is_confined(h: &Handler) {
     if !h.vm {
         eprintln!("{}: skipped: no VM, no QEMU to confine", h.name);
@@ -72,9 +74,10 @@ pub fn qemu_is_confined(h: &Handler) {
     );
 }
 
-/// QEMU `pid`'s mount namespace and root hold its sandbox's share and no
-/// other file of the host's; the share's mounts in its view (the
-/// containers' root filesystems among them) are nosuid,nodev.
+/// QEMU `pid`'s mount namespace and root hold no file of the host's but its
+/// sandbox directory's, and no mount of the share; the share's mounts in
+/// its virtiofsd's view (the containers' root filesystems among them) are
+/// nosuid,nodev.
 fn sees_only_its_sandbox(h: &Handler, pid: &str, pod: &str, container: &str) {
     let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/mnt")).unwrap();
     assert_ne!(
@@ -105,10 +108,19 @@ fn sees_only_its_sandbox(h: &Handler, pid: &str, pod: &str, container: &str) {
             hidden.display()
         );
     }
-    let share_fd = qemu_share(h, pid, pod);
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let share_mounts: Vec<&str> = mountinfo
+        .lines()
+        .filter(|l| l.split(' ').nth(4).is_some_and(|m| m.contains("/shared")))
+        .collect();
+    assert!(
+        share_mounts.is_empty(),
+        "{}: QEMU's view has mounts of the share: {share_mounts:?}",
+        h.name
+    );
+    let share_fd = share_view(h, pod);
     // The share and, below it, each container's root filesystem and
-    // volumes, as QEMU sees them (its mountinfo leaves out the mounts of a
-    // pooled VM's share, whose path moved away from its view's).
+    // volumes, as virtiofsd sees them.
     let mut seen = vec![share_fd.clone()];
     for c in std::fs::read_dir(&share_fd).unwrap().flatten() {
         seen.push(c.path().join("rootfs"));
@@ -122,14 +134,14 @@ fn sees_only_its_sandbox(h: &Handler, pid: &str, pod: &str, container: &str) {
         let wanted = libc::ST_NOSUID | libc::ST_NODEV;
         assert!(
             flags & wanted == wanted,
-            "{}: {} in QEMU's view is not nosuid,nodev (statvfs flags {flags:#x})",
+            "{}: {} in virtiofsd's view is not nosuid,nodev (statvfs flags {flags:#x})",
             h.name,
             path.display()
         );
     }
     assert!(
         seen.contains(&share_fd.join(container).join("rootfs")) && seen.iter().all(|p| p.exists()),
-        "{}: QEMU's view lacks container {container}'s root filesystem: {seen:?}",
+        "{}: virtiofsd's view lacks container {container}'s root filesystem: {seen:?}",
         h.name
     );
 }
@@ -142,27 +154,35 @@ fn qemu_pid(h: &Handler, pod: &str) -> String {
         .to_string()
 }
 
-/// QEMU `pid`'s open descriptor of pod `pod`'s share directory (its 9p
-/// server holds the share's root open): a path into QEMU's own view of the
-/// share (`/proc/<pid>/fd/<n>`, wherever a pooled VM's files moved since).
-fn qemu_share(h: &Handler, pid: &str, pod: &str) -> std::path::PathBuf {
-    use std::os::unix::fs::MetadataExt;
+/// Pod `pod`'s share as its virtiofsd serves it: the root of virtiofsd's
+/// sandboxed process (`/proc/<pid>/root`, the share's directory wherever a
+/// pooled VM's files moved since).
+fn share_view(h: &Handler, pod: &str) -> PathBuf {
+    let pid_file = h.env.state_dir().join(pod).join("virtiofsd.pid");
+    let pid = std::fs::read_to_string(&pid_file)
+        .unwrap_or_else(|e| panic!("{}: {}: {e}", h.name, pid_file.display()));
+    let pid = pid.trim();
+    // virtiofsd serves from a child in namespaces of its own.
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let child = children
+        .split_whitespace()
+        .next()
+        .unwrap_or_else(|| panic!("{}: virtiofsd {pid} has no sandboxed child", h.name));
+    let root = PathBuf::from(format!("/proc/{child}/root"));
     let share = h.env.state_dir().join(pod).join("shared");
-    let want = std::fs::metadata(&share).unwrap();
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap();
-    fds.flatten()
-        .map(|e| e.path())
-        .find(|fd| {
-            std::fs::metadata(fd)
-                .is_ok_and(|m| m.is_dir() && m.dev() == want.dev() && m.ino() == want.ino())
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "{}: QEMU holds no descriptor of {}",
-                h.name,
-                share.display()
-            )
-        })
+    use std::os::unix::fs::MetadataExt;
+    let (a, b) = (
+        std::fs::metadata(&root).unwrap(),
+        std::fs::metadata(&share).unwrap(),
+    );
+    assert!(
+        a.dev() == b.dev() && a.ino() == b.ino(),
+        "{}: virtiofsd {child}'s root is not {}",
+        h.name,
+        share.display()
+    );
+    root
 }
 
 /// The statvfs(3) flags (ST_NOSUID, ST_NODEV, ...) of the mount `path` is on.
@@ -178,14 +198,15 @@ fn mount_flags(path: &Path) -> std::io::Result<libc::c_ulong> {
     Ok(st.f_flag)
 }
 
-/// From a privileged container (its root filesystem is in the pod's 9p
+/// From a privileged container (its root filesystem is in the pod's
 /// share), attempts to leave the share reach nothing of the host:
 /// - symlinks to `/`, to a host file, and `..` chains resolve in the guest
 ///   (its own `/`), so a host witness file stays unreadable and unchanged;
 /// - a hard link to a file outside the root filesystem is refused;
-/// - a device node of the host's disk, where QEMU's 9p lets it be made
-///   (QEMU 10 refuses special files with ENXIO), cannot be opened on the
-///   host: neither through the share nor in QEMU's view, both nodev.
+/// - a device node of the host's disk, which the guest can make there,
+///   cannot be opened on the host: neither through the share nor in
+///   virtiofsd's view, both nodev;
+/// - special files work in the share (9p served by QEMU refused FIFOs).
 pub fn nothing_leaves_the_share(h: &Handler, pod: &str, container: &str) {
     use std::os::unix::fs::MetadataExt;
     let witness = h.env.dir().join("witness");
@@ -203,6 +224,7 @@ pub fn nothing_leaves_the_share(h: &Handler, pod: &str, container: &str) {
              echo guest > escape-root/written-through-a-link
              ! ln /etc/hostname hard-link-out 2>/dev/null
              mknod host-disk b {major} {minor} 2>/dev/null || echo no device node
+             mkfifo fifo-in-rootfs && test -p fifo-in-rootfs
              echo done"
         ),
     );
@@ -225,11 +247,10 @@ pub fn nothing_leaves_the_share(h: &Handler, pod: &str, container: &str) {
         "{}: the guest's entries are not where its root filesystem is",
         h.name
     );
-    let share_fd = qemu_share(h, &qemu_pid(h, pod), pod);
-    let in_qemu = share_fd.join(container).join("rootfs");
+    let in_virtiofsd = share_view(h, pod).join(container).join("rootfs");
     let made = rootfs.join("host-disk").exists();
     if !made {
-        // As if a QEMU that allows special files had made it for the guest.
+        // As if the guest had made it.
         let path = std::ffi::CString::new(
             rootfs
                 .join("host-disk")
@@ -247,7 +268,7 @@ pub fn nothing_leaves_the_share(h: &Handler, pod: &str, container: &str) {
             std::io::Error::last_os_error()
         );
     }
-    for node in [rootfs.join("host-disk"), in_qemu.join("host-disk")] {
+    for node in [rootfs.join("host-disk"), in_virtiofsd.join("host-disk")] {
         let e = std::fs::File::open(&node).expect_err("a device node in the share opened");
         assert_eq!(
             e.raw_os_error(),

@@ -63,14 +63,17 @@ impl Sandbox {
         let attached = async {
             move_entries(&dir, &self.dir, &mut moved)?;
             vm.relocate(&self.dir);
-            let pid = vm.pid().unwrap_or(0);
+            // The VMM, then its helpers (virtiofsd).
+            let pids: Vec<u32> = vm.pid().into_iter().chain(vm.helper_pids()).collect();
             self.create_cgroup(pod, &mut plan, &mut held)?;
-            if let Some(cg) = &held.cgroup {
-                cg.move_process(pid)
-                    .map_err(|e| Error::io("move the pooled VMM into the pod's cgroup", e))?;
+            for &pid in &pids {
+                if let Some(cg) = &held.cgroup {
+                    cg.move_process(pid)
+                        .map_err(|e| Error::io("move the pooled VMM into the pod's cgroup", e))?;
+                }
+                crate::pool::foreground(pid)
+                    .map_err(|e| Error::io("raise the pooled VMM's CPU priority", e))?;
             }
-            crate::pool::foreground(pid)
-                .map_err(|e| Error::io("raise the pooled VMM's CPU priority", e))?;
             if let Some(netns) = pod.and_then(|p| p.netns.as_deref()) {
                 let (tap_name, tap_fd) = tap;
                 let net =

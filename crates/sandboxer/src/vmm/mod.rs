@@ -130,6 +130,12 @@ pub trait Vmm: Send + Sync {
     async fn stop(&mut self, grace: Duration) -> Result<(), StopVmError>;
     /// The VMM's host process id while it runs.
     fn pid(&self) -> Option<u32>;
+    /// The VMM's helper processes on the host that this run started
+    /// (virtiofsd and its sandboxed child), which go where the VMM goes
+    /// (a pooled VM's into its pod's cgroup).
+    fn helper_pids(&self) -> Vec<u32> {
+        Vec::new()
+    }
     /// Where the guest agent is reached (a ttrpc address).
     fn agent_address(&self) -> String;
     /// The guest's console log.

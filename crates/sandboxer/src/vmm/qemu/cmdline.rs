@@ -1,10 +1,8 @@
 //! Builds QEMU's command line for one sandbox (see docs/design.md).
 use std::path::{Path, PathBuf};
 
-use kuasar_api::guest::{Channel, AGENT_PORT_NAME, AGENT_VSOCK_PORT};
-
-/// virtio-9p mount tag of the shared directory.
-pub const SHARED_TAG: &str = "kuasar";
+pub use kuasar_api::guest::Share;
+use kuasar_api::guest::{Channel, AGENT_PORT_NAME, AGENT_VSOCK_PORT, SHARE_TAG};
 
 /// The accelerator actually used, after `auto` was resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +52,8 @@ pub struct VmSpec {
     /// QEMU's seccomp filter (see `QemuConfig::seccomp`).
     pub seccomp: bool,
     pub dir: PathBuf,
+    /// How the shared directory reaches the guest.
+    pub share: Share,
     /// The pod's NICs, in order (none without a pod network).
     pub nics: Vec<NicSpec>,
 }
@@ -70,6 +70,10 @@ impl VmSpec {
     }
     pub fn shared_dir(&self) -> PathBuf {
         self.dir.join("shared")
+    }
+    /// virtiofsd's vhost-user socket (virtio-fs), which QEMU connects to.
+    pub fn virtiofsd_socket(&self) -> PathBuf {
+        self.dir.join("fs.sock")
     }
 
     /// The ttrpc address of the guest agent.
@@ -102,6 +106,7 @@ impl VmSpec {
         if let AgentChannel::Vsock { .. } = self.channel {
             p.push(Channel::Vsock(AGENT_VSOCK_PORT).cmdline_param());
         }
+        p.push(self.share.cmdline_param());
         if !self.kernel_params.trim().is_empty() {
             p.push(self.kernel_params.trim().to_owned());
         }
@@ -139,7 +144,22 @@ impl VmSpec {
                 super::hypervisor::name_marker(&self.name)
             ),
         ]);
-        push(&["-machine", "microvm,acpi=on,pit=off,pic=off,rtc=on"]);
+        let machine = "microvm,acpi=on,pit=off,pic=off,rtc=on";
+        match self.share {
+            Share::NineP => push(&["-machine", machine]),
+            Share::VirtioFs => {
+                // vhost-user: virtiofsd reads and writes the guest's buffers
+                // itself, so the guest's memory is a shareable memfd.
+                push(&["-machine", &format!("{machine},memory-backend=mem")]);
+                push(&[
+                    "-object",
+                    &format!(
+                        "memory-backend-memfd,id=mem,size={}M,share=on",
+                        self.memory_mib
+                    ),
+                ]);
+            }
+        }
         push(&["-accel", &accel, "-cpu", cpu]);
         push(&[
             "-m",
@@ -166,7 +186,7 @@ impl VmSpec {
         a
     }
 
-    /// The devices: the agent's channel, the shared directory (9p), the
+    /// The devices: the agent's channel, the shared directory, the
     /// balloon, one NIC per tap.
     fn device_args(&self) -> Vec<String> {
         let path = |p: &Path| p.display().to_string();
@@ -189,17 +209,29 @@ impl VmSpec {
                 push(&["-device", &format!("vhost-vsock-device,guest-cid={cid}")]);
             }
         }
-        push(&[
-            "-fsdev",
-            &format!(
-                "local,id=shared,path={},security_model=none,multidevs=remap",
-                path(&self.shared_dir())
-            ),
-        ]);
-        push(&[
-            "-device",
-            &format!("virtio-9p-device,fsdev=shared,mount_tag={SHARED_TAG}"),
-        ]);
+        match self.share {
+            Share::NineP => {
+                push(&[
+                    "-fsdev",
+                    &format!(
+                        "local,id=shared,path={},security_model=none,multidevs=remap",
+                        path(&self.shared_dir())
+                    ),
+                ]);
+                push(&[
+                    "-device",
+                    &format!("virtio-9p-device,fsdev=shared,mount_tag={SHARE_TAG}"),
+                ]);
+            }
+            Share::VirtioFs => {
+                let socket = path(&self.virtiofsd_socket());
+                push(&["-chardev", &format!("socket,id=fs,path={socket}")]);
+                push(&[
+                    "-device",
+                    &format!("vhost-user-fs-device,chardev=fs,tag={SHARE_TAG}"),
+                ]);
+            }
+        }
         // Free page reporting: pages the guest frees (the initramfs once
         // unpacked, exited containers) go back to the host instead of
         // staying in QEMU's RSS. The project's kernel drives it; a kernel
@@ -236,8 +268,32 @@ mod tests {
             tsc_khz: Some(2_596_138),
             seccomp: true,
             dir: "/run/kuasar/vmm/sb1".into(),
+            share: Share::NineP,
             nics: Vec::new(),
         }
+    }
+
+    #[test]
+    fn virtio_fs_connects_to_virtiofsd_and_shares_the_guest_memory() {
+        let mut s = spec(Accel::Tcg { cache_mib: 16 });
+        s.share = Share::VirtioFs;
+        let args = s.args().join(" ");
+        assert!(
+            args.contains(
+                "-machine microvm,acpi=on,pit=off,pic=off,rtc=on,memory-backend=mem \
+                 -object memory-backend-memfd,id=mem,size=256M,share=on"
+            ),
+            "{args}"
+        );
+        assert!(
+            args.contains(
+                "-chardev socket,id=fs,path=/run/kuasar/vmm/sb1/fs.sock \
+                 -device vhost-user-fs-device,chardev=fs,tag=kuasar"
+            ),
+            "{args}"
+        );
+        assert!(!args.contains("fsdev"), "{args}");
+        assert!(s.kernel_cmdline().contains("kuasar.share=virtiofs"));
     }
 
     #[test]
@@ -248,6 +304,8 @@ mod tests {
         assert!(s.kernel_cmdline().contains("tsc_early_khz=2596138"));
         assert!(args.contains("path=/run/kuasar/vmm/sb1/agent.sock,server=on,wait=off"));
         assert!(args.contains("mount_tag=kuasar"));
+        assert!(!args.contains("memory-backend"));
+        assert!(s.kernel_cmdline().contains("kuasar.share=9p"));
         assert!(args.contains("-kernel /img/vmlinux -initrd /img/initramfs.cpio"));
         assert!(args.contains("-device virtio-balloon-device,free-page-reporting=on"));
     }

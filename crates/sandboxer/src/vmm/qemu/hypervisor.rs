@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use super::uids::{uid_of, Uids};
-use super::{Accel, AgentChannel, QemuVm, VmSpec};
-use crate::config::{Accelerator, Channel, Config};
+use super::{Accel, AgentChannel, QemuVm, Share, VmSpec};
+use crate::config::{Accelerator, Channel, Config, SharedDir};
 use crate::vmm::{probe, Hypervisor, VmPlan, Vmm};
 
 /// Where a started QEMU's pid is written in the sandbox's directory.
@@ -24,6 +24,8 @@ pub struct Qemu {
     initrd: PathBuf,
     kernel_params: String,
     seccomp: bool,
+    share: Share,
+    virtiofsd: PathBuf,
     /// The uids of confined QEMUs (None: `[qemu] confine = false`).
     uids: Option<Arc<Uids>>,
     next_cid: AtomicU32,
@@ -81,6 +83,11 @@ impl Qemu {
             initrd: config.initrd_path(),
             kernel_params: config.vm.kernel_params.clone(),
             seccomp: q.seccomp,
+            share: match q.share {
+                SharedDir::VirtioFs => Share::VirtioFs,
+                SharedDir::NineP => Share::NineP,
+            },
+            virtiofsd: config.virtiofsd_path(),
             uids: q.confine.then(|| Uids::new(q.uid_base, q.uid_count)),
             next_cid: AtomicU32::new(first_cid),
         }
@@ -112,6 +119,7 @@ impl Qemu {
             tsc_khz: self.tsc_khz,
             seccomp: self.seccomp,
             dir: plan.dir.clone(),
+            share: self.share,
             nics: Vec::new(),
         }
     }
@@ -124,6 +132,7 @@ impl Hypervisor for Qemu {
 
     fn prepare(&self, plan: VmPlan) -> Box<dyn Vmm> {
         let mut vm = QemuVm::new(self.binary.clone(), self.spec(&plan));
+        vm.set_virtiofsd(self.virtiofsd.clone());
         if let Some(uids) = &self.uids {
             vm.confine(uids.take(), devices(self.accel, self.vsock));
         }
@@ -186,6 +195,7 @@ mod tests {
             tsc_khz: None,
             seccomp: true,
             dir: "/run/x/abc".into(),
+            share: Share::VirtioFs,
             nics: Vec::new(),
         };
         let args = spec.args().join(" ");

@@ -2,15 +2,17 @@
 //! boundaries"): QEMU parses the untrusted guest's device traffic, so it
 //! runs
 //! - in a mount namespace of its own whose root is a small tmpfs holding
-//!   only its sandbox's directory (and the share in it), the kernel, the
-//!   initramfs, `/usr` read-only and a few device nodes: the rest of the
-//!   node's files are out of its sight;
+//!   only its sandbox's directory (and, with 9p, the share in it), the
+//!   kernel, the initramfs, `/usr` read-only and a few device nodes: the
+//!   rest of the node's files are out of its sight;
 //! - as a uid and gid of its own (one per VM, see [`super::uids`]), so
 //!   that it can neither signal nor trace another VM's QEMU or any
-//!   process of root;
-//! - with, of root's capabilities, only those serving the guest's files
-//!   over 9p (`security_model=none`) takes ([`KEPT_CAPS`]), in its
-//!   bounding set too, and with no_new_privs.
+//!   process of root; its only supplementary groups are those that open
+//!   its device nodes (`/dev/kvm`'s, say);
+//! - with no capability at all when virtiofsd serves the share
+//!   ([`Share::VirtioFs`]); with 9p (`security_model=none`), with those
+//!   of root's capabilities serving the guest's files takes
+//!   ([`KEPT_CAPS`]); in its bounding set too, and with no_new_privs.
 //!
 //! Everything is planned in kuasar-vmm ([`Jail::plan`]: each path a C
 //! string) and entered in the forked child before exec ([`Jail::enter`]:
@@ -18,9 +20,10 @@
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
+use super::cmdline::Share;
 use crate::mount::c_path;
 
-/// Capabilities QEMU keeps, and why: 9p with `security_model=none` creates
+/// Capabilities QEMU keeps when it serves the share over 9p, and why: 9p with `security_model=none` creates
 /// the guest's files with the guest's owner (CAP_CHOWN), reads and writes
 /// files of any owner (CAP_DAC_OVERRIDE), sets modes, times and extended
 /// attributes of files it does not own (CAP_FOWNER), keeps set-group-id
@@ -70,6 +73,10 @@ enum Step {
         /// With the mounts below `source` (MS_REC).
         recursive: bool,
     },
+    /// A mount made private: what is mounted below its source later (the
+    /// containers' root filesystems in a share virtiofsd serves) does not
+    /// reach QEMU's view.
+    Private(CString),
 }
 
 /// A planned confinement for one QEMU.
@@ -81,6 +88,26 @@ pub struct Jail {
     workdir: CString,
     uid: u32,
     gid: u32,
+    /// Supplementary groups: those of the device nodes QEMU opens.
+    groups: Vec<libc::gid_t>,
+    /// The capabilities QEMU keeps (a mask; 0 with virtio-fs).
+    caps: u64,
+}
+
+/// The groups that open `devices` (those whose group, and not everyone,
+/// may read and write them: `/dev/kvm`'s `kvm`, say).
+fn device_groups(devices: &[&Path]) -> Vec<libc::gid_t> {
+    use std::os::unix::fs::MetadataExt;
+    let mut groups: Vec<libc::gid_t> = devices
+        .iter()
+        .filter_map(|d| std::fs::metadata(d).ok())
+        .filter(|m| m.mode() & 0o006 != 0o006 && m.mode() & 0o060 == 0o060)
+        .map(|m| m.gid())
+        .filter(|&g| g != 0)
+        .collect();
+    groups.sort_unstable();
+    groups.dedup();
+    groups
 }
 
 /// Top-level entries of `/` that hold programs and libraries: QEMU's
@@ -149,14 +176,15 @@ impl Planner {
 
 impl Jail {
     /// Plans QEMU's view for the sandbox directory `dir` (its share is
-    /// `dir/shared`): `files` (binary, kernel, initramfs) read-only where
-    /// `/usr` does not hold them already, `devices` that exist.
+    /// `dir/shared`, in the view only when QEMU serves it, over 9p):
+    /// `files` (binary, kernel, initramfs) read-only where `/usr` does not
+    /// hold them already, `devices` that exist.
     pub fn plan(
         dir: &Path,
         files: &[&Path],
         devices: &[&Path],
-        uid: u32,
-        gid: u32,
+        (uid, gid): (u32, u32),
+        share: Share,
     ) -> std::io::Result<Jail> {
         let root = dir.join("jail");
         std::fs::create_dir_all(&root)?;
@@ -195,17 +223,28 @@ impl Jail {
             }
         }
         p.bind(dir, RW)?;
-        // The share apart: a mount of its own, whose root is the share's
-        // directory wherever it moves (a pooled VM's does), so that the
-        // containers' root filesystems kuasar-vmm mounts there later reach
-        // QEMU's view by propagation (the state directory is a shared mount).
-        p.bind_tree(&dir.join("shared"), RW, true)?;
+        if share == Share::VirtioFs {
+            p.steps.push(Step::Private(c_path(&p.inside(dir))?));
+        }
+        if share == Share::NineP {
+            // The share apart: a mount of its own, whose root is the share's
+            // directory wherever it moves (a pooled VM's does), so that the
+            // containers' root filesystems kuasar-vmm mounts there later
+            // reach QEMU's view by propagation (the state directory is a
+            // shared mount).
+            p.bind_tree(&dir.join("shared"), RW, true)?;
+        }
         Ok(Jail {
             root: c_path(&root)?,
             steps: p.steps,
             workdir: c_path(dir)?,
             uid,
             gid,
+            groups: device_groups(devices),
+            caps: match share {
+                Share::NineP => kept_mask(),
+                Share::VirtioFs => 0,
+            },
         })
     }
 
@@ -264,7 +303,7 @@ impl Jail {
     unsafe fn drop_privileges(&self) -> std::io::Result<()> {
         // SAFETY: system calls on planned C strings, alive across them.
         unsafe {
-            let kept = kept_mask();
+            let kept = self.caps;
             check(libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0), "keep caps")?;
             // CAP_SETPCAP last: dropping from the bounding set takes it.
             for cap in (0..64).filter(|&c| c != CAP_SETPCAP).chain([CAP_SETPCAP]) {
@@ -277,11 +316,14 @@ impl Jail {
                     return fail("drop from the bounding set");
                 }
             }
-            check(libc::setgroups(0, std::ptr::null()), "setgroups")?;
+            check(
+                libc::setgroups(self.groups.len(), self.groups.as_ptr()),
+                "setgroups",
+            )?;
             check(libc::setresgid(self.gid, self.gid, self.gid), "setresgid")?;
             check(libc::setresuid(self.uid, self.uid, self.uid), "setresuid")?;
             set_caps(kept)?;
-            for cap in KEPT_CAPS {
+            for cap in KEPT_CAPS.into_iter().filter(|c| kept & (1 << c) != 0) {
                 let raise = libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong;
                 check(
                     libc::prctl(libc::PR_CAP_AMBIENT, raise, cap as libc::c_ulong, 0, 0),
@@ -333,6 +375,18 @@ impl Step {
                             PROC_OPTIONS.as_ptr().cast(),
                         ),
                         "mount proc",
+                    )?;
+                }
+                Step::Private(target) => {
+                    check(
+                        libc::mount(
+                            null,
+                            target.as_ptr(),
+                            null,
+                            libc::MS_PRIVATE,
+                            std::ptr::null(),
+                        ),
+                        "make a mount private",
                     )?;
                 }
                 Step::Symlink { target, link } => {
@@ -441,7 +495,16 @@ mod tests {
         std::fs::create_dir_all(dir.join("shared")).unwrap();
         let kernel = tmp.path().join("vmlinux");
         std::fs::write(&kernel, b"k").unwrap();
-        let jail = Jail::plan(&dir, &[&kernel], &[Path::new("/dev/null")], 5, 6).unwrap();
+        let jail = Jail::plan(
+            &dir,
+            &[&kernel],
+            &[Path::new("/dev/null")],
+            (5, 6),
+            Share::NineP,
+        )
+        .unwrap();
+        assert_eq!(jail.caps, kept_mask());
+        assert!(jail.groups.is_empty(), "/dev/null is everyone's");
         let binds: Vec<String> = jail
             .steps
             .iter()
@@ -465,5 +528,45 @@ mod tests {
             "the share is bound on top of its directory"
         );
         assert!(dir.join("jail").is_dir());
+    }
+
+    /// Where `dir` is in QEMU's view before the pivot.
+    fn jail_view(dir: &Path) -> PathBuf {
+        dir.join("jail").join(dir.strip_prefix("/").unwrap())
+    }
+
+    #[test]
+    fn with_virtio_fs_qemu_keeps_no_capability_and_sees_no_share() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("sb");
+        std::fs::create_dir_all(dir.join("shared")).unwrap();
+        let jail = Jail::plan(&dir, &[], &[], (5, 6), Share::VirtioFs).unwrap();
+        assert_eq!(jail.caps, 0);
+        let view = c_path(&jail_view(&dir)).unwrap();
+        assert!(
+            jail.steps
+                .iter()
+                .any(|s| matches!(s, Step::Private(t) if *t == view)),
+            "the sandbox directory's bind is private"
+        );
+        let share = c_path(&dir.join("shared")).unwrap();
+        assert!(!jail
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::Bind { source, .. } if *source == share)));
+    }
+
+    #[test]
+    fn a_device_only_its_group_opens_adds_that_group() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let (kvm, open) = (tmp.path().join("kvm"), tmp.path().join("null"));
+        for (f, mode) in [(&kvm, 0o660), (&open, 0o666)] {
+            std::fs::write(f, b"").unwrap();
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        std::os::unix::fs::chown(&kvm, None, Some(4242)).unwrap();
+        std::os::unix::fs::chown(&open, None, Some(4343)).unwrap();
+        assert_eq!(device_groups(&[&kvm, &open]), [4242]);
     }
 }

@@ -1,5 +1,6 @@
-//! QEMU `microvm`: PVH kernel boot, virtio-serial agent channel, virtio-9p
-//! shared directory, QMP control.
+//! QEMU `microvm`: PVH kernel boot, virtio-serial agent channel, shared
+//! directory over virtio-fs (a [`virtiofsd`] per VM) or virtio-9p, QMP
+//! control.
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -16,10 +17,11 @@ mod hypervisor;
 pub mod jail;
 pub mod qmp;
 pub mod uids;
+pub mod virtiofsd;
 
 pub use hypervisor::Qemu;
 
-pub use cmdline::{Accel, AgentChannel, NicSpec, VmSpec};
+pub use cmdline::{Accel, AgentChannel, NicSpec, Share, VmSpec};
 
 /// Bound on one QMP exchange about held descriptors.
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -41,6 +43,10 @@ pub struct QemuVm {
     background: bool,
     /// Confined ([`jail`]): None when `[qemu] confine = false`.
     confinement: Option<Confinement>,
+    /// The virtiofsd binary (with [`Share::VirtioFs`]).
+    virtiofsd: PathBuf,
+    /// The pid of this VM's virtiofsd, when this run started it.
+    virtiofsd_pid: Option<u32>,
 }
 
 /// How a confined QEMU runs: its uid (None: every uid of the range is
@@ -67,7 +73,20 @@ impl QemuVm {
             cgroup_procs: Vec::new(),
             background: false,
             confinement: None,
+            virtiofsd: PathBuf::new(),
+            virtiofsd_pid: None,
         }
+    }
+
+    /// Serves the share with this virtiofsd binary (with [`Share::VirtioFs`]).
+    pub fn set_virtiofsd(&mut self, binary: PathBuf) {
+        self.virtiofsd = binary;
+    }
+
+    /// The confined QEMU's uid and gid (None: not confined).
+    fn owner(&self) -> Option<(u32, u32)> {
+        let uid = self.confinement.as_ref()?.lease.as_ref()?.uid();
+        Some((uid, uid))
     }
 
     /// Confines QEMU ([`jail`]) as uid `lease` (None: none was free), with
@@ -96,7 +115,8 @@ impl QemuVm {
             self.spec.initrd.as_path(),
         ];
         let devices: Vec<&Path> = c.devices.iter().map(PathBuf::as_path).collect();
-        jail::Jail::plan(&self.spec.dir, &files, &devices, lease.uid(), lease.uid())
+        let ids = (lease.uid(), lease.uid());
+        jail::Jail::plan(&self.spec.dir, &files, &devices, ids, self.spec.share)
             .map(Some)
             .map_err(|source| StartVmError::Prepare {
                 path: self.spec.dir.join("jail"),
@@ -136,6 +156,9 @@ impl QemuVm {
         };
         let shared = self.spec.shared_dir();
         std::fs::create_dir_all(&shared).map_err(|e| prepare(&shared, e))?;
+        if let Some(owner) = self.owner() {
+            open_dir_to(&self.spec.dir, owner).map_err(|e| prepare(&self.spec.dir, e))?;
+        }
         let log_path = self.log_path();
         let log = std::fs::File::create(&log_path).map_err(|e| prepare(&log_path, e))?;
         let log2 = log.try_clone().map_err(|e| prepare(&log_path, e))?;
@@ -145,50 +168,9 @@ impl QemuVm {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
-        // SAFETY: setsid is async-signal-safe and touches no memory of the
-        // parent; the VMM gets its own session so that it survives the
-        // sandboxer's restart and never receives the sandboxer's signals.
-        unsafe {
-            cmd.pre_exec(|| {
-                nix::unistd::setsid()
-                    .map(drop)
-                    .map_err(std::io::Error::from)
-            });
-        }
-        join_cgroup_at_exec(&mut cmd, &self.cgroup_procs);
-        if self.background {
-            // SAFETY: setpriority is async-signal-safe and touches no memory;
-            // it lowers the child's own priority before exec (every thread
-            // QEMU starts inherits it).
-            unsafe {
-                cmd.pre_exec(|| {
-                    if libc::setpriority(libc::PRIO_PROCESS, 0, BACKGROUND_NICE) == -1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-        if !self.tap_fds.is_empty() {
-            let fds: Vec<RawFd> = self.tap_fds.iter().map(AsRawFd::as_raw_fd).collect();
-            // SAFETY: fcntl(F_SETFD) is async-signal-safe; the closure only
-            // reads the captured vector (no allocation). It clears
-            // FD_CLOEXEC on the tap fds in the child alone, so that QEMU
-            // inherits them at the numbers its command line names
-            // (`-netdev tap,fd=N`) while no other child of the daemon does.
-            // The fds stay open in the parent (self.tap_fds) until spawn
-            // has returned, i.e. until QEMU has been exec'd.
-            unsafe {
-                cmd.pre_exec(move || {
-                    for &fd in &fds {
-                        if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                    }
-                    Ok(())
-                });
-            }
-        }
+        detach(&mut cmd, &self.cgroup_procs, self.background);
+        let fds: Vec<RawFd> = self.tap_fds.iter().map(AsRawFd::as_raw_fd).collect();
+        inherit(&mut cmd, fds);
         if let Some(jail) = self.jail()? {
             // SAFETY: Jail::enter makes system calls on the C strings it
             // planned (no allocation); it runs last, after the cgroup was
@@ -198,16 +180,31 @@ impl QemuVm {
                 cmd.pre_exec(move || jail.enter());
             }
         }
+        let mut virtiofsd = match self.spec.share {
+            Share::VirtioFs => Some(self.spawn_virtiofsd()?),
+            Share::NineP => None,
+        };
         let spawned = tokio::process::Command::from(cmd)
             .kill_on_drop(false)
             .spawn();
         // QEMU has its own copies now (or never will): ours go.
         self.tap_fds.clear();
-        let mut child = spawned.map_err(|source| StartVmError::Spawn {
-            binary: self.binary.clone(),
-            source,
-        })?;
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(source) => {
+                if let Some(v) = virtiofsd.as_mut() {
+                    let _ = v.start_kill();
+                }
+                return Err(StartVmError::Spawn {
+                    binary: self.binary.clone(),
+                    source,
+                });
+            }
+        };
         self.pid = child.id();
+        if let (Some(v), Some(pid)) = (virtiofsd, self.pid) {
+            virtiofsd::watch(v, pid, self.exited.clone());
+        }
         if let Some(pid) = self.pid {
             let _ = std::fs::write(self.spec.dir.join(hypervisor::PID_FILE), pid.to_string());
         }
@@ -227,6 +224,40 @@ impl QemuVm {
             let _ = tx.send(Some(exit));
         });
         Ok(())
+    }
+
+    /// Starts this VM's virtiofsd on its share, listening on a socket only
+    /// QEMU may connect to, in QEMU's cgroup and at its priority.
+    fn spawn_virtiofsd(&mut self) -> Result<tokio::process::Child, StartVmError> {
+        let prepare = |path: &Path, source| StartVmError::Prepare {
+            path: path.to_owned(),
+            source,
+        };
+        let socket = self.spec.virtiofsd_socket();
+        let listener = virtiofsd::listen(&socket, self.owner()).map_err(|e| prepare(&socket, e))?;
+        let log_path = self.spec.dir.join(virtiofsd::LOG);
+        let log = std::fs::File::create(&log_path).map_err(|e| prepare(&log_path, e))?;
+        let log2 = log.try_clone().map_err(|e| prepare(&log_path, e))?;
+        let mut cmd = std::process::Command::new(&self.virtiofsd);
+        cmd.args(virtiofsd::args(&listener, &self.spec.shared_dir()))
+            .current_dir(&self.spec.dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        detach(&mut cmd, &self.cgroup_procs, self.background);
+        inherit(&mut cmd, vec![listener.as_raw_fd()]);
+        let child = tokio::process::Command::from(cmd)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|source| StartVmError::Spawn {
+                binary: self.virtiofsd.clone(),
+                source,
+            })?;
+        self.virtiofsd_pid = child.id();
+        if let Some(pid) = self.virtiofsd_pid {
+            let _ = std::fs::write(self.spec.dir.join(virtiofsd::PID_FILE), pid.to_string());
+        }
+        Ok(child)
     }
 
     /// Takes over the QEMU `pid` that an earlier run of the sandboxer
@@ -292,7 +323,10 @@ impl Vmm for QemuVm {
             ("QEMU binary", &self.binary),
             ("guest kernel", &self.spec.kernel),
             ("guest initramfs", &self.spec.initrd),
-        ] {
+        ]
+        .into_iter()
+        .chain((self.spec.share == Share::VirtioFs).then_some(("virtiofsd", &self.virtiofsd)))
+        {
             if !path.is_file() {
                 return Err(StartVmError::Missing {
                     what,
@@ -340,6 +374,12 @@ impl Vmm for QemuVm {
 
     fn pid(&self) -> Option<u32> {
         self.pid
+    }
+
+    fn helper_pids(&self) -> Vec<u32> {
+        self.virtiofsd_pid
+            .map(virtiofsd::with_children)
+            .unwrap_or_default()
     }
 
     fn agent_address(&self) -> String {
@@ -390,6 +430,68 @@ impl Vmm for QemuVm {
         }
         Ok(())
     }
+}
+
+/// Makes the child of `cmd` a process that outlives kuasar-vmm (a session
+/// of its own), in the cgroup of `cgroup_procs`, at [`BACKGROUND_NICE`]
+/// when `background`.
+fn detach(cmd: &mut std::process::Command, cgroup_procs: &[PathBuf], background: bool) {
+    // SAFETY: setsid is async-signal-safe and touches no memory of the
+    // parent; the process gets its own session so that it survives the
+    // sandboxer's restart and never receives the sandboxer's signals.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(drop)
+                .map_err(std::io::Error::from)
+        });
+    }
+    join_cgroup_at_exec(cmd, cgroup_procs);
+    if background {
+        // SAFETY: setpriority is async-signal-safe and touches no memory;
+        // it lowers the child's own priority before exec (every thread
+        // it starts inherits it).
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setpriority(libc::PRIO_PROCESS, 0, BACKGROUND_NICE) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
+/// Makes the child of `cmd` inherit `fds` at their numbers.
+fn inherit(cmd: &mut std::process::Command, fds: Vec<RawFd>) {
+    if fds.is_empty() {
+        return;
+    }
+    // SAFETY: fcntl(F_SETFD) is async-signal-safe; the closure only reads
+    // the captured vector (no allocation). It clears FD_CLOEXEC on the fds
+    // in the child alone, so that it inherits them at the numbers its
+    // command line names (`-netdev tap,fd=N`, `--fd=N`) while no other
+    // child of the daemon does. The caller keeps them open until the child
+    // has been exec'd.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &fds {
+                if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Lets a confined QEMU (`owner`, uid and gid) create its sockets and
+/// console log in the sandbox directory `dir` without owning it: group
+/// `owner`'s, group-writable, sticky (it can remove only what it made).
+fn open_dir_to(dir: &Path, (_, gid): (u32, u32)) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::os::unix::fs::chown(dir, None, Some(gid))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1770))
 }
 
 /// Makes the child of `cmd` join the cgroup of these `cgroup.procs` files
