@@ -298,7 +298,7 @@ install_node() {
   CONTAINERD_CHANGED=0
   version=$(containerd_version)
   for p in bin/kuasar-vmm bin/containerd-shim-kuasar-vmm-v2 bin/kuasarctl guest/vmlinux \
-    guest/initramfs.cpio kuasar-vmm.service kuasar-vmm.toml; do
+    guest/initramfs.cpio guest/virtiofsd kuasar-vmm.service kuasar-vmm.toml; do
     [ -f "$SOURCE/$p" ] || die "$p is missing from the payload $SOURCE (--source, KUASAR_SOURCE)"
   done
   case $PREFIX in
@@ -310,7 +310,14 @@ install_node() {
   files+=("$SOURCE/bin/kuasar-vmm" "$PREFIX/bin/kuasar-vmm" 0755)
   files+=("$SOURCE/bin/containerd-shim-kuasar-vmm-v2" "$PREFIX/bin/containerd-shim-kuasar-vmm-v2" 0755)
   files+=("$SOURCE/bin/kuasarctl" "$PREFIX/bin/kuasarctl" 0755)
-  for p in "$SOURCE"/guest/*; do files+=("$p" "$IMAGE_DIR/$(basename "$p")" 0644); done
+  # The guest's files, and virtiofsd (run on the node, one per VM).
+  for p in "$SOURCE"/guest/*; do
+    if [ "$(basename "$p")" = virtiofsd ]; then
+      files+=("$p" "$IMAGE_DIR/virtiofsd" 0755)
+    else
+      files+=("$p" "$IMAGE_DIR/$(basename "$p")" 0644)
+    fi
+  done
   sed "s#/usr/local/bin/kuasar-vmm#$PREFIX/bin/kuasar-vmm#" "$SOURCE/kuasar-vmm.service" > "$WORK/unit"
   files+=("$WORK/unit" "$UNIT" 0644)
   # The sockets come from kuasar-vmm's configuration: the admin's where there is one.

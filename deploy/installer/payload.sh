@@ -28,6 +28,9 @@ for f in vmlinux initramfs.cpio kernel-release vmlinux-debian vmlinux-debian.rel
   [ -f "$IMAGE_DIR/$f" ] || die "$IMAGE_DIR/$f is missing (make guest)"
   install -m 0644 "$IMAGE_DIR/$f" "$OUT/guest/$f"
 done
+# virtiofsd serves each VM's share on the node (scripts/build-virtiofsd.sh).
+[ -x "$IMAGE_DIR/virtiofsd" ] || die "$IMAGE_DIR/virtiofsd is missing (make guest)"
+install -m 0755 "$IMAGE_DIR/virtiofsd" "$OUT/guest/virtiofsd"
 install -m 0755 "$HERE/kuasar-install.sh" "$HERE/toml-edit.py" "$OUT/"
 install -m 0644 "$HERE/../kuasar-vmm.service" "$HERE/kuasar-vmm.toml" "$OUT/"
 echo "payload.sh: payload in $OUT"

@@ -54,6 +54,8 @@ make_payload() {
   for f in vmlinux initramfs.cpio kernel-release vmlinux-debian vmlinux-debian.release; do
     echo "stand-in $f" > "$SCRATCH/image/$f"
   done
+  printf '#!/bin/sh\necho virtiofsd 1\n' > "$SCRATCH/image/virtiofsd"
+  chmod 0755 "$SCRATCH/image/virtiofsd"
   KUASAR_BIN_DIR=$SCRATCH/bin KUASAR_IMAGE_DIR=$SCRATCH/image "$HERE/payload.sh" "$PAYLOAD" >/dev/null
 }
 
@@ -121,6 +123,7 @@ EOF
     if [ ! -x "$root$f" ] || ! cmp -s "$root$f" "$PAYLOAD/bin/${f##*/}"; then fail "$f not installed as an executable"; fi
   done
   for f in "$PAYLOAD"/guest/*; do cmp -s "$f" "$root/var/lib/kuasar/${f##*/}" || fail "guest file ${f##*/} not installed"; done
+  [ -x "$root/var/lib/kuasar/virtiofsd" ] || fail "virtiofsd not installed as an executable"
   cmp -s "$root/etc/systemd/system/kuasar-vmm.service" "$REPO/deploy/kuasar-vmm.service" || fail "unit not installed"
   cmp -s "$root/etc/kuasar/kuasar-vmm.toml" "$HERE/kuasar-vmm.toml" || fail "default kuasar-vmm.toml not installed"
   grep -qx 'version = 2' "$root/etc/containerd/conf.d/kuasar-vmm.toml" \
