@@ -8,8 +8,10 @@
 #   (c) a bare QEMU boot of the same vmlinux, same machine options, with an initramfs whose
 #       /init (busybox) writes a marker to the serial console: spawn to marker
 #   (d) RSS and PSS (/proc/PID/smaps_rollup) of one shim, of kuasar-vmm with 3 VMs, of one
-#       QEMU (an idle VM running one container); and the agent's own create + start time of
-#       those containers (`container created/started ... elapsed_ms=N` on the guest console)
+#       QEMU (an idle VM running one container), of one VM's virtiofsd (its two processes; the
+#       PSS of the guest memory QEMU and virtiofsd both map is split between them, so the VM's
+#       host cost is their sum); and the agent's own create + start time of those containers
+#       (`container created/started ... elapsed_ms=N` on the guest console)
 #   (e) through CRI, runc against kuasar-vmm (tests/src/bin/cri-bench.rs, its own private
 #       environment, the default kernel): RunPodSandbox to ready, pod start to a container's
 #       first log line, and the memory of the shims and of kuasar-vmm with 5 pods of each
@@ -17,9 +19,10 @@
 #       and warm start: the same with the VM pool off and with a pool of 5, a waiting pooled
 #       VM's cost, 20 pods at once (skip all of (e) with KUASAR_BENCH_CRI=0)
 # (a) to (d) again for the first kernel with `[qemu] confine = false`: what QEMU's confinement
-# costs (column KERNEL+unconfined).
+# costs (column KERNEL+unconfined); and with `[qemu] share = "9p"`, QEMU serving the share
+# itself, no virtiofsd (column KERNEL+9p).
 # Medians of N runs (KUASAR_BENCH_RUNS, default 5); ratio (a)/(c), target <= 1.3; the first
-# kernel against the last: (b) target <= 0.5x, one QEMU's PSS target <= 0.6x.
+# kernel against the last: (b) target <= 0.5x, one VM's QEMU + virtiofsd PSS target <= 0.6x.
 # Needs `make build guest images`. Env: KUASAR_BENCH_DIR (default /run/kuasar-bench),
 # KUASAR_BIN_DIR, KUASAR_IMAGE_DIR, KUASAR_BENCH_KERNELS.
 set -euo pipefail
@@ -95,17 +98,23 @@ VMM_LOG=$DIR/kuasar-vmm.log
 
 # Per kernel: medians, the raw runs, memory, the guest's release, the bare boot's options.
 declare -A RUN BOOT BARE RUNS BOOTS BARES SHIM_RSS SHIM_PSS VMM_RSS VMM_PSS QEMU_RSS QEMU_PSS
+declare -A VFSD_PSS HOST_PSS
 declare -A CREATE_START CREATE_STARTS
 declare -A RELEASE BARE_OPTS
 
 # measure COLUMN: (a) to (d) with kuasar-vmm booting $IMAGE_DIR/KERNEL, where COLUMN is KERNEL,
-# or KERNEL+unconfined for the same with `[qemu] confine = false`. Results are keyed by COLUMN.
+# KERNEL+unconfined for the same with `[qemu] confine = false`, or KERNEL+9p for the same with
+# `[qemu] share = "9p"`. Results are keyed by COLUMN.
 measure() {
-  local column=$1 kernel=${1%+unconfined} confine=true i j id out t0 t1 offset
-  [ "$kernel" = "$column" ] || confine=false
-  log "=== kernel $kernel, QEMU confined: $confine ==="
+  local column=$1 kernel=${1%+*} confine=true share=virtio-fs i j id out t0 t1 offset
+  case $column in
+    *+unconfined) confine=false ;;
+    *+9p) share=9p ;;
+  esac
+  log "=== kernel $kernel, QEMU confined: $confine, share: $share ==="
   "$REPO_ROOT/scripts/sandboxer.sh" stop "$DIR" >&2
-  KUASAR_KERNEL=$kernel KUASAR_CONFINE=$confine "$REPO_ROOT/scripts/sandboxer.sh" start "$DIR" >&2
+  KUASAR_KERNEL=$kernel KUASAR_CONFINE=$confine KUASAR_SHARE=$share \
+    "$REPO_ROOT/scripts/sandboxer.sh" start "$DIR" >&2
 
   log "warm-up run"
   out=$("${C[@]}" run --rm --runtime "$RUNTIME" "$IMAGE" "bench-warm-$$" uname -r) \
@@ -158,6 +167,16 @@ measure() {
   SHIM_RSS[$column]=$(mem "${shims[0]}" Rss); SHIM_PSS[$column]=$(mem "${shims[0]}" Pss)
   VMM_RSS[$column]=$(mem "$vmm" Rss); VMM_PSS[$column]=$(mem "$vmm" Pss)
   QEMU_RSS[$column]=$(mem "${qemus[0]}" Rss); QEMU_PSS[$column]=$(mem "${qemus[0]}" Pss)
+  # virtiofsd: the first VM's (the one working in its directory) and its sandboxed child.
+  local v c vfsd=0
+  for v in $(pids_in_dir "$DIR" virtiofsd); do
+    [ "$(readlink "/proc/$v/cwd")" = "$(readlink -f "$DIR/vmm/${ids[0]}")" ] || continue
+    for c in "$v" $(cat "/proc/$v/task/$v/children" 2>/dev/null); do
+      vfsd=$((vfsd + $(mem "$c" Pss)))
+    done
+  done
+  VFSD_PSS[$column]=$vfsd
+  HOST_PSS[$column]=$(( ${QEMU_PSS[$column]:-0} + vfsd ))
 
   # The machine options the sandboxer used, for the bare boot.
   local machine="microvm,acpi=on" accel="tcg,tb-size=16" cpu="max" memory=256 smp=1 append=""
@@ -229,8 +248,8 @@ measure() {
   BARE_OPTS[$column]="-machine $machine -accel $accel -cpu $cpu -m $memory -smp $smp -append '$append'"
 }
 
-# The first kernel once more with QEMU unconfined: what confinement costs.
-COLUMNS=("${KERNELS[@]}" "${KERNELS[0]}+unconfined")
+# The first kernel once more with QEMU unconfined: what confinement costs; and with 9p.
+COLUMNS=("${KERNELS[@]}" "${KERNELS[0]}+unconfined" "${KERNELS[0]}+9p")
 for k in "${COLUMNS[@]}"; do
   measure "$k"
 done
@@ -274,6 +293,8 @@ row "ratio (a) / (c) (target <= 1.3)" "${cells[@]}"
 per CREATE_START ms; row "container create + start in the guest" "${cells[@]}"
 per QEMU_RSS mb; row "one QEMU (idle, one container) RSS" "${cells[@]}"
 per QEMU_PSS mb; row "one QEMU (idle, one container) PSS" "${cells[@]}"
+per VFSD_PSS mb; row "its virtiofsd (2 processes) PSS" "${cells[@]}"
+per HOST_PSS mb; row "one VM on the host: QEMU + virtiofsd PSS" "${cells[@]}"
 per SHIM_RSS mb; row "one shim RSS" "${cells[@]}"
 per SHIM_PSS mb; row "one shim PSS" "${cells[@]}"
 per VMM_RSS mb; row "kuasar-vmm with 3 VMs running RSS" "${cells[@]}"
@@ -283,8 +304,8 @@ if [ ${#KERNELS[@]} -ge 2 ]; then
   echo
   r=$(ratio "${BOOT[$new]}" "${BOOT[$old]}")
   printf '%-44s %8s   %s\n' "(b) boot to agent ready, $new / $old" "$r" "$(verdict "$r" 0.5)"
-  r=$(ratio "${QEMU_PSS[$new]}" "${QEMU_PSS[$old]}")
-  printf '%-44s %8s   %s\n' "QEMU PSS, $new / $old" "$r" "$(verdict "$r" 0.6)"
+  r=$(ratio "${HOST_PSS[$new]}" "${HOST_PSS[$old]}")
+  printf '%-44s %8s   %s\n' "QEMU + virtiofsd PSS, $new / $old" "$r" "$(verdict "$r" 0.6)"
   r=$(ratio "${RUN[$new]}" "${RUN[$old]}")
   printf '%-44s %8s\n' "(a) ctr run, $new / $old" "$r"
 fi
@@ -293,8 +314,13 @@ r=$(ratio "${BOOT[$first]}" "${BOOT[$un]}")
 printf '%-44s %8s\n' "(b) boot, QEMU confined / unconfined" "$r"
 r=$(ratio "${RUN[$first]}" "${RUN[$un]}")
 printf '%-44s %8s\n' "(a) ctr run, QEMU confined / unconfined" "$r"
-r=$(ratio "${QEMU_PSS[$first]}" "${QEMU_PSS[$un]}")
-printf '%-44s %8s\n' "QEMU PSS, confined / unconfined" "$r"
+r=$(ratio "${HOST_PSS[$first]}" "${HOST_PSS[$un]}")
+printf '%-44s %8s\n' "QEMU + virtiofsd PSS, confined / unconfined" "$r"
+nine="${KERNELS[0]}+9p"
+r=$(ratio "${RUN[$first]}" "${RUN[$nine]}")
+printf '%-44s %8s\n' "(a) ctr run, virtio-fs / 9p" "$r"
+r=$(ratio "${HOST_PSS[$first]}" "${HOST_PSS[$nine]}")
+printf '%-44s %8s\n' "QEMU + virtiofsd PSS, virtio-fs / 9p" "$r"
 echo
 for k in "${COLUMNS[@]}"; do
   echo "$k: runs (a) ${RUNS[$k]}; (b) ${BOOTS[$k]}; (c) ${BARES[$k]}; create + start ${CREATE_STARTS[$k]}"

@@ -256,7 +256,7 @@ stop() {
   local p
   for p in $(pids_in_dir "$DIR" containerd); do stop_pid "$p" 5; done
   kill_leftovers "$DIR" containerd-shim-kuasar-vmm-v2 containerd-shim-runc-v2 \
-    qemu-system-x86_64 kuasar-vmm containerd
+    qemu-system-x86_64 virtiofsd kuasar-vmm containerd
   unmount_under "$DIR"
   local br
   br=$(bridge_name)

@@ -17,8 +17,8 @@
 #      KUASAR_MEMORY_MIB, KUASAR_KERNEL (the guest kernel: a file of the image dir, e.g.
 #      vmlinux-debian, or an absolute path), KUASAR_METRICS_ADDRESS (the metrics endpoint,
 #      IP:port, e.g. 127.0.0.1:9464), KUASAR_POOL_SIZE (how many pre-booted VMs pods
-#      start from, `[pool] size`), KUASAR_CONFINE (true|false, `[qemu] confine`): written
-#      into the config when set;
+#      start from, `[pool] size`), KUASAR_CONFINE (true|false, `[qemu] confine`),
+#      KUASAR_SHARE (virtio-fs|9p, `[qemu] share`): written into the config when set;
 #      KUASAR_VMM_START_TIMEOUT (seconds to wait for the socket, default 20).
 set -euo pipefail
 
@@ -64,6 +64,7 @@ config() {
   echo "[qemu]"
   [ -n "${KUASAR_ACCELERATOR:-}" ] && echo "accelerator = $(toml_str "$KUASAR_ACCELERATOR")"
   [ -n "${KUASAR_CONFINE:-}" ] && echo "confine = $KUASAR_CONFINE"
+  [ -n "${KUASAR_SHARE:-}" ] && echo "share = $(toml_str "$KUASAR_SHARE")"
   if [ -n "${KUASAR_METRICS_ADDRESS:-}" ]; then
     echo
     echo "[metrics]"
@@ -135,7 +136,7 @@ stop() {
   fi
   for p in $(pids_in_dir "$DIR" kuasar-vmm); do stop_pid "$p" 5; done
   rm -f "$PIDFILE"
-  kill_leftovers "$DIR" qemu-system-x86_64
+  kill_leftovers "$DIR" qemu-system-x86_64 virtiofsd
   unmount_under "$DIR/vmm"
 }
 

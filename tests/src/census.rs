@@ -1,5 +1,5 @@
 //! A census of what an environment holds on the host: processes (QEMU,
-//! shims), mounts under its directory, network leftovers (netns files,
+//! virtiofsd, shims), mounts under its directory, network leftovers (netns files,
 //! ports of its CNI bridge, IPs held by host-local IPAM), sockets and
 //! sandbox directories in the sandboxer's state dir, and kuasar-vmm's open
 //! file descriptors and threads. Two censuses taken with the same pods
@@ -14,6 +14,7 @@ use crate::procs;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Census {
     pub qemus: usize,
+    pub virtiofsds: usize,
     pub shims: usize,
     pub runc_shims: usize,
     /// Mount points at or below the environment's directory.
@@ -168,6 +169,7 @@ impl Census {
         }
         Census {
             qemus: procs::count(dir, procs::QEMU),
+            virtiofsds: procs::count(dir, procs::VIRTIOFSD),
             shims: procs::count(dir, procs::SHIM),
             runc_shims: procs::count(dir, procs::RUNC_SHIM),
             mounts: procs::mounts_under(dir),
@@ -243,6 +245,7 @@ impl Census {
             }
         };
         num("QEMU processes", self.qemus, before.qemus);
+        num("virtiofsd processes", self.virtiofsds, before.virtiofsds);
         num("kuasar shims", self.shims, before.shims);
         num("runc shims", self.runc_shims, before.runc_shims);
         let mut list = |what: &str, a: &Vec<String>, b: &Vec<String>| {
@@ -289,10 +292,11 @@ impl Census {
     /// One line per item, for the test's output.
     pub fn summary(&self) -> String {
         format!(
-            "QEMU {}, kuasar shims {}, runc shims {}, mounts {}, netns {}, bridge ports {}, \
+            "QEMU {}, virtiofsd {}, kuasar shims {}, runc shims {}, mounts {}, netns {}, bridge ports {}, \
              IPAM addresses {}, state entries {}, state sockets {}, shim sockets {}, \
              kuasar-vmm (pid {}) fds {} {:?}, threads {}, RSS {} kB",
             self.qemus,
+            self.virtiofsds,
             self.shims,
             self.runc_shims,
             self.mounts.len(),

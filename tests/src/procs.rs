@@ -8,6 +8,8 @@ use std::time::Duration;
 use crate::cmd::wait_until;
 
 pub const QEMU: &str = "qemu-system-x86_64";
+/// A VM's virtiofsd (two processes: the one started and its sandboxed child).
+pub const VIRTIOFSD: &str = "virtiofsd";
 pub const SHIM: &str = "containerd-shim-kuasar-vmm-v2";
 pub const RUNC_SHIM: &str = "containerd-shim-runc-v2";
 pub const SANDBOXER: &str = "kuasar-vmm";

@@ -51,7 +51,7 @@ fn start_sandboxer<'a>(env: &'a Shared, config: SandboxerConfig) -> StopSandboxe
 fn image_copy(env: &Shared, name: &str) -> PathBuf {
     let dst = env.dir().join(format!("img-{name}"));
     fs::create_dir_all(&dst).expect("create image copy dir");
-    for f in ["vmlinux", "initramfs.cpio", "kernel-release"] {
+    for f in ["vmlinux", "initramfs.cpio", "kernel-release", "virtiofsd"] {
         let src = paths::image_dir().join(f);
         fs::copy(&src, dst.join(f))
             .unwrap_or_else(|e| panic!("copy {} to {}: {e}", src.display(), dst.display()));

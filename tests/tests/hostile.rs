@@ -837,12 +837,16 @@ impl Drop for Disarm {
 #[track_caller]
 fn assert_only_witness_left(env: &Shared, w: &Witness) {
     let state = env.state_dir();
-    let state = state.to_string_lossy();
+    // Mounts below the state directory (kuasar-vmm's bind of the
+    // directory itself, which makes it a shared mount, stays).
+    let below = format!("{}/", state.to_string_lossy());
     let foreign_mounts = || -> Vec<String> {
         std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap_or_default()
             .lines()
-            .filter(|l| l.contains(&*state) && !l.contains(&w.pod))
+            .filter(|l| {
+                l.split(' ').nth(4).is_some_and(|m| m.starts_with(&below)) && !l.contains(&w.pod)
+            })
             .map(str::to_owned)
             .collect()
     };

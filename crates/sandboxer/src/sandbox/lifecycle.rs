@@ -191,6 +191,8 @@ impl Sandbox {
             self.dir.join("shared"),
             self.dir.join("agent.sock"),
             self.dir.join("qmp.sock"),
+            // virtiofsd's (virtio-fs), which kuasar-vmm made.
+            self.dir.join("fs.sock"),
         ] {
             let res = if path.is_dir() {
                 mount::remove_dir(&path)

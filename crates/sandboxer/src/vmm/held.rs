@@ -33,6 +33,22 @@ pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
+/// Waits until process `pid` (not necessarily our child) has exited: a
+/// pidfd polls readable then. The pidfd is opened before this returns, so
+/// an exit afterwards is never missed.
+pub fn exit_of(pid: u32) -> io::Result<impl std::future::Future<Output = ()> + Send> {
+    let pidfd = pidfd_open(pid)?;
+    // SAFETY: the OwnedFd is open and owned by the AsyncFd for its whole
+    // life, so its raw fd stays valid and the same.
+    let pidfd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
+    }
+    .map_err(io::Error::from)?;
+    Ok(async move {
+        let _ = pidfd.readable().await;
+    })
+}
+
 /// Copies into this process the descriptors of process `pid` that are the
 /// sockets `inodes`; an inode the process no longer holds is absent from
 /// the answer.

@@ -203,7 +203,7 @@ impl QemuVm {
         };
         self.pid = child.id();
         if let (Some(v), Some(pid)) = (virtiofsd, self.pid) {
-            virtiofsd::watch(v, pid, self.exited.clone());
+            virtiofsd::watch(virtiofsd::Process::Child(v), pid, self.exited.clone());
         }
         if let Some(pid) = self.pid {
             let _ = std::fs::write(self.spec.dir.join(hypervisor::PID_FILE), pid.to_string());
@@ -265,20 +265,18 @@ impl QemuVm {
     /// is followed with a pidfd: it is not our child.
     pub fn adopt(binary: PathBuf, spec: VmSpec, pid: u32) -> std::io::Result<Self> {
         let mut vm = QemuVm::new(binary, spec);
-        let pidfd = crate::vmm::held::pidfd_open(pid)?;
-        // SAFETY: the OwnedFd is open and owned by the AsyncFd for its whole
-        // life, so its raw fd stays valid and the same.
-        let pidfd = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
-        }
-        .map_err(std::io::Error::from)?;
+        let exit = crate::vmm::held::exit_of(pid)?;
         vm.pid = Some(pid);
         let tx = vm.exited_tx.take().expect("a new QemuVm has its sender");
         tokio::spawn(async move {
-            // A pidfd polls readable once the process has exited.
-            let _ = pidfd.readable().await;
+            exit.await;
             let _ = tx.send(Some(VmExit::Unknown));
         });
+        // Its virtiofsd (virtio-fs), started by the same earlier run.
+        if let Some((vpid, process)) = virtiofsd::adopt(&vm.spec.dir) {
+            vm.virtiofsd_pid = Some(vpid);
+            virtiofsd::watch(process, pid, vm.exited.clone());
+        }
         Ok(vm)
     }
 
@@ -293,7 +291,7 @@ impl QemuVm {
             if let Some(exit) = *self.exited.borrow() {
                 return Err(StartVmError::Exited {
                     exit,
-                    log: log_tail(&self.log_path(), 2048),
+                    log: self.logs_tail(),
                 });
             }
             if sockets.iter().all(|s| s.exists()) {
@@ -306,6 +304,17 @@ impl QemuVm {
                 });
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The end of QEMU's log, and of virtiofsd's when it wrote anything
+    /// (a QEMU that could not reach its virtiofsd says only that).
+    fn logs_tail(&self) -> String {
+        let qemu = log_tail(&self.log_path(), 2048);
+        let path = self.spec.dir.join(virtiofsd::LOG);
+        match std::fs::metadata(&path) {
+            Ok(m) if m.len() > 0 => format!("{qemu} | virtiofsd: {}", log_tail(&path, 1024)),
+            _ => qemu,
         }
     }
 
