@@ -184,7 +184,8 @@ measure() {
   mapfile -d '' qargs < "/proc/${qemus[0]}/cmdline"
   for ((i = 0; i < ${#qargs[@]} - 1; i++)); do
     case ${qargs[i]} in
-      -machine) machine=${qargs[i + 1]} ;;
+      # The bare boot has no virtiofsd: plain guest memory, not the shared memfd.
+      -machine) machine=${qargs[i + 1]/,memory-backend=mem/} ;;
       -accel) accel=${qargs[i + 1]} ;;
       -cpu) cpu=${qargs[i + 1]} ;;
       -m) memory=${qargs[i + 1]} ;;
