@@ -145,9 +145,10 @@ pub fn module_order(list: &str, vsock: bool) -> Vec<&str> {
 }
 
 /// Which modules to load: those containers need (up to and including the
-/// shared directory's file systems, 9p and virtiofs; the guest image lists the NIC driver, virtio_net, among
-/// them, loaded there only when the VM has a NIC) or the others (overlay,
-/// PCI, ..., and the NIC driver when there is no NIC).
+/// shared directory's file systems, 9p and virtiofs; the guest image lists
+/// the NIC driver, virtio_net, among them, loaded there only when the VM
+/// has a NIC) or the others (overlay, PCI, ..., and the NIC driver when
+/// there is no NIC).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModuleSet {
     ForContainers,

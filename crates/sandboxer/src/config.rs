@@ -625,8 +625,8 @@ impl Config {
     }
 }
 
-/// `kernel` (or `[qemu] virtiofsd`): an absolute path, or one plain file name (no directory, not
-/// `.` or `..`), which then lives in `image_dir`.
+/// `kernel` (or `[qemu] virtiofsd`): an absolute path, or one plain file
+/// name (no directory, not `.` or `..`), which then lives in `image_dir`.
 fn kernel_setting_is_valid(kernel: &Path) -> bool {
     use std::path::Component;
     if kernel.as_os_str().is_empty() || kernel.as_os_str().len() > 4096 {

@@ -159,16 +159,7 @@ impl QemuVm {
         if let Some(owner) = self.owner() {
             open_dir_to(&self.spec.dir, owner).map_err(|e| prepare(&self.spec.dir, e))?;
         }
-        let log_path = self.log_path();
-        let log = std::fs::File::create(&log_path).map_err(|e| prepare(&log_path, e))?;
-        let log2 = log.try_clone().map_err(|e| prepare(&log_path, e))?;
-        let mut cmd = std::process::Command::new(&self.binary);
-        cmd.args(self.spec.args())
-            .current_dir(&self.spec.dir)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2);
-        detach(&mut cmd, &self.cgroup_procs, self.background);
+        let mut cmd = self.command(&self.binary, self.spec.args(), &self.log_path())?;
         let fds: Vec<RawFd> = self.tap_fds.iter().map(AsRawFd::as_raw_fd).collect();
         inherit(&mut cmd, fds);
         if let Some(jail) = self.jail()? {
@@ -226,6 +217,31 @@ impl QemuVm {
         Ok(())
     }
 
+    /// `binary` with `args`, working in the sandbox directory, its output
+    /// to `log` (created anew), detached ([`detach`]) into this VM's
+    /// cgroup and at its priority: how QEMU and virtiofsd are started.
+    fn command(
+        &self,
+        binary: &Path,
+        args: Vec<String>,
+        log: &Path,
+    ) -> Result<std::process::Command, StartVmError> {
+        let prepare = |source| StartVmError::Prepare {
+            path: log.to_owned(),
+            source,
+        };
+        let out = std::fs::File::create(log).map_err(prepare)?;
+        let err = out.try_clone().map_err(prepare)?;
+        let mut cmd = std::process::Command::new(binary);
+        cmd.args(args)
+            .current_dir(&self.spec.dir)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        detach(&mut cmd, &self.cgroup_procs, self.background);
+        Ok(cmd)
+    }
+
     /// Starts this VM's virtiofsd on its share, listening on a socket only
     /// QEMU may connect to, in QEMU's cgroup and at its priority.
     fn spawn_virtiofsd(&mut self) -> Result<tokio::process::Child, StartVmError> {
@@ -235,16 +251,8 @@ impl QemuVm {
         };
         let socket = self.spec.virtiofsd_socket();
         let listener = virtiofsd::listen(&socket, self.owner()).map_err(|e| prepare(&socket, e))?;
-        let log_path = self.spec.dir.join(virtiofsd::LOG);
-        let log = std::fs::File::create(&log_path).map_err(|e| prepare(&log_path, e))?;
-        let log2 = log.try_clone().map_err(|e| prepare(&log_path, e))?;
-        let mut cmd = std::process::Command::new(&self.virtiofsd);
-        cmd.args(virtiofsd::args(&listener, &self.spec.shared_dir()))
-            .current_dir(&self.spec.dir)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2);
-        detach(&mut cmd, &self.cgroup_procs, self.background);
+        let args = virtiofsd::args(&listener, &self.spec.shared_dir());
+        let mut cmd = self.command(&self.virtiofsd, args, &self.spec.dir.join(virtiofsd::LOG))?;
         inherit(&mut cmd, vec![listener.as_raw_fd()]);
         let child = tokio::process::Command::from(cmd)
             .kill_on_drop(false)
