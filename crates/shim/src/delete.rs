@@ -19,6 +19,8 @@ use crate::{bundle, log, logger, socket};
 
 const DELETE_TIMEOUT: Duration = Duration::from_secs(3);
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a shim that accepted `Shutdown` is given to stop serving.
+const GONE_WAIT: Duration = Duration::from_millis(200);
 /// What containerd reports for a task whose shim is gone (128 + SIGKILL).
 pub const EXIT_STATUS: u32 = 137;
 
@@ -53,7 +55,7 @@ pub fn run(args: &Args) -> Result<Vec<u8>> {
             if let Err(e) = shutdown_shim(&path, &args.id) {
                 log!("warn", "Shutdown of the running shim: {e}");
             }
-            std::thread::sleep(Duration::from_millis(200));
+            wait_gone(&path);
         }
         if !socket::is_serving(&path) {
             socket::remove(&path);
@@ -95,6 +97,15 @@ fn delete_sandbox(id: &str) -> std::result::Result<(), String> {
     match rx.recv_timeout(DELETE_TIMEOUT + Duration::from_millis(200)) {
         Ok(res) => res,
         Err(_) => Err(format!("no answer within {DELETE_TIMEOUT:?}")),
+    }
+}
+
+/// Waits (at most [`GONE_WAIT`]) until nothing serves `path`: a shim
+/// removes its socket as it accepts `Shutdown`, so this is usually at once.
+fn wait_gone(path: &std::path::Path) {
+    let deadline = std::time::Instant::now() + GONE_WAIT;
+    while socket::is_serving(path) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

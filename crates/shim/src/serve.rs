@@ -3,7 +3,7 @@
 //! service to kuasar-vmm, until `Shutdown` or SIGTERM/SIGINT.
 
 use std::os::unix::io::RawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -138,7 +138,7 @@ pub fn run(args: &Args) -> Result<()> {
         &args.id,
         &args.namespace,
         &ttrpc_address(&args.address),
-        exit_soon(),
+        exit_soon(socket_path.clone()),
     ));
     let mut server = server(relay)
         .add_listener(fd)
@@ -173,10 +173,14 @@ fn exit(socket_path: &Path) -> ! {
     std::process::exit(0)
 }
 
-/// After `Shutdown` was answered: raise SIGTERM at ourselves a little
-/// later; the main thread's sigwait then removes the socket and exits.
-fn exit_soon() -> OnShutdown {
-    Box::new(|| {
+/// After `Shutdown` was answered: the socket goes at once (so that
+/// containerd's `delete` of this shim finds nothing left serving and need
+/// not wait), and SIGTERM is raised at ourselves a little later (the answer
+/// is still going out on its connection); the main thread's sigwait then
+/// exits.
+fn exit_soon(socket_path: PathBuf) -> OnShutdown {
+    Box::new(move || {
+        socket::remove(&socket_path);
         let spawned = std::thread::Builder::new()
             .name("exit".into())
             .stack_size(32 * 1024)
