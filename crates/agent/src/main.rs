@@ -92,7 +92,9 @@ fn main() {
                 // The rest (overlay, PCI, ...) must not slow the first
                 // container down: load it only when the vCPU is otherwise idle.
                 init::become_idle_priority();
+                init::report_small_free_pages();
                 init::load_modules(list, vsock, init::ModuleSet::Rest);
+                init::drop_module_files();
             });
         if let Err(e) = setup {
             error!("spawn guest setup: {e}");
@@ -141,8 +143,9 @@ async fn serve(
         reaper.clone(),
     );
     if std::process::id() == 1 {
-        if let Err(e) = runtime.seal_binary() {
-            warn!("{e} (crun copies itself at every call instead)");
+        match runtime.seal_binary() {
+            Ok(()) => runtime.link_to_sealed(),
+            Err(e) => warn!("{e} (crun copies itself at every call instead)"),
         }
     }
     let agent = Arc::new(service::AgentService::new(reaper, runtime, guest_ready));

@@ -78,6 +78,27 @@ impl OciRuntime {
         Ok(())
     }
 
+    /// Replaces the binary in the image (guest memory, like every file of
+    /// the initramfs) by a link to the sealed copy, so that the guest holds
+    /// crun once; the path keeps working for anyone who runs it by hand.
+    pub fn link_to_sealed(&self) {
+        let Some(sealed) = &self.sealed else { return };
+        let target = format!("/proc/{}/fd/{}", std::process::id(), sealed.as_raw_fd());
+        let mut tmp = self.binary.clone().into_os_string();
+        tmp.push(".link");
+        let tmp = PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
+        let res = std::os::unix::fs::symlink(&target, &tmp)
+            .and_then(|()| std::fs::rename(&tmp, &self.binary));
+        match res {
+            Ok(()) => debug!(binary = %self.binary.display(), target, "linked to the sealed copy"),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                tracing::warn!("link {} to its sealed copy: {e}", self.binary.display());
+            }
+        }
+    }
+
     /// What to execute: the sealed copy (through the child's own fd table:
     /// the fd is close-on-exec, but exec opens the file first), or the binary.
     fn program(&self) -> PathBuf {
@@ -287,6 +308,36 @@ mod tests {
         assert!(out.status.success(), "{out:?}");
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.starts_with("/bin/sh\n/memfd:oci-runtime"), "{text:?}");
+    }
+
+    #[test]
+    fn the_binary_becomes_a_link_to_the_sealed_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let binary = dir.path().join("sh");
+        std::fs::copy("/bin/sh", &binary).unwrap();
+        let mut rt = OciRuntime::new(
+            &binary,
+            Path::new("/nonexistent"),
+            Path::new("/nonexistent"),
+            Arc::new(Reaper::default()),
+        );
+        rt.seal_binary().unwrap();
+        rt.link_to_sealed();
+        let fd = rt.sealed.as_ref().unwrap().as_raw_fd();
+        let target = std::fs::read_link(&binary).unwrap();
+        assert_eq!(
+            target,
+            PathBuf::from(format!("/proc/{}/fd/{fd}", std::process::id()))
+        );
+        // Still runnable by its path, and what runs is the copy.
+        let out = Command::new(&binary)
+            .args(["-c", "readlink /proc/$$/exe"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.starts_with("/memfd:oci-runtime"), "{text:?}");
+        assert!(!dir.path().join("sh.link").exists());
     }
 
     #[test]
