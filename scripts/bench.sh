@@ -19,8 +19,10 @@
 #       and warm start: the same with the VM pool off and with a pool of 5, a waiting pooled
 #       VM's cost, 20 pods at once (skip all of (e) with KUASAR_BENCH_CRI=0)
 # (a) to (d) again for the first kernel with `[qemu] confine = false`: what QEMU's confinement
-# costs (column KERNEL+unconfined); and with `[qemu] share = "9p"`, QEMU serving the share
-# itself, no virtiofsd (column KERNEL+9p).
+# costs (column KERNEL+unconfined); with `[qemu] share = "9p"`, QEMU serving the share
+# itself, no virtiofsd (column KERNEL+9p); and with a VM pool of 1 (column KERNEL+pool, warm
+# start: each run waits until the pool is full again; its (b) is the take, its (c) the
+# first column's).
 # Medians of N runs (KUASAR_BENCH_RUNS, default 5); ratio (a)/(c), target <= 1.3; the first
 # kernel against the last: (b) target <= 0.5x, one VM's QEMU + virtiofsd PSS target <= 0.6x.
 # Needs `make build guest images`. Env: KUASAR_BENCH_DIR (default /run/kuasar-bench),
@@ -102,21 +104,43 @@ declare -A VFSD_PSS HOST_PSS
 declare -A CREATE_START CREATE_STARTS
 declare -A RELEASE BARE_OPTS
 
+# POOL_TAKES: how many pooled VMs the current kuasar-vmm handed out; 0 without a pool.
+POOL_TAKES=""
+# pool_wait: with a pool, waits until it is full again (one more "pooled VM ready" in the log
+# than VMs taken) and counts the take that follows.
+pool_wait() {
+  [ -n "$POOL_TAKES" ] || return 0
+  local i ready
+  for ((i = 0; i < 600; i++)); do
+    ready=$(sed 's/\x1b\[[0-9;]*m//g' "$VMM_LOG" | tail -c +"$((POOL_LOG_START + 1))" \
+      | grep -c 'pooled VM ready' || true)
+    [ "$ready" -gt "$POOL_TAKES" ] && break
+    sleep 0.1
+  done
+  [ "$ready" -gt "$POOL_TAKES" ] || die "the pool did not refill within 60 s; see $VMM_LOG"
+  POOL_TAKES=$((POOL_TAKES + 1))
+}
+
 # measure COLUMN: (a) to (d) with kuasar-vmm booting $IMAGE_DIR/KERNEL, where COLUMN is KERNEL,
-# KERNEL+unconfined for the same with `[qemu] confine = false`, or KERNEL+9p for the same with
-# `[qemu] share = "9p"`. Results are keyed by COLUMN.
+# KERNEL+unconfined for the same with `[qemu] confine = false`, KERNEL+9p for the same with
+# `[qemu] share = "9p"`, or KERNEL+pool with a pool of 1 (no bare boot: the first column's).
+# Results are keyed by COLUMN.
 measure() {
-  local column=$1 kernel=${1%+*} confine=true share=virtio-fs i j id out t0 t1 offset
+  local column=$1 kernel=${1%+*} confine=true share=virtio-fs pool="" i j id out t0 t1 offset
   case $column in
     *+unconfined) confine=false ;;
     *+9p) share=9p ;;
+    *+pool) pool=1 ;;
   esac
-  log "=== kernel $kernel, QEMU confined: $confine, share: $share ==="
+  log "=== kernel $kernel, QEMU confined: $confine, share: $share, pool: ${pool:-0} ==="
   "$REPO_ROOT/scripts/sandboxer.sh" stop "$DIR" >&2
-  KUASAR_KERNEL=$kernel KUASAR_CONFINE=$confine KUASAR_SHARE=$share \
+  POOL_LOG_START=$(stat -c %s "$VMM_LOG" 2>/dev/null || echo 0)
+  KUASAR_KERNEL=$kernel KUASAR_CONFINE=$confine KUASAR_SHARE=$share KUASAR_POOL_SIZE=$pool \
     "$REPO_ROOT/scripts/sandboxer.sh" start "$DIR" >&2
+  POOL_TAKES=${pool:+0}
 
   log "warm-up run"
+  pool_wait
   out=$("${C[@]}" run --rm --runtime "$RUNTIME" "$IMAGE" "bench-warm-$$" uname -r) \
     || die "the warm-up ctr run failed; see $VMM_LOG"
   RELEASE[$column]=$out
@@ -125,6 +149,7 @@ measure() {
   offset=$(stat -c %s "$VMM_LOG")
   local run_times=() boot_times=()
   for ((i = 1; i <= N; i++)); do
+    pool_wait
     t0=$(now_ms)
     out=$(timeout 120 "${C[@]}" run --rm --runtime "$RUNTIME" "$IMAGE" "bench-$$-$i" echo hello) \
       || die "ctr run #$i failed"
@@ -141,6 +166,7 @@ measure() {
   local ids=() shims=() qemus=() vmm
   for i in 1 2 3; do
     id="bench-mem-$$-$i"
+    pool_wait
     "${C[@]}" run -d --runtime "$RUNTIME" "$IMAGE" "$id" sleep 300 >/dev/null || die "ctr run -d $id failed"
     ids+=("$id")
   done
@@ -148,11 +174,14 @@ measure() {
     [ "$("${C[@]}" tasks ls | grep -c ' RUNNING')" -ge 3 ] && break
     sleep 0.1
   done
-  sleep 1
+  # Idle: the guest reports the pages it freed (free page reporting) 2 s after freeing them.
+  sleep 3
   mapfile -t shims < <(pids_in_dir "$DIR" containerd-shim-kuasar-vmm-v2)
-  mapfile -t qemus < <(pids_in_dir "$DIR" qemu-system-x86_64)
+  # The first container's VM (with a pool, a refill may be booting next to it).
+  local qpid
+  qpid=$(pid_from_file "$DIR/vmm/${ids[0]}/qemu.pid") || die "no QEMU for ${ids[0]}"
+  qemus=("$qpid")
   vmm=$(pid_from_file "$DIR/kuasar-vmm.pid") || die "kuasar-vmm is not running"
-  [ -n "${qemus[0]:-}" ] || die "no QEMU process found for $DIR"
   [ -n "${shims[0]:-}" ] || die "no shim process found for $DIR"
   # The agent's own create + start time of each of these containers (its console log).
   local cs=() con c s
@@ -167,14 +196,14 @@ measure() {
   SHIM_RSS[$column]=$(mem "${shims[0]}" Rss); SHIM_PSS[$column]=$(mem "${shims[0]}" Pss)
   VMM_RSS[$column]=$(mem "$vmm" Rss); VMM_PSS[$column]=$(mem "$vmm" Pss)
   QEMU_RSS[$column]=$(mem "${qemus[0]}" Rss); QEMU_PSS[$column]=$(mem "${qemus[0]}" Pss)
-  # virtiofsd: the first VM's (the one working in its directory) and its sandboxed child.
+  # virtiofsd: the first VM's (its pid file in the VM's directory) and its sandboxed child.
   local v c vfsd=0
-  for v in $(pids_in_dir "$DIR" virtiofsd); do
-    [ "$(readlink "/proc/$v/cwd")" = "$(readlink -f "$DIR/vmm/${ids[0]}")" ] || continue
+  if [ "$share" = virtio-fs ]; then
+    v=$(pid_from_file "$DIR/vmm/${ids[0]}/virtiofsd.pid") || die "no virtiofsd for ${ids[0]}"
     for c in "$v" $(cat "/proc/$v/task/$v/children" 2>/dev/null); do
       vfsd=$((vfsd + $(mem "$c" Pss)))
     done
-  done
+  fi
   VFSD_PSS[$column]=$vfsd
   HOST_PSS[$column]=$(( ${QEMU_PSS[$column]:-0} + vfsd ))
 
@@ -204,6 +233,16 @@ measure() {
     "${C[@]}" tasks rm -f "$id" >/dev/null 2>&1 || true
     "${C[@]}" containers rm "$id" >/dev/null 2>&1 || true
   done
+
+  RUN[$column]=$(printf '%s\n' "${run_times[@]}" | median)
+  BOOT[$column]=$(printf '%s\n' "${boot_times[@]}" | grep . | median)
+  RUNS[$column]="${run_times[*]}"
+  BOOTS[$column]="${boot_times[*]:-none}"
+  if [ -n "$pool" ]; then
+    BARE[$column]=${BARE[$kernel]:-}; BARES[$column]="(those of $kernel)"
+    BARE_OPTS[$column]="(those of $kernel)"
+    return 0
+  fi
 
   # (c) bare QEMU boot of the same kernel, with the command line the sandboxer used (else the
   # one of docs/design.md)
@@ -240,17 +279,13 @@ measure() {
     log "bare boot #$i: $((t1 - t0)) ms"
   done
 
-  RUN[$column]=$(printf '%s\n' "${run_times[@]}" | median)
-  BOOT[$column]=$(printf '%s\n' "${boot_times[@]}" | grep . | median)
   BARE[$column]=$(printf '%s\n' "${bare_times[@]}" | median)
-  RUNS[$column]="${run_times[*]}"
-  BOOTS[$column]="${boot_times[*]:-none}"
   BARES[$column]="${bare_times[*]}"
   BARE_OPTS[$column]="-machine $machine -accel $accel -cpu $cpu -m $memory -smp $smp -append '$append'"
 }
 
 # The first kernel once more with QEMU unconfined: what confinement costs; and with 9p.
-COLUMNS=("${KERNELS[@]}" "${KERNELS[0]}+unconfined" "${KERNELS[0]}+9p")
+COLUMNS=("${KERNELS[@]}" "${KERNELS[0]}+unconfined" "${KERNELS[0]}+9p" "${KERNELS[0]}+pool")
 for k in "${COLUMNS[@]}"; do
   measure "$k"
 done
@@ -322,6 +357,13 @@ r=$(ratio "${RUN[$first]}" "${RUN[$nine]}")
 printf '%-44s %8s\n' "(a) ctr run, virtio-fs / 9p" "$r"
 r=$(ratio "${HOST_PSS[$first]}" "${HOST_PSS[$nine]}")
 printf '%-44s %8s\n' "QEMU + virtiofsd PSS, virtio-fs / 9p" "$r"
+# The targets of a cold start and of a warm one (a pooled VM), side by side.
+for k in "$first" "${KERNELS[0]}+pool"; do
+  r=$(ratio "${RUN[$k]}" "${BARE[$k]}")
+  printf '%-44s %8s   %s\n' "(a) / (c), $k" "$r" "$(verdict "$r" 1.3)"
+  r=$(awk -v v="${CREATE_START[$k]}" 'BEGIN {if (v == "" || v == "-") print "-"; else printf "%.2f", v / 1000}')
+  printf '%-44s %8s   %s\n' "create + start in the guest (s), $k" "$r" "$(verdict "$r" 0.1)"
+done
 echo
 for k in "${COLUMNS[@]}"; do
   echo "$k: runs (a) ${RUNS[$k]}; (b) ${BOOTS[$k]}; (c) ${BARES[$k]}; create + start ${CREATE_STARTS[$k]}"
