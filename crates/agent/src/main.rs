@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use kuasar_api::agent::agent_ttrpc_async::create_agent;
 use kuasar_api::ttrpc::r#async::Server;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::error::{Context, Error, Result};
 
@@ -73,7 +73,9 @@ fn main() {
     let channel = channel::Channel::from_cmdline(&cmdline);
     let fault = proxy::Fault::from_cmdline(&cmdline);
     let share = kuasar_api::guest::Share::from_cmdline(&cmdline);
+    let sealed = runtime::SealedCopy::new(Path::new(OCI_RUNTIME));
     if pid1 {
+        let sealed = sealed.clone();
         let vsock = matches!(channel, channel::Channel::Vsock(_));
         let setup = std::thread::Builder::new()
             .name("guest-setup".into())
@@ -87,6 +89,13 @@ fn main() {
                 init::load_modules(list, vsock, init::ModuleSet::ForContainers);
                 init::enable_controllers();
                 init::mount_shared(share);
+                // Containers wait for `guest_ready`, so the first one runs
+                // from the sealed copy too.
+                let t = Instant::now();
+                match sealed.make() {
+                    Ok(()) => debug!(elapsed_us = t.elapsed().as_micros() as u64, "crun sealed"),
+                    Err(e) => warn!("{e} (crun copies itself at every call instead)"),
+                }
                 ready_tx.send_replace(true);
                 info!("guest ready");
                 // The rest (overlay, PCI, ...) must not slow the first
@@ -111,7 +120,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = runtime.block_on(serve(started, channel, fault, guest_ready)) {
+    if let Err(e) = runtime.block_on(serve(started, channel, fault, guest_ready, sealed)) {
         error!("agent failed: {e}");
     }
     // As PID 1, exiting panics the kernel, and the VM stops (-no-reboot).
@@ -134,20 +143,15 @@ async fn serve(
     channel: channel::Channel,
     fault: Option<proxy::Fault>,
     guest_ready: tokio::sync::watch::Receiver<bool>,
+    sealed: runtime::SealedCopy,
 ) -> Result<()> {
     let reaper = reaper::Reaper::start().context("install SIGCHLD handler")?;
-    let mut runtime = runtime::OciRuntime::new(
-        Path::new(OCI_RUNTIME),
+    let runtime = runtime::OciRuntime::new(
+        sealed,
         Path::new(RUNTIME_ROOT),
         Path::new(RUNTIME_LOGS),
         reaper.clone(),
     );
-    if std::process::id() == 1 {
-        match runtime.seal_binary() {
-            Ok(()) => runtime.link_to_sealed(),
-            Err(e) => warn!("{e} (crun copies itself at every call instead)"),
-        }
-    }
     let agent = Arc::new(service::AgentService::new(reaper, runtime, guest_ready));
     std::fs::create_dir_all(service::CONTAINERS_DIR).context("create containers dir")?;
     let address = match channel {

@@ -8,8 +8,9 @@
 //! that copy at every start, unless it already runs from such a memfd.
 //! Under emulation that copy and second exec (a second load of its ten
 //! libraries) cost a lot on every call, so the agent makes the sealed copy
-//! once ([`OciRuntime::seal_binary`]) and runs crun from it: the same
-//! protection (no write can reach the copy), made once.
+//! once ([`SealedCopy::make`], on the guest set-up thread, off the agent's
+//! path to ready) and runs crun from it: the same protection (no write can
+//! reach the copy), made once.
 use std::ffi::OsString;
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -17,7 +18,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
@@ -27,45 +28,29 @@ use crate::error::{Context, Error, Result};
 use crate::process::ChildStdio;
 use crate::reaper::Reaper;
 
-pub struct OciRuntime {
+/// The runtime binary's sealed copy: made once by whoever holds a clone
+/// ([`SealedCopy::make`]), run by [`OciRuntime`] once it exists.
+#[derive(Clone)]
+pub struct SealedCopy {
     binary: PathBuf,
-    /// The name errors are reported with (the binary's file name).
-    name: String,
-    /// The runtime's state directory (`--root`): `<root>/<id>/` per container.
-    root: PathBuf,
-    log_dir: PathBuf,
-    reaper: Arc<Reaper>,
-    counter: AtomicU64,
-    /// The sealed copy of the binary that is run instead, when made.
-    sealed: Option<File>,
+    copy: Arc<OnceLock<File>>,
 }
 
-/// The seals crun looks for on the binary it runs from (all four, exactly).
-fn runtime_seals() -> SealFlag {
-    SealFlag::F_SEAL_SEAL | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_WRITE
-}
-
-impl OciRuntime {
-    pub fn new(binary: &Path, root: &Path, log_dir: &Path, reaper: Arc<Reaper>) -> Self {
-        let name = binary
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "OCI runtime".into());
-        OciRuntime {
+impl SealedCopy {
+    pub fn new(binary: &Path) -> Self {
+        SealedCopy {
             binary: binary.to_path_buf(),
-            name,
-            root: root.to_path_buf(),
-            log_dir: log_dir.to_path_buf(),
-            reaper,
-            counter: AtomicU64::new(0),
-            sealed: None,
+            copy: Arc::default(),
         }
     }
 
     /// Copies the binary into a sealed memfd that every later call runs
-    /// (see the module documentation). Without it crun still protects
+    /// (see the module documentation), then replaces the binary in the
+    /// image (guest memory, like every file of the initramfs) by a link to
+    /// that copy, so that the guest holds crun once; the path keeps working
+    /// for anyone who runs it by hand. Without the copy crun still protects
     /// itself, at every call.
-    pub fn seal_binary(&mut self) -> Result<()> {
+    pub fn make(&self) -> Result<()> {
         let mut src =
             File::open(&self.binary).with_context(|| format!("open {}", self.binary.display()))?;
         let flags = MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING;
@@ -74,16 +59,13 @@ impl OciRuntime {
             .with_context(|| format!("copy {}", self.binary.display()))?;
         fcntl(copy.as_raw_fd(), FcntlArg::F_ADD_SEALS(runtime_seals()))
             .context("seal the runtime's copy")?;
-        self.sealed = Some(copy);
+        let copy = self.copy.get_or_init(|| copy);
+        self.link_to(copy);
         Ok(())
     }
 
-    /// Replaces the binary in the image (guest memory, like every file of
-    /// the initramfs) by a link to the sealed copy, so that the guest holds
-    /// crun once; the path keeps working for anyone who runs it by hand.
-    pub fn link_to_sealed(&self) {
-        let Some(sealed) = &self.sealed else { return };
-        let target = format!("/proc/{}/fd/{}", std::process::id(), sealed.as_raw_fd());
+    fn link_to(&self, copy: &File) {
+        let target = format!("/proc/{}/fd/{}", std::process::id(), copy.as_raw_fd());
         let mut tmp = self.binary.clone().into_os_string();
         tmp.push(".link");
         let tmp = PathBuf::from(tmp);
@@ -98,11 +80,49 @@ impl OciRuntime {
             }
         }
     }
+}
+
+pub struct OciRuntime {
+    binary: PathBuf,
+    /// The name errors are reported with (the binary's file name).
+    name: String,
+    /// The runtime's state directory (`--root`): `<root>/<id>/` per container.
+    root: PathBuf,
+    log_dir: PathBuf,
+    reaper: Arc<Reaper>,
+    counter: AtomicU64,
+    /// The sealed copy of the binary that is run instead, once made.
+    sealed: SealedCopy,
+}
+
+/// The seals crun looks for on the binary it runs from (all four, exactly).
+fn runtime_seals() -> SealFlag {
+    SealFlag::F_SEAL_SEAL | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_WRITE
+}
+
+impl OciRuntime {
+    /// Runs `sealed`'s binary, or its sealed copy once made.
+    pub fn new(sealed: SealedCopy, root: &Path, log_dir: &Path, reaper: Arc<Reaper>) -> Self {
+        let binary = sealed.binary.clone();
+        let name = binary
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "OCI runtime".into());
+        OciRuntime {
+            binary,
+            name,
+            root: root.to_path_buf(),
+            log_dir: log_dir.to_path_buf(),
+            reaper,
+            counter: AtomicU64::new(0),
+            sealed,
+        }
+    }
 
     /// What to execute: the sealed copy (through the child's own fd table:
     /// the fd is close-on-exec, but exec opens the file first), or the binary.
     fn program(&self) -> PathBuf {
-        match &self.sealed {
+        match self.sealed.copy.get() {
             Some(f) => PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())),
             None => self.binary.clone(),
         }
@@ -288,14 +308,20 @@ mod tests {
 
     #[test]
     fn runs_from_the_sealed_copy() {
-        let mut rt = OciRuntime::new(
-            Path::new("/bin/sh"),
+        let dir = tempfile::tempdir().unwrap();
+        let binary = dir.path().join("sh");
+        std::fs::copy("/bin/sh", &binary).unwrap();
+        let sealed = SealedCopy::new(&binary);
+        let rt = OciRuntime::new(
+            sealed.clone(),
             Path::new("/nonexistent"),
             Path::new("/nonexistent"),
             Arc::new(Reaper::default()),
         );
-        rt.seal_binary().unwrap();
-        let fd = rt.sealed.as_ref().unwrap().as_raw_fd();
+        assert_eq!(rt.program(), binary);
+        // Made elsewhere (the guest set-up), used by the runtime from then on.
+        sealed.make().unwrap();
+        let fd = sealed.copy.get().unwrap().as_raw_fd();
         let seals = fcntl(fd, FcntlArg::F_GET_SEALS).unwrap();
         assert_eq!(seals, runtime_seals().bits());
         // Spawned like `run` does: the child runs the copy, with argv[0] the
@@ -308,28 +334,12 @@ mod tests {
         assert!(out.status.success(), "{out:?}");
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.starts_with("/bin/sh\n/memfd:oci-runtime"), "{text:?}");
-    }
-
-    #[test]
-    fn the_binary_becomes_a_link_to_the_sealed_copy() {
-        let dir = tempfile::tempdir().unwrap();
-        let binary = dir.path().join("sh");
-        std::fs::copy("/bin/sh", &binary).unwrap();
-        let mut rt = OciRuntime::new(
-            &binary,
-            Path::new("/nonexistent"),
-            Path::new("/nonexistent"),
-            Arc::new(Reaper::default()),
-        );
-        rt.seal_binary().unwrap();
-        rt.link_to_sealed();
-        let fd = rt.sealed.as_ref().unwrap().as_raw_fd();
+        // The binary in the image is now a link to the copy, still runnable.
         let target = std::fs::read_link(&binary).unwrap();
         assert_eq!(
             target,
             PathBuf::from(format!("/proc/{}/fd/{fd}", std::process::id()))
         );
-        // Still runnable by its path, and what runs is the copy.
         let out = Command::new(&binary)
             .args(["-c", "readlink /proc/$$/exe"])
             .output()

@@ -770,6 +770,10 @@ impl Agent for AgentService {
     }
 
     async fn warm_up(&self, _: &TtrpcContext, _: Empty) -> TtrpcResult<WarmUpResponse> {
+        // Like a pod's containers: on the set-up guest (cgroup controllers
+        // enabled, crun's sealed copy made).
+        let mut ready = self.inner.guest_ready.clone();
+        let _ = ready.wait_for(|r| *r).await;
         let res = self
             .detached(|i| async move { crate::warmup::warm_up(&i.runtime).await })
             .await;
