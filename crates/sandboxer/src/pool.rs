@@ -114,6 +114,12 @@ impl Pool {
         self.ready().len()
     }
 
+    /// Whether [`Pool::take`] would find a VM with at least `vcpus` and
+    /// `memory_mib` now (another pod may still take it first).
+    pub fn has(&self, vcpus: u32, memory_mib: u32) -> bool {
+        vcpus <= self.vcpus && memory_mib <= self.memory_mib && !self.ready().is_empty()
+    }
+
     /// A ready VM with at least `vcpus` and `memory_mib`, taken out of the
     /// pool for good (the refill starts at once); None when none fits.
     pub fn take(&self, vcpus: u32, memory_mib: u32) -> Option<PooledVm> {

@@ -53,35 +53,49 @@ pub async fn create_tap(pool: &Path, name: &str) -> Result<OwnedFd, NetError> {
     .await
 }
 
+/// The pod's one interface and its routes, as [`scan_pod`] found them: what
+/// a pooled VM's single NIC is tied to.
+pub struct PodLink {
+    link: scan::FoundLink,
+    routes: Vec<super::PodRoute>,
+}
+
+/// Scans the pod's namespace for what a pooled VM can serve: exactly one
+/// interface (the VM has one NIC). Called before a pooled VM is taken, so
+/// that a pod with more interfaces boots its own VM and leaves the pool's
+/// untouched ([`NetError::Interfaces`]).
+pub async fn scan_pod(pod_netns: &Path) -> Result<PodLink, NetError> {
+    let name = tap_name(0);
+    netns::run_in(pod_netns, NETNS_TIMEOUT, move |ns| {
+        let mut nl = open(ns)?;
+        let (mut found, routes) = scan_here(&mut nl, ns)?;
+        if found.len() != 1 {
+            return Err(NetError::Interfaces {
+                netns: ns.to_owned(),
+                count: found.len(),
+            });
+        }
+        let link = found.remove(0);
+        // What a run that died midway may have left behind.
+        remove(&mut nl, ns, &name, &link.config.name)?;
+        Ok(PodLink { link, routes })
+    })
+    .await
+}
+
 /// Moves the pooled VM's tap `pool_tap` (in the namespace at `pool`) into
-/// the pod's namespace and ties it to the pod's interface. `tap` is a queue
-/// fd of it, kept by the attachment as a cold boot's is. A pod with more
-/// than one interface is refused before anything moves: the VM has one NIC.
+/// the pod's namespace and ties it to the pod's interface (`pod`, from
+/// [`scan_pod`]). `tap` is a queue fd of it, kept by the attachment as a
+/// cold boot's is.
 pub async fn hand_over(
     pool: &Path,
     pool_tap: &str,
     tap: OwnedFd,
     pod_netns: &Path,
+    pod: PodLink,
 ) -> Result<NetAttachment, NetError> {
     let name = tap_name(0);
-    let (link, routes) = netns::run_in(pod_netns, NETNS_TIMEOUT, {
-        let name = name.clone();
-        move |ns| {
-            let mut nl = open(ns)?;
-            let (mut found, routes) = scan_here(&mut nl, ns)?;
-            if found.len() != 1 {
-                return Err(NetError::Interfaces {
-                    netns: ns.to_owned(),
-                    count: found.len(),
-                });
-            }
-            let link = found.remove(0);
-            // What a run that died midway may have left behind.
-            remove(&mut nl, ns, &name, &link.config.name)?;
-            Ok((link, routes))
-        }
-    })
-    .await?;
+    let PodLink { link, routes } = pod;
     let pod = pod_netns.to_owned();
     let (from, to) = (pool_tap.to_owned(), name.clone());
     netns::run_in(pool, NETNS_TIMEOUT, move |ns| {
@@ -150,7 +164,8 @@ mod tests {
         let n = ns.0.as_str();
         let pool = PoolNetns::create().expect("pool namespace");
         let tap = create_tap(&pool.path(), "kpool-test").await.expect("tap");
-        let att = hand_over(&pool.path(), "kpool-test", tap, &pod)
+        let found = scan_pod(&pod).await.expect("scan the pod");
+        let att = hand_over(&pool.path(), "kpool-test", tap, &pod, found)
             .await
             .expect("hand over");
         assert_eq!(att.nics.len(), 1);
@@ -164,10 +179,7 @@ mod tests {
         ip(&[
             "-n", n, "link", "add", "name", "eth1", "type", "veth", "peer", "name", "p1",
         ]);
-        let tap = create_tap(&pool.path(), "kpool-test2").await.expect("tap");
-        let err = hand_over(&pool.path(), "kpool-test2", tap, &pod)
-            .await
-            .unwrap_err();
+        let err = scan_pod(&pod).await.err().expect("two interfaces refused");
         assert!(err.to_string().contains("3 pod interfaces"), "{err}");
     }
 }

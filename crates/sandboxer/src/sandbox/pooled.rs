@@ -28,9 +28,24 @@ impl Sandbox {
         let vm = &self.host.config.vm;
         let (vcpus, memory_mib) =
             size.map_or((vm.vcpus, vm.memory_mib), |s| (s.vcpus, s.memory_mib));
+        if !pool.has(vcpus, memory_mib) {
+            return None;
+        }
+        // Scanned before a VM is taken: a pod a pooled VM cannot serve (more
+        // than one interface) leaves the pool as it is and boots its own.
+        let link = match pod.and_then(|p| p.netns.as_deref()) {
+            Some(netns) => match crate::net::pooled::scan_pod(netns).await {
+                Ok(link) => Some(link),
+                Err(e) => {
+                    tracing::info!(sandbox = %self.info.id, "no pooled VM for this pod (booting one): {e}");
+                    return None;
+                }
+            },
+            None => None,
+        };
         let pooled = pool.take(vcpus, memory_mib)?;
         let name = pooled.name.clone();
-        match self.assign(pool, pooled, pod, started).await {
+        match self.assign(pool, pooled, pod, link, started).await {
             Ok(live) => Some(live),
             Err(e) => {
                 tracing::warn!(sandbox = %self.info.id, vm = %name, "the pooled VM could not take the pod (destroyed); booting one: {}", crate::error::chain(&e));
@@ -44,6 +59,7 @@ impl Sandbox {
         pool: &Pool,
         pooled: PooledVm,
         pod: Option<&PodConfig>,
+        link: Option<crate::net::pooled::PodLink>,
         started: Instant,
     ) -> Result<Arc<Live>> {
         let PooledVm {
@@ -74,10 +90,11 @@ impl Sandbox {
                 crate::pool::foreground(pid)
                     .map_err(|e| Error::io("raise the pooled VMM's CPU priority", e))?;
             }
-            if let Some(netns) = pod.and_then(|p| p.netns.as_deref()) {
+            if let (Some(netns), Some(link)) = (pod.and_then(|p| p.netns.as_deref()), link) {
                 let (tap_name, tap_fd) = tap;
                 let net =
-                    crate::net::pooled::hand_over(&pool.netns(), &tap_name, tap_fd, netns).await?;
+                    crate::net::pooled::hand_over(&pool.netns(), &tap_name, tap_fd, netns, link)
+                        .await?;
                 held.net = Some(net);
             }
             self.setup_guest(&agent, pod, held.net.as_ref(), Some(&mac))
