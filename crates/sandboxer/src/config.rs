@@ -534,13 +534,13 @@ impl Config {
                 "must be an absolute socket path (optionally unix://) shorter than 108 bytes",
             ));
         }
-        if !kernel_setting_is_valid(&self.kernel) {
+        if !image_file_setting_is_valid(&self.kernel) {
             return Err(invalid(
                 "kernel",
                 "must be a file name inside `image_dir` (such as \"vmlinux\" or \"vmlinux-debian\") or an absolute path",
             ));
         }
-        if !kernel_setting_is_valid(&self.qemu.virtiofsd) {
+        if !image_file_setting_is_valid(&self.qemu.virtiofsd) {
             return Err(invalid(
                 "qemu.virtiofsd",
                 "must be a file name inside `image_dir` (such as \"virtiofsd\") or an absolute path",
@@ -625,23 +625,24 @@ impl Config {
     }
 }
 
-/// `kernel` (or `[qemu] virtiofsd`): an absolute path, or one plain file
-/// name (no directory, not `.` or `..`), which then lives in `image_dir`.
-fn kernel_setting_is_valid(kernel: &Path) -> bool {
+/// A setting naming a file of the guest image (`kernel`, `[qemu]
+/// virtiofsd`): an absolute path, or one plain file name (no directory, not
+/// `.` or `..`), which then lives in `image_dir`.
+fn image_file_setting_is_valid(file: &Path) -> bool {
     use std::path::Component;
-    if kernel.as_os_str().is_empty() || kernel.as_os_str().len() > 4096 {
+    if file.as_os_str().is_empty() || file.as_os_str().len() > 4096 {
         return false;
     }
-    if kernel.is_absolute() {
-        return kernel
+    if file.is_absolute() {
+        return file
             .components()
             .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
     }
-    let mut components = kernel.components();
+    let mut components = file.components();
     matches!(
         (components.next(), components.next()),
         (Some(Component::Normal(_)), None)
-    ) && !kernel.as_os_str().as_encoded_bytes().contains(&b'/')
+    ) && !file.as_os_str().as_encoded_bytes().contains(&b'/')
 }
 
 /// Longest log filter accepted (`log_level`, `KUASAR_LOG`).
