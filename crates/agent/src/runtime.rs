@@ -83,7 +83,6 @@ impl SealedCopy {
 }
 
 pub struct OciRuntime {
-    binary: PathBuf,
     /// The name errors are reported with (the binary's file name).
     name: String,
     /// The runtime's state directory (`--root`): `<root>/<id>/` per container.
@@ -91,7 +90,7 @@ pub struct OciRuntime {
     log_dir: PathBuf,
     reaper: Arc<Reaper>,
     counter: AtomicU64,
-    /// The sealed copy of the binary that is run instead, once made.
+    /// The binary, and its sealed copy that is run instead once made.
     sealed: SealedCopy,
 }
 
@@ -103,13 +102,12 @@ fn runtime_seals() -> SealFlag {
 impl OciRuntime {
     /// Runs `sealed`'s binary, or its sealed copy once made.
     pub fn new(sealed: SealedCopy, root: &Path, log_dir: &Path, reaper: Arc<Reaper>) -> Self {
-        let binary = sealed.binary.clone();
-        let name = binary
+        let name = sealed
+            .binary
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "OCI runtime".into());
         OciRuntime {
-            binary,
             name,
             root: root.to_path_buf(),
             log_dir: log_dir.to_path_buf(),
@@ -124,7 +122,7 @@ impl OciRuntime {
     fn program(&self) -> PathBuf {
         match self.sealed.copy.get() {
             Some(f) => PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())),
-            None => self.binary.clone(),
+            None => self.sealed.binary.clone(),
         }
     }
 
@@ -228,7 +226,7 @@ impl OciRuntime {
         let err_path = self.log_dir.join(format!("{n}-{op}.stderr"));
         let mut cmd = Command::new(self.program());
         // crun looks at its argv[0] (a `crun-<handler>` name picks a handler).
-        cmd.arg0(&self.binary)
+        cmd.arg0(&self.sealed.binary)
             .arg("--root")
             .arg(&self.root)
             .arg("--log")
@@ -253,7 +251,8 @@ impl OciRuntime {
         let spawned = self.reaper.spawn(&mut cmd);
         // Close the child's ends of the stdio pipes in the agent right away.
         drop(cmd);
-        let (pid, exited) = spawned.with_context(|| format!("spawn {}", self.binary.display()))?;
+        let (pid, exited) =
+            spawned.with_context(|| format!("spawn {}", self.sealed.binary.display()))?;
         let exit = exited.await.map_err(|_| {
             Error::Internal(format!("exit of {} {op} (pid {pid}) was lost", self.name))
         })?;
