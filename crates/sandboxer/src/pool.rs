@@ -117,13 +117,18 @@ impl Pool {
     /// Whether [`Pool::take`] would find a VM with at least `vcpus` and
     /// `memory_mib` now (another pod may still take it first).
     pub fn has(&self, vcpus: u32, memory_mib: u32) -> bool {
-        vcpus <= self.vcpus && memory_mib <= self.memory_mib && !self.ready().is_empty()
+        self.fits(vcpus, memory_mib) && !self.ready().is_empty()
+    }
+
+    /// Whether the pooled VMs are big enough for `vcpus` and `memory_mib`.
+    fn fits(&self, vcpus: u32, memory_mib: u32) -> bool {
+        vcpus <= self.vcpus && memory_mib <= self.memory_mib
     }
 
     /// A ready VM with at least `vcpus` and `memory_mib`, taken out of the
     /// pool for good (the refill starts at once); None when none fits.
     pub fn take(&self, vcpus: u32, memory_mib: u32) -> Option<PooledVm> {
-        if vcpus > self.vcpus || memory_mib > self.memory_mib {
+        if !self.fits(vcpus, memory_mib) {
             return None;
         }
         self.prune();

@@ -53,9 +53,10 @@ pub async fn create_tap(pool: &Path, name: &str) -> Result<OwnedFd, NetError> {
     .await
 }
 
-/// The pod's one interface and its routes, as [`scan_pod`] found them: what
-/// a pooled VM's single NIC is tied to.
+/// The pod's namespace with its one interface and its routes, as
+/// [`scan_pod`] found them: what a pooled VM's single NIC is tied to.
 pub struct PodLink {
+    netns: PathBuf,
     link: scan::FoundLink,
     routes: Vec<super::PodRoute>,
 }
@@ -78,7 +79,11 @@ pub async fn scan_pod(pod_netns: &Path) -> Result<PodLink, NetError> {
         let link = found.remove(0);
         // What a run that died midway may have left behind.
         remove(&mut nl, ns, &name, &link.config.name)?;
-        Ok(PodLink { link, routes })
+        Ok(PodLink {
+            netns: ns.to_owned(),
+            link,
+            routes,
+        })
     })
     .await
 }
@@ -91,19 +96,21 @@ pub async fn hand_over(
     pool: &Path,
     pool_tap: &str,
     tap: OwnedFd,
-    pod_netns: &Path,
     pod: PodLink,
 ) -> Result<NetAttachment, NetError> {
     let name = tap_name(0);
-    let PodLink { link, routes } = pod;
-    let pod = pod_netns.to_owned();
-    let (from, to) = (pool_tap.to_owned(), name.clone());
+    let PodLink {
+        netns: pod_netns,
+        link,
+        routes,
+    } = pod;
+    let (from, to, pod) = (pool_tap.to_owned(), name.clone(), pod_netns.clone());
     netns::run_in(pool, NETNS_TIMEOUT, move |ns| {
         move_link(ns, &from, &pod, &to)
     })
     .await?;
     let wired: scan::FoundLink = link.clone();
-    netns::run_in(pod_netns, NETNS_TIMEOUT, {
+    netns::run_in(&pod_netns, NETNS_TIMEOUT, {
         let name = name.clone();
         move |ns| {
             let mut nl = open(ns)?;
@@ -112,7 +119,7 @@ pub async fn hand_over(
     })
     .await?;
     Ok(NetAttachment {
-        netns: pod_netns.to_owned(),
+        netns: pod_netns,
         nics: vec![GuestNic {
             tap,
             tap_name: name,
@@ -165,7 +172,7 @@ mod tests {
         let pool = PoolNetns::create().expect("pool namespace");
         let tap = create_tap(&pool.path(), "kpool-test").await.expect("tap");
         let found = scan_pod(&pod).await.expect("scan the pod");
-        let att = hand_over(&pool.path(), "kpool-test", tap, &pod, found)
+        let att = hand_over(&pool.path(), "kpool-test", tap, found)
             .await
             .expect("hand over");
         assert_eq!(att.nics.len(), 1);

@@ -59,6 +59,7 @@ impl Sandbox {
         pool: &Pool,
         pooled: PooledVm,
         pod: Option<&PodConfig>,
+        // The pod's network as scanned before the take (None: no netns).
         link: Option<crate::net::pooled::PodLink>,
         started: Instant,
     ) -> Result<Arc<Live>> {
@@ -90,11 +91,10 @@ impl Sandbox {
                 crate::pool::foreground(pid)
                     .map_err(|e| Error::io("raise the pooled VMM's CPU priority", e))?;
             }
-            if let (Some(netns), Some(link)) = (pod.and_then(|p| p.netns.as_deref()), link) {
+            if let Some(link) = link {
                 let (tap_name, tap_fd) = tap;
                 let net =
-                    crate::net::pooled::hand_over(&pool.netns(), &tap_name, tap_fd, netns, link)
-                        .await?;
+                    crate::net::pooled::hand_over(&pool.netns(), &tap_name, tap_fd, link).await?;
                 held.net = Some(net);
             }
             self.setup_guest(&agent, pod, held.net.as_ref(), Some(&mac))
